@@ -1,0 +1,167 @@
+"""The Python API: the same path the CLI takes, step by step, for notebooks and scripts.
+
+    from vlm_lab import load_config, build_module, build_datamodule, fit
+    cfg = load_config("experiments/quickstart.yaml", overrides=["trainer.max_epochs=1"])
+    metrics = fit(cfg, run_dir="runs/try")
+
+A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt`` and
+the per-epoch ones), ``metrics.csv`` (the training log) and ``metrics.json`` (the latest evaluation
+metrics, flat keys such as ``val/i2t_R@1``, read by sweeps and benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from vlm_lab import registry
+from vlm_lab.config import to_yaml
+from vlm_lab.errors import ConfigError
+from vlm_lab.module import VisionLanguageModule
+
+RUNS_DIR = Path("runs")
+
+
+def build_module(cfg: DictConfig) -> VisionLanguageModule:
+    """The LightningModule a config describes (``model`` and ``optim`` sections)."""
+    return VisionLanguageModule(model=_plain(cfg.model), optim=_plain(cfg.optim))
+
+
+def build_datamodule(cfg: DictConfig, module: VisionLanguageModule) -> L.LightningDataModule:
+    """The data module of ``cfg.data``, fed with the module's tokenizer and image preprocessing."""
+    return registry.build("datamodule", _plain(cfg.data), tokenizer=module.tokenizer,
+                          image_config=module.image_config, max_length=module.max_length)
+
+
+def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer``, logging and checkpointing into ``run_dir``."""
+    run_dir = Path(run_dir)
+    options = _plain(cfg.trainer)
+    options.setdefault("default_root_dir", str(run_dir))
+    if options.get("logger", True) is True:
+        options["logger"] = CSVLogger(str(run_dir), name="", version="")
+    checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
+                                  filename="epoch{epoch:03d}", auto_insert_metric_name=False)
+    callbacks = [MetricsFile(run_dir / "metrics.json")]
+    if options.get("enable_checkpointing", True):
+        callbacks.append(checkpoints)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False) -> dict[str, float]:
+    """Train as ``cfg`` says; return the final validation metrics (also in ``run_dir/metrics.json``).
+
+    ``resume=True`` continues from ``run_dir/checkpoints/last.ckpt`` (with no ``run_dir``: the most
+    recent run of the same name).
+    """
+    run_dir = _run_dir(cfg, run_dir, resume)
+    ckpt_path = None
+    if resume:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
+        ckpt_path = str(last)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    trainer = build_trainer(cfg, run_dir)
+    _save_config(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return read_metrics(run_dir)
+
+
+def validate(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Validation metrics of a checkpoint (or of a fresh module when ``ckpt_path`` is None)."""
+    return _evaluate("validate", cfg, ckpt_path, run_dir)
+
+
+def test(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Test metrics of a checkpoint, on the data module's test split."""
+    return _evaluate("test", cfg, ckpt_path, run_dir)
+
+
+def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str | Path | None) -> dict[str, float]:
+    run_dir = _run_dir(cfg, run_dir, resume=False)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if ckpt_path is not None:
+        if not Path(ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+        module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    else:
+        module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    trainer = build_trainer(cfg, run_dir)
+    _save_config(cfg, run_dir)
+    getattr(trainer, stage)(module, datamodule=datamodule)
+    return read_metrics(run_dir)
+
+
+class MetricsFile(Callback):
+    """Keeps ``metrics.json`` up to date with the latest evaluation metrics (flat keys)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer, "val/")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "test/")
+
+    def _write(self, trainer: L.Trainer, prefix: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = read_metrics(self.path.parent)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)})
+        metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> dict[str, float]:
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def format_retrieval_table(metrics: dict[str, float], stage: str = "val") -> str:
+    """A text table of R@K beside the chance level, from a metrics dict."""
+    rows = [f"{'metric':<16}{'value':>9}{'chance':>9}"]
+    for direction in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            key = f"{stage}/{direction}_R@{k}"
+            if key in metrics:
+                chance = metrics.get(f"{stage}/chance_{direction}_R@{k}", float("nan"))
+                rows.append(f"{key:<16}{metrics[key]:>8.2f}%{chance:>8.2f}%")
+    if len(rows) == 1:
+        return f"(no {stage} retrieval metrics were computed)"
+    rule = "-" * len(rows[0])
+    return "\n".join([rule, rows[0], rule, *rows[1:], rule])
+
+
+def _run_dir(cfg: DictConfig, run_dir: str | Path | None, resume: bool) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    base = RUNS_DIR / (cfg.name or "run")
+    if resume:
+        previous = sorted(p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").is_file())
+        if not previous:
+            raise ConfigError(f"--resume: no earlier run with a checkpoint under {base}/; pass --run-dir")
+        return previous[-1]
+    return base / time.strftime("%Y%m%d-%H%M%S")
+
+
+def _save_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -1,0 +1,129 @@
+"""The ``vlm-lab`` command.
+
+    vlm-lab fit CONFIG... [--run-dir DIR] [--resume] [key=value ...]
+    vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
+    vlm-lab list [PATTERN] [--kind KIND]
+    vlm-lab describe NAME
+
+User errors print one line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from vlm_lab.errors import ConfigError
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print(f"vlm-lab: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("vlm-lab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug or a library failure: one line unless --debug
+        if args.debug:
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        print(f"vlm-lab: error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlm-lab", description="Train and evaluate vision-language models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for stage, text in [("fit", "train a model"), ("validate", "evaluate on the validation split"),
+                        ("test", "evaluate on the test split")]:
+        sub = commands.add_parser(stage, help=text, description=text)
+        sub.add_argument("items", nargs="+", metavar="CONFIG|key=value",
+                         help="YAML files merged left to right, then dotlist overrides")
+        sub.add_argument("--run-dir", help="run directory (default: runs/<name>/<timestamp>)")
+        if stage == "fit":
+            sub.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
+        sub.add_argument("--debug", action="store_true", help="show full tracebacks")
+        sub.set_defaults(handler=_run_stage, stage=stage)
+
+    sub = commands.add_parser("list", help="list registered names and registry cards")
+    sub.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'clip_*'")
+    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule)")
+    sub.add_argument("--debug", action="store_true")
+    sub.set_defaults(handler=_list)
+
+    sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
+    sub.add_argument("name")
+    sub.add_argument("--debug", action="store_true")
+    sub.set_defaults(handler=_describe)
+    return parser
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    files = [i for i in args.items if "=" not in i]
+    overrides = [i for i in args.items if "=" in i]
+    ckpt_path = None
+    for item in list(overrides):
+        if item.startswith("ckpt_path="):
+            if args.stage == "fit":
+                raise ConfigError("ckpt_path= is for validate and test; use --resume to continue a fit")
+            ckpt_path = item.split("=", 1)[1]
+            overrides.remove(item)
+    if not files:
+        raise ConfigError("give at least one config file, e.g. experiments/quickstart.yaml")
+
+    import vlm_lab  # heavy imports only once the arguments are known to be sane
+    from vlm_lab.api import format_retrieval_table
+
+    cfg = vlm_lab.load_config(*files, overrides=overrides)
+    if args.stage == "fit":
+        metrics = vlm_lab.fit(cfg, run_dir=args.run_dir, resume=args.resume)
+        stage = "val"
+    else:
+        metrics = getattr(vlm_lab, args.stage)(cfg, ckpt_path=ckpt_path, run_dir=args.run_dir)
+        stage = "val" if args.stage == "validate" else "test"
+    print()
+    print(format_retrieval_table(metrics, stage))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from vlm_lab import registry
+
+    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    for kind in kinds:
+        matches = registry.list_names(kind, args.pattern)
+        if not matches:
+            continue
+        cards = registry.cards(kind)
+        print(f"{kind}:")
+        for name in matches:
+            card = cards.get(name)
+            origin = f"card -> {card.builds}" if card and name not in registry.constructors(kind) else "code"
+            summary = card.description.splitlines()[0] if card and card.description else ""
+            print(f"  {name:<24} {origin:<22} {summary}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from vlm_lab import registry
+
+    registry.describe(args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Experiment configuration: YAML files merged left to right, then ``key=value`` overrides.
+
+A config has these top-level sections::
+
+    name:    run name (default: the last config file's stem)
+    seed:    global seed
+    model:   vision, text (tower specs), vision_head, text_head, loss, embed_dim, tokenizer
+    data:    a data module spec: {name: ..., <its arguments>}
+    optim:   AdamW and the cosine schedule
+    trainer: passed to ``lightning.Trainer``
+
+Every key is checked: an unknown key anywhere is an error that suggests the closest valid one, and
+registry specs are checked against their constructors before anything is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlm_lab import registry
+from vlm_lab.errors import ConfigError, did_you_mean
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "seed": 0,
+    "model": {
+        "vision": {"name": "clip_vit_tiny"},
+        "text": {"name": "clip_text_tiny"},
+        "vision_head": {"name": "linear"},
+        "text_head": {"name": "linear"},
+        "loss": {"name": "clip"},
+        "embed_dim": 256,
+        "tokenizer": {"path": None, "max_length": 32},
+    },
+    "data": {"name": "synthetic_shapes"},
+    "optim": {
+        "lr": 5.0e-4,
+        "weight_decay": 0.1,
+        "betas": [0.9, 0.98],
+        "eps": 1.0e-6,
+        "warmup_steps": 100,
+        "min_lr_ratio": 0.0,
+    },
+    "trainer": {},
+}
+
+# Where the registry specs sit in a config, and their kinds.
+SPECS = {
+    ("model", "vision"): "vision_tower",
+    ("model", "text"): "text_tower",
+    ("model", "vision_head"): "head",
+    ("model", "text_head"): "head",
+    ("model", "loss"): "loss",
+    ("data",): "datamodule",
+}
+
+# The type each plain (non-spec) setting must have; a float setting accepts integers.
+SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
+    ("name",): (str, type(None)),
+    ("seed",): int,
+    ("model", "embed_dim"): int,
+    ("model", "tokenizer", "path"): (str, type(None)),
+    ("model", "tokenizer", "max_length"): int,
+    ("optim", "lr"): float,
+    ("optim", "weight_decay"): float,
+    ("optim", "betas"): list,
+    ("optim", "eps"): float,
+    ("optim", "warmup_steps"): int,
+    ("optim", "min_lr_ratio"): float,
+}
+
+
+def load_config(*files: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """Merge the defaults, then ``files`` left to right, then dotlist ``overrides``; validate.
+
+    ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``
+    """
+    merged: dict[str, Any] = _plain(DEFAULTS)
+    for file in files:
+        merged = merge(merged, _read_yaml(file))
+    overrides = list(overrides)
+    if overrides:
+        merged = merge(merged, _parse_overrides(overrides))
+    if merged.get("name") is None and files:
+        merged["name"] = Path(files[-1]).stem
+    validate(merged)
+    return OmegaConf.create(merged)
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Deep-merge ``update`` into ``base``.
+
+    One rule beyond a plain deep merge: when a registry spec changes its ``name``, the new spec
+    replaces the old one whole, so the arguments of ``clip_vit`` never leak into a ``timm`` tower.
+    """
+    out = dict(base)
+    for key, value in update.items():
+        here = path + (str(key),)
+        old = out.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            renamed = here in SPECS and "name" in value and value["name"] != old.get("name")
+            out[key] = dict(value) if renamed else merge(old, value, here)
+        else:
+            out[key] = value
+    return out
+
+
+def validate(config: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` for the first unknown key, wrong type or invalid spec."""
+    _check_keys(config, DEFAULTS, ())
+    for path, expected in SETTINGS.items():
+        value = _get(config, path)
+        if not _is_instance(value, expected):
+            raise ConfigError(f"{'.'.join(path)}={value!r} should be {_type_names(expected)}")
+    for path, kind in SPECS.items():
+        spec = _get(config, path)
+        registry.spec_arguments(kind, spec, provided={p: None for p in PROVIDED[kind]})
+    _check_trainer(config.get("trainer") or {})
+
+
+# Arguments the framework supplies to each kind of spec (never set in YAML).
+PROVIDED: dict[str, tuple[str, ...]] = {
+    "vision_tower": (),
+    "text_tower": (),
+    "head": ("in_dim", "out_dim"),
+    "loss": (),
+    "datamodule": ("tokenizer", "image_config", "max_length"),
+}
+
+
+def _check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], path: tuple[str, ...]) -> None:
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"{'.'.join(path) or 'the config'} should be a mapping, got {config!r}")
+    for key, value in config.items():
+        here = path + (str(key),)
+        if here in SPECS or here == ("trainer",):
+            continue  # checked against their constructors
+        if key not in schema:
+            where = ".".join(path) or "the top level"
+            raise ConfigError(
+                f"unknown config key {'.'.join(here)!r}.{did_you_mean(key, schema)} "
+                f"Valid keys in {where}: {', '.join(schema)}"
+            )
+        if isinstance(schema[key], Mapping):
+            _check_keys(value, schema[key], here)
+
+
+def _check_trainer(trainer: Mapping[str, Any]) -> None:
+    import lightning as L
+
+    valid = [p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self"]
+    for key in trainer:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown config key 'trainer.{key}' (not a lightning.Trainer argument)."
+                f"{did_you_mean(key, valid)}"
+            )
+
+
+def _read_yaml(file: str | Path) -> dict[str, Any]:
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {file}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)  # safe_load: a config never constructs Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} should hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} should look like key=value, e.g. optim.lr=1e-3")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {str(e).splitlines()[0]}") from None
+
+
+def _plain(value: Any) -> Any:
+    return yaml.safe_load(yaml.safe_dump(value))  # a deep copy of plain data
+
+
+def _get(config: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config.get(key) if isinstance(config, Mapping) else None
+    return config
+
+
+def _is_instance(value: Any, expected: type | tuple[type, ...]) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in types
+    if float in types and isinstance(value, int):
+        return True
+    return isinstance(value, types)
+
+
+def _type_names(expected: type | tuple[type, ...]) -> str:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    words = {int: "an integer", float: "a number", str: "a string", list: "a list", type(None): "null"}
+    return " or ".join(words.get(t, t.__name__) for t in types)
+
+
+def to_yaml(config: DictConfig | Mapping[str, Any]) -> str:
+    """The resolved config as YAML text (what is saved in the run directory)."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    return yaml.safe_dump(config, sort_keys=False)

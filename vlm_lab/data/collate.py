@@ -1,0 +1,61 @@
+"""Turning samples into batches: shared by every data module.
+
+A sample is ``{"pixel_values": Tensor[3, H, W], "captions": list[str], "image_id": int}``. A batch is::
+
+    pixel_values       [B, 3, H, W]
+    input_ids          [T, L]   tokenised captions, padded to the longest in the batch
+    attention_mask     [T, L]
+    text_image_index   [T]      which image of the batch each caption describes
+    image_ids          [B]      dataset-wide image ids (to de-duplicate across ranks)
+
+Training batches carry one caption per image (T == B, drawn at random), so the contrastive targets
+are the diagonal. Evaluation batches carry every caption, for multi-caption retrieval.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlm_lab.towers.base import ImageConfig
+
+
+def image_to_tensor(image: Image.Image, config: ImageConfig) -> torch.Tensor:
+    """Resize (if needed) and normalise a PIL image as the tower expects; no augmentation."""
+    height, width = config.size
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        resample = getattr(Image.Resampling, config.interpolation.upper(), Image.Resampling.BICUBIC)
+        image = image.resize((width, height), resample)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(config.mean).view(3, 1, 1)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    return (array - mean) / std
+
+
+class ImageTextCollate:
+    """Stack images and tokenise captions with dynamic padding (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, max_length: int, train: bool) -> None:
+        self.tokenizer, self.max_length, self.train = tokenizer, max_length, train
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        captions: list[str] = []
+        owners: list[int] = []
+        for i, sample in enumerate(samples):
+            chosen = [random.choice(sample["captions"])] if self.train else sample["captions"]
+            captions += chosen
+            owners += [i] * len(chosen)
+        tokens = self.tokenizer(captions, padding=True, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        return {
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "text_image_index": torch.tensor(owners, dtype=torch.long),
+            "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+        }

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (and, later, zero-shot classification)."""

@@ -1,0 +1,236 @@
+"""Contrastive losses for paired image and text embeddings: CLIP, ALIGN and SigLIP.
+
+One class per loss, in the style of open_clip's ``loss.py``. Every loss owns its learnable
+temperature (and SigLIP its bias), so swapping the loss in a config swaps those parameters too.
+
+Common interface:
+
+* ``forward(image_features, text_features) -> Tensor``: a scalar loss for a batch of ``B`` pairs,
+  ``[B, D]`` each, where row ``i`` of one matches row ``i`` of the other. The features must already
+  be L2-normalised: the model normalises them once and reuses them for retrieval metrics, so the
+  losses do not normalise again.
+* ``logit_scale_value() -> Tensor``: the multiplier the loss currently applies to cosine
+  similarities (for logging; the training loop also compares it across losses).
+* ``no_weight_decay() -> set[str]``: names of the loss's parameters. Decaying a temperature towards
+  zero would pull the logits towards uniform, so the optimiser leaves these out of weight decay.
+
+Under data parallelism the losses score the local batch against features gathered from every rank
+(see :mod:`vlm_lab.distributed`). Logits and losses are always computed in float32: with bf16 a
+scale of 100 times a similarity near 1 has a rounding step near 0.5, which swamps the differences
+the softmax is meant to separate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm_lab.distributed import gather_features, world_info
+from vlm_lab.errors import ConfigError
+from vlm_lab.registry import register_loss
+
+
+def _float32(image_features: Tensor, text_features: Tensor):
+    """A region where matmuls stay in float32 even inside the trainer's autocast, plus fp32 inputs."""
+    device_type = image_features.device.type
+    if torch.amp.is_autocast_available(device_type):
+        region = torch.autocast(device_type=device_type, enabled=False)
+    else:  # e.g. "meta": no autocast to switch off, and torch.autocast would reject the device
+        region = contextlib.nullcontext()
+    return region, image_features.float(), text_features.float()
+
+
+def _contrastive_similarities(
+    image_features: Tensor, text_features: Tensor, local_loss: bool, gather_with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Cosine similarities for a symmetric contrastive loss, and the positive column of each row.
+
+    Returns ``(sim_per_image, sim_per_text, labels)``. On one process both matrices are ``[B, B]``
+    and the positives lie on the diagonal. With ``world`` ranks:
+
+    * ``local_loss=True``: the local ``B`` rows against all ``world * B`` columns; this rank's
+      positives sit in its own block of columns, hence the ``rank * B`` offset. Each rank computes a
+      ``B x world*B`` slice instead of the whole matrix, and the mean over ranks (which DDP's gradient
+      averaging takes) equals the global loss.
+    * ``local_loss=False``: every rank computes the full ``world*B x world*B`` matrix. Same loss
+      value, ``world`` times the compute; kept for parity with open_clip.
+    """
+    rank, world_size = world_info()
+    batch = image_features.shape[0]
+    if world_size == 1:
+        sim_per_image = image_features @ text_features.T
+        labels = torch.arange(batch, device=image_features.device)
+        return sim_per_image, sim_per_image.T, labels
+
+    all_images, all_texts = gather_features(image_features, text_features, gather_with_grad)
+    if local_loss:
+        sim_per_image = image_features @ all_texts.T
+        sim_per_text = text_features @ all_images.T
+        labels = torch.arange(batch, device=image_features.device) + rank * batch
+    else:
+        sim_per_image = all_images @ all_texts.T
+        sim_per_text = sim_per_image.T
+        labels = torch.arange(all_images.shape[0], device=image_features.device)
+    return sim_per_image, sim_per_text, labels
+
+
+def _parameter_names(module: nn.Module) -> set[str]:
+    return {name for name, _ in module.named_parameters()}
+
+
+@register_loss("clip")
+class ClipLoss(nn.Module):
+    """CLIP's symmetric InfoNCE: cross-entropy over texts for each image and over images for each text.
+
+    ``logits = exp(logit_scale) * image @ text.T`` with a learnable ``logit_scale`` initialised at
+    ``log(1 / 0.07)``. The applied scale is capped at ``max_logit_scale`` (100, as in CLIP), beyond
+    which the softmax is nearly one-hot and training becomes unstable. The cap is an out-of-place
+    clamp in ``forward``: past it the parameter gets no gradient, and the stored value is never
+    modified behind the optimiser's back.
+    """
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(1 / 0.07),
+        max_logit_scale: float = 100.0,
+        learnable_scale: bool = True,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if max_logit_scale <= 0:
+            raise ConfigError(f"clip loss: max_logit_scale must be positive, got {max_logit_scale}")
+        # A frozen scale stays a (non-trainable) parameter so checkpoints have the same keys.
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)), requires_grad=learnable_scale)
+        self.max_logit_scale = float(max_logit_scale)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def logit_scale_value(self) -> Tensor:
+        """The multiplier applied to cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
+        return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def no_weight_decay(self) -> set[str]:
+        return _parameter_names(self)
+
+    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        region, image_features, text_features = _float32(image_features, text_features)
+        with region:
+            sim_per_image, sim_per_text, labels = _contrastive_similarities(
+                image_features, text_features, self.local_loss, self.gather_with_grad
+            )
+            scale = self.logit_scale_value()
+            return (
+                F.cross_entropy(scale * sim_per_image, labels) + F.cross_entropy(scale * sim_per_text, labels)
+            ) / 2
+
+
+@register_loss("align")
+class AlignLoss(nn.Module):
+    """ALIGN's symmetric contrastive loss with label smoothing and a learnable temperature.
+
+    Matches Hugging Face's ``AlignModel``: ``logits = image @ text.T / temperature`` with
+    ``temperature`` initialised at 1.0, and the mean of the image-to-text and text-to-image
+    cross-entropies, each with ``label_smoothing=0.1``. The temperature used is clamped from below at
+    ``min_temperature``, because nothing else stops it collapsing to zero (or below, where the loss
+    flips sign) as it sharpens the softmax.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 1.0,
+        label_smoothing: float = 0.1,
+        min_temperature: float = 0.01,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if init_temperature <= 0 or min_temperature <= 0:
+            raise ConfigError(
+                f"align loss: temperatures must be positive, got init_temperature={init_temperature}, "
+                f"min_temperature={min_temperature}"
+            )
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"align loss: label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.temperature = nn.Parameter(torch.tensor(float(init_temperature)))
+        self.label_smoothing = float(label_smoothing)
+        self.min_temperature = float(min_temperature)
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def effective_temperature(self) -> Tensor:
+        return self.temperature.float().clamp(min=self.min_temperature)
+
+    def logit_scale_value(self) -> Tensor:
+        """The multiplier applied to cosine similarities: ``1 / temperature``."""
+        return 1.0 / self.effective_temperature()
+
+    def no_weight_decay(self) -> set[str]:
+        return _parameter_names(self)
+
+    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        region, image_features, text_features = _float32(image_features, text_features)
+        with region:
+            sim_per_image, sim_per_text, labels = _contrastive_similarities(
+                image_features, text_features, self.local_loss, self.gather_with_grad
+            )
+            # Divide rather than multiply by 1/temperature, as Hugging Face does, to match it bit for bit.
+            temperature = self.effective_temperature()
+            image_loss = F.cross_entropy(sim_per_image / temperature, labels, label_smoothing=self.label_smoothing)
+            text_loss = F.cross_entropy(sim_per_text / temperature, labels, label_smoothing=self.label_smoothing)
+            return (image_loss + text_loss) / 2
+
+
+@register_loss("siglip")
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al., 2023), as open_clip's ``SigLipLoss``.
+
+    Every image-text pair is an independent binary problem: ``logits = exp(logit_scale) * image @
+    text.T + logit_bias``, label +1 for matching pairs and -1 otherwise, and the loss is
+    ``-sum(logsigmoid(label * logits)) / batch``. The bias starts at -10 because almost all pairs
+    are negatives; starting at 0 would spend the first steps just learning that.
+
+    Distributed: the local images are scored against the texts gathered from all ranks, with
+    positives only in this rank's block. That is the same loss as open_clip's neighbour exchange,
+    which passes text blocks around the ring instead of all-gathering them to save memory; that is a
+    later optimisation.
+    """
+
+    def __init__(
+        self,
+        init_logit_scale: float = math.log(10),
+        init_logit_bias: float = -10.0,
+        max_logit_scale: float = 100.0,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if max_logit_scale <= 0:
+            raise ConfigError(f"siglip loss: max_logit_scale must be positive, got {max_logit_scale}")
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.max_logit_scale = float(max_logit_scale)
+        self.gather_with_grad = gather_with_grad
+
+    def logit_scale_value(self) -> Tensor:
+        """The multiplier applied to cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
+        return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
+
+    def no_weight_decay(self) -> set[str]:
+        return _parameter_names(self)
+
+    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+        region, image_features, text_features = _float32(image_features, text_features)
+        with region:
+            rank, _ = world_info()
+            batch = image_features.shape[0]
+            # Only the texts are needed; the gathered images are dropped (one all-gather wasted).
+            _, all_texts = gather_features(image_features, text_features, self.gather_with_grad)
+            logits = self.logit_scale_value() * image_features @ all_texts.T + self.logit_bias.float()
+            labels = -torch.ones_like(logits)
+            positives = torch.arange(batch, device=logits.device)
+            labels[positives, positives + rank * batch] = 1.0
+            return -F.logsigmoid(labels * logits).sum() / batch

@@ -1,0 +1,201 @@
+"""``VisionLanguageModule``: one LightningModule that assembles towers, heads and a loss from config.
+
+The module is built from the plain ``model`` and ``optim`` sections of a config and saves them as
+hyperparameters, so ``VisionLanguageModule.load_from_checkpoint(path)`` rebuilds it from the
+checkpoint alone. Every part is looked up by name in the registry::
+
+    image ──vision tower──▶ pooled ──vision_head──▶ ┐
+                                                    ├─ L2-normalise ─▶ loss (clip | align | siglip)
+    text ───text tower────▶ pooled ──text_head────▶ ┘
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from vlm_lab import registry
+from vlm_lab.distributed import world_info
+from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
+from vlm_lab.tokenizer import load_tokenizer
+from vlm_lab.towers.base import ImageConfig
+
+
+class VisionLanguageModule(L.LightningModule):
+    """A dual-encoder (CLIP, ALIGN, SigLIP, LiT) built from the ``model`` and ``optim`` config sections."""
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(model["tokenizer"]["path"])
+        self.vision = registry.build("vision_tower", model["vision"])
+        self.text = registry.build("text_tower", _with_vocab_size(model["text"], len(self.tokenizer)))
+        embed_dim = model["embed_dim"]
+        self.vision_head = registry.build("head", model["vision_head"], in_dim=self.vision.output_dim, out_dim=embed_dim)
+        self.text_head = registry.build("head", model["text_head"], in_dim=self.text.output_dim, out_dim=embed_dim)
+        self.loss = registry.build("loss", model["loss"])
+        tower_limit = getattr(self.text, "max_length", None) or math.inf
+        self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
+        self._eval_outputs: list[dict[str, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------------------------------------
+    # Encoding (the public API for notebooks and evaluation)
+
+    @property
+    def image_config(self) -> ImageConfig:
+        """How the vision tower wants its images: data modules build their transforms from it."""
+        return self.vision.image_config
+
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """``[B, 3, H, W]`` normalised pixels -> ``[B, embed_dim]`` image embeddings."""
+        features = self.vision_head(self.vision(pixel_values).pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    normalize: bool = True) -> torch.Tensor:
+        """Captions (strings, or token ids with their mask) -> ``[T, embed_dim]`` text embeddings."""
+        if not isinstance(text, torch.Tensor):
+            tokens = self.tokenize(text)
+            text, attention_mask = tokens["input_ids"], tokens["attention_mask"]
+        features = self.text_head(self.text(text, attention_mask).pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(list(captions), padding=True, truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+
+    # ---------------------------------------------------------------------------------------------
+    # Training
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image_features = self.encode_image(batch["pixel_values"])
+        text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        loss = self.loss(image_features, text_features)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_features))
+        self.log("train/logit_scale", self.loss.logit_scale_value(), batch_size=len(image_features))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.hparams.optim
+        decay, no_decay = [], []
+        excluded = {f"loss.{name}" for name in self.loss.no_weight_decay()}
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            # Biases, norm gains, embeddings of rank < 2 and temperatures must not shrink towards 0.
+            (no_decay if parameter.ndim < 2 or name in excluded else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = cosine_with_warmup(cfg["warmup_steps"], total, cfg["min_lr_ratio"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------
+    # Evaluation: multi-caption retrieval over the whole split
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        image_features = self.encode_image(batch["pixel_values"])
+        text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        owners = batch["text_image_index"]
+        first_caption = _first_caption_positions(owners, len(image_features))
+        loss = self.loss(image_features, text_features[first_caption])
+        self.log(f"{stage}/loss", loss, batch_size=len(image_features), sync_dist=True)
+        self._eval_outputs.append({
+            "image_features": image_features.float().cpu(),
+            "image_ids": batch["image_ids"].cpu(),
+            "text_features": text_features.float().cpu(),
+            "text_image_ids": batch["image_ids"][owners].cpu(),
+            "text_rank": (torch.arange(len(owners), device=owners.device) - first_caption[owners]).cpu(),
+        })
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        outputs = {k: torch.cat([o[k] for o in self._eval_outputs]) for k in self._eval_outputs[0]} \
+            if self._eval_outputs else None
+        self._eval_outputs.clear()
+        if outputs is None or self.trainer.sanity_checking:
+            return
+        outputs = _gather_and_deduplicate(outputs)
+        metrics = retrieval_metrics(outputs["image_features"], outputs["text_features"], outputs["text_to_image"])
+        chance = chance_levels(outputs["text_to_image"], len(outputs["image_features"]), (1, 5, 10))
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key.endswith("R@1"), rank_zero_only=True)
+        for key, value in chance.items():
+            self.log(f"{stage}/chance_{key}", value, rank_zero_only=True)
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then a cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def _with_vocab_size(spec: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """Size a text tower's embedding table to the tokenizer, unless the spec says otherwise."""
+    constructor, preset = registry.resolve("text_tower", spec["name"])
+    takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
+    if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
+        return {**spec, "vocab_size": vocab_size}
+    return dict(spec)
+
+
+def _first_caption_positions(owners: torch.Tensor, num_images: int) -> torch.Tensor:
+    """For each image of a batch, the position of its first caption (captions come grouped)."""
+    positions = torch.full((num_images,), len(owners), dtype=torch.long, device=owners.device)
+    return positions.scatter_reduce(0, owners, torch.arange(len(owners), device=owners.device), "amin")
+
+
+def _gather_and_deduplicate(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Collect every rank's evaluation features and drop the duplicates a distributed sampler pads in.
+
+    Images are keyed by dataset id and captions by (image id, rank within the image), so each counts
+    once whatever the number of processes.
+    """
+    _, world_size = world_info()
+    if world_size > 1:
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, outputs)
+        outputs = {k: torch.cat([g[k] for g in gathered]) for k in outputs}
+    image_ids, first = _unique_first(outputs["image_ids"])
+    text_keys = outputs["text_image_ids"] * (int(outputs["text_rank"].max()) + 1) + outputs["text_rank"]
+    _, text_first = _unique_first(text_keys)
+    text_owner_ids = outputs["text_image_ids"][text_first]
+    return {
+        "image_features": outputs["image_features"][first],
+        "text_features": outputs["text_features"][text_first],
+        "text_to_image": torch.searchsorted(image_ids, text_owner_ids),
+    }
+
+
+def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique keys and the index of each one's first occurrence."""
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    first = torch.full((len(unique),), len(keys), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), "amin")
+    return unique, first

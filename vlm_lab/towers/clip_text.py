@@ -1,0 +1,116 @@
+"""CLIP's causal text transformer, written to match Hugging Face ``CLIPTextModel`` module for module.
+
+Parameter names follow ``transformers.models.clip.modeling_clip`` (``embeddings.token_embedding``,
+``encoder.layers.N...``, ``final_layer_norm``), so the state dict of ``CLIPTextModel`` (or the
+``text_model.*`` part of a ``CLIPModel``) loads into ``ClipTextTower`` without renaming. The
+encoder is the one ``clip_vit.py`` defines.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vlm_lab.errors import ConfigError
+from vlm_lab.registry import register_text_tower
+from vlm_lab.towers.base import TowerOutput
+from vlm_lab.towers.clip_vit import ClipEncoder
+
+
+class ClipTextEmbeddings(nn.Module):
+    def __init__(self, vocab_size: int, context_length: int, width: int) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.position_embedding = nn.Embedding(context_length, width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:seq].unsqueeze(0)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch, 1, seq, seq]`` mask for SDPA: query i may attend key j iff j <= i and j is real.
+
+    Each token may also attend itself: with left padding a padded query would otherwise see no key at
+    all, and a softmax over nothing is NaN, which would then leak into gradients. Real tokens are
+    unaffected because they never see padded keys.
+    """
+    seq = attention_mask.shape[1]
+    device = attention_mask.device
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    allowed = causal & attention_mask.bool()[:, None, None, :]
+    return allowed | torch.eye(seq, dtype=torch.bool, device=device)
+
+
+def last_real_position(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last token with mask 1 in each row (works for right and left padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=-1)
+
+
+@register_text_tower("clip_text")
+class ClipTextTower(nn.Module):
+    """CLIP text encoder (HF ``CLIPTextModel`` layout): causal attention, final LayerNorm.
+
+    ``pooling`` picks the token whose state becomes ``pooled``:
+
+    * ``"eot"``: the last real token according to ``attention_mask``. Works with any tokenizer that
+      ends a text with a special token (CLIP's end-of-text, BERT's [SEP]).
+    * ``"argmax"``: the token with the largest id, the OpenAI CLIP convention (its end-of-text id
+      49407 is the largest in the vocabulary). Wrong for tokenizers where that does not hold.
+
+    Causal attention means padding after a text never changes its states; the mask additionally
+    keeps left padding out.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 49408,
+        context_length: int = 77,
+        width: int = 512,
+        layers: int = 12,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        quick_gelu: bool = False,
+        layer_norm_eps: float = 1e-5,
+        pooling: Literal["eot", "argmax"] = "eot",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("eot", "argmax"):
+            raise ConfigError(f"clip_text: pooling must be 'eot' or 'argmax', got {pooling!r}")
+        self.pooling = pooling
+        self.output_dim = width
+        self.token_dim = width
+        self.max_length = context_length
+
+        self.embeddings = ClipTextEmbeddings(vocab_size, context_length, width)
+        self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
+        self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+        batch, seq = input_ids.shape
+        if seq > self.max_length:
+            raise ValueError(
+                f"clip_text: sequence length {seq} exceeds context_length {self.max_length}; "
+                f"truncate the text to at most {self.max_length} tokens"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        hidden_states = self.encoder(self.embeddings(input_ids), causal_padding_mask(attention_mask))
+        last_hidden_state = self.final_layer_norm(hidden_states)
+
+        if self.pooling == "argmax":
+            index = input_ids.argmax(dim=-1)
+        else:
+            index = last_real_position(attention_mask)
+        pooled = last_hidden_state[torch.arange(batch, device=input_ids.device), index]
+        return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=attention_mask)

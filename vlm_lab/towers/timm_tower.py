@@ -1,0 +1,138 @@
+"""Any timm image model as a vision tower.
+
+The model is built with ``num_classes=0`` so its classifier is dropped; ``pooled`` is what the
+classifier would have seen (``forward_head(..., pre_logits=True)``) and ``tokens`` are the final
+feature map or token sequence as ``[batch, seq, channels]``. Weights never come from the hub here:
+``pretrained_path`` names a local file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torch import nn
+
+from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.registry import register_vision_tower
+from vlm_lab.towers.base import ImageConfig, TowerOutput
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``torch.save``-d state dict, unwrapping a training checkpoint."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"timm: no weights file at {path}")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(file), device="cpu")
+    else:
+        # weights_only refuses pickled code, so a downloaded checkpoint cannot run anything on load.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ConfigError(f"timm: {path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+@register_vision_tower("timm")
+class TimmVisionTower(nn.Module):
+    """A timm model (``timm.list_models()`` names it) without its classifier.
+
+    ``model_args`` go to ``timm.create_model`` (``{img_size: 64}``, ``{drop_path_rate: 0.1}``).
+    ``image_config`` is timm's data config for the model, at the ``img_size`` given there if any.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained_path: str | None = None,
+        model_args: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        model_args = dict(model_args or {})
+        if not timm.is_model(model_name):
+            raise ConfigError(f"timm: unknown model {model_name!r}.{did_you_mean(model_name, timm.list_models())}")
+        reserved = {"num_classes", "pretrained"} & set(model_args)
+        if reserved:
+            raise ConfigError(f"timm: model_args may not set {', '.join(sorted(reserved))}; the tower sets them")
+        try:
+            self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **model_args)
+        except TypeError as error:  # an argument the model's constructor does not take
+            raise ConfigError(f"timm: model_args {model_args} rejected by {model_name}: {error}") from error
+
+        if pretrained_path is not None:
+            self._load_weights(pretrained_path)
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+        # Most models pool to num_features; a few add a pre-logits layer of head_hidden_size.
+        self.output_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
+        self.token_dim = int(self.model.num_features)
+        # Swin, MambaOut and a few others return channels-last feature maps.
+        self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        self.image_config = self._image_config(model_args)
+
+    def _load_weights(self, path: str) -> None:
+        state = load_state_dict_file(path)
+        try:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shape mismatches fail even with strict=False
+            raise ConfigError(f"timm: weights in {path} do not fit {type(self.model).__name__}: {error}") from error
+        # num_classes=0 removed the classifier, so its weights in a full checkpoint are expected extras.
+        classifier = self.model.pretrained_cfg.get("classifier") or ()
+        prefixes = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier))
+        unexpected = [key for key in unexpected if not (prefixes and key.startswith(prefixes))]
+        if missing or unexpected:
+            raise ConfigError(
+                f"timm: weights in {path} do not match the model: "
+                f"missing {_summary(missing)}; unexpected {_summary(unexpected)}"
+            )
+
+    def _image_config(self, model_args: dict[str, Any]) -> ImageConfig:
+        # The pretrained config still names the default resolution when img_size was overridden.
+        args: dict[str, Any] = {}
+        img_size = model_args.get("img_size")
+        if isinstance(img_size, int):
+            args["input_size"] = (3, img_size, img_size)
+        elif isinstance(img_size, (list, tuple)) and len(img_size) == 2:
+            args["input_size"] = (3, int(img_size[0]), int(img_size[1]))
+        data = resolve_data_config(args, model=self.model)
+        return ImageConfig(
+            size=(int(data["input_size"][1]), int(data["input_size"][2])),
+            mean=tuple(float(m) for m in data["mean"]),
+            std=tuple(float(s) for s in data["std"]),
+            interpolation=str(data["interpolation"]),
+            crop_pct=float(data["crop_pct"]),
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        try:
+            self.model.set_grad_checkpointing(enable)
+        except (AssertionError, NotImplementedError) as error:
+            raise ConfigError(f"timm: {type(self.model).__name__} does not support grad_checkpointing") from error
+
+    def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
+        features = self.model.forward_features(pixel_values)
+        pooled = self.model.forward_head(features, pre_logits=True)
+        if features.ndim == 4:  # a feature map: one token per spatial position
+            tokens = features.flatten(1, 2) if self._channels_last else features.flatten(2).transpose(1, 2)
+        elif features.ndim == 3:  # already [batch, seq, channels]
+            tokens = features
+        else:
+            tokens = features.reshape(features.shape[0], 1, -1)
+        return TowerOutput(pooled=pooled, tokens=tokens, mask=None)
+
+
+def _summary(keys: list[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
