@@ -5,7 +5,7 @@
     metrics = fit(cfg, run_dir="runs/try")
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt`` and
-the per-epoch ones), ``metrics.csv`` (the training log) and ``metrics.json`` (the latest evaluation
+the per-epoch ones), ``logs/version_N/metrics.csv`` (the training log, one version per launch) and ``metrics.json`` (the latest evaluation
 metrics, flat keys such as ``val/i2t_R@1``, read by sweeps and benchmarks).
 """
 
@@ -46,7 +46,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     options = _plain(cfg.trainer)
     options.setdefault("default_root_dir", str(run_dir))
     if options.get("logger", True) is True:
-        options["logger"] = CSVLogger(str(run_dir), name="", version="")
+        # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
+        options["logger"] = CSVLogger(str(run_dir), name="logs")
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                   filename="epoch{epoch:03d}", auto_insert_metric_name=False)
     callbacks = [MetricsFile(run_dir / "metrics.json")]

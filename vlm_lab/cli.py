@@ -23,7 +23,13 @@ EXIT_FAILURE = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`fit a.yaml --run-dir d key=value`): collect them from the rest.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [r for r in rest if r.startswith("-") or not hasattr(args, "items")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.items += rest
     try:
         return args.handler(args)
     except ConfigError as e:
@@ -56,20 +62,26 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--run-dir", help="run directory (default: runs/<name>/<timestamp>)")
         if stage == "fit":
             sub.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
-        sub.add_argument("--debug", action="store_true", help="show full tracebacks")
+        _add_debug(sub)
         sub.set_defaults(handler=_run_stage, stage=stage)
 
     sub = commands.add_parser("list", help="list registered names and registry cards")
     sub.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'clip_*'")
     sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule)")
-    sub.add_argument("--debug", action="store_true")
+    _add_debug(sub)
     sub.set_defaults(handler=_list)
 
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
-    sub.add_argument("--debug", action="store_true")
+    _add_debug(sub)
     sub.set_defaults(handler=_describe)
     return parser
+
+
+def _add_debug(subparser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand without --debug must not reset `vlm-lab --debug fit ...` to False.
+    subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show full tracebacks")
 
 
 def _run_stage(args: argparse.Namespace) -> int:

@@ -37,12 +37,7 @@ def gather_features(
         return image_features, text_features
 
     if gather_with_grad:
-        # Imported here: torch.distributed.nn is missing on builds without distributed support.
-        import torch.distributed.nn.functional as dist_fn
-
-        all_images = torch.cat(dist_fn.all_gather(image_features), dim=0)
-        all_texts = torch.cat(dist_fn.all_gather(text_features), dim=0)
-        return all_images, all_texts
+        return _AllGatherWithGrad.apply(image_features), _AllGatherWithGrad.apply(text_features)
 
     gathered_images = [torch.zeros_like(image_features) for _ in range(world_size)]
     gathered_texts = [torch.zeros_like(text_features) for _ in range(world_size)]
@@ -52,3 +47,31 @@ def gather_features(
     gathered_images[rank] = image_features
     gathered_texts[rank] = text_features
     return torch.cat(gathered_images, dim=0), torch.cat(gathered_texts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each rank the summed gradient of its own slice.
+
+    Written out rather than taken from torch: ``torch.distributed.nn.functional.all_gather`` is
+    deprecated in recent torch, and its suggested replacement (the private, asynchronous
+    ``_functional_collectives.all_gather_single``) leaves unwaited collectives behind when a gathered
+    tensor goes unused, as SigLIP's gathered images do. Backward is an all-reduce, which every
+    backend (gloo included) supports, unlike reduce-scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        rank, world_size = world_info()
+        ctx.rank = rank
+        tensor = tensor.contiguous()
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor)
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # Every rank's loss depends on every slice, so this slice's gradient is the sum over ranks.
+        # A copy: all_reduce works in place, and autograd may share the incoming gradient elsewhere.
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[ctx.rank]

@@ -34,7 +34,9 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_loss
 
 
-def _float32(image_features: Tensor, text_features: Tensor):
+def _float32(
+    image_features: Tensor, text_features: Tensor
+) -> tuple[contextlib.AbstractContextManager, Tensor, Tensor]:
     """A region where matmuls stay in float32 even inside the trainer's autocast, plus fp32 inputs."""
     device_type = image_features.device.type
     if torch.amp.is_autocast_available(device_type):
@@ -111,7 +113,7 @@ class ClipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def logit_scale_value(self) -> Tensor:
-        """The multiplier applied to cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
+        """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
         return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
 
     def no_weight_decay(self) -> set[str]:
@@ -179,9 +181,9 @@ class AlignLoss(nn.Module):
                 image_features, text_features, self.local_loss, self.gather_with_grad
             )
             # Divide rather than multiply by 1/temperature, as Hugging Face does, to match it bit for bit.
-            temperature = self.effective_temperature()
-            image_loss = F.cross_entropy(sim_per_image / temperature, labels, label_smoothing=self.label_smoothing)
-            text_loss = F.cross_entropy(sim_per_text / temperature, labels, label_smoothing=self.label_smoothing)
+            temperature, smoothing = self.effective_temperature(), self.label_smoothing
+            image_loss = F.cross_entropy(sim_per_image / temperature, labels, label_smoothing=smoothing)
+            text_loss = F.cross_entropy(sim_per_text / temperature, labels, label_smoothing=smoothing)
             return (image_loss + text_loss) / 2
 
 
@@ -216,7 +218,7 @@ class SigLipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def logit_scale_value(self) -> Tensor:
-        """The multiplier applied to cosine similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
+        """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
         return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
 
     def no_weight_decay(self) -> set[str]:

@@ -172,6 +172,8 @@ class SyntheticShapes(Dataset):
         return self.pool[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.size:
+            raise IndexError(f"{self.split} has {self.size} samples; index {index} is out of range")
         composition = self.composition(index)
         rng = random.Random(f"{self.seed}-{self.split}-{index}")
         captions = composition.captions()

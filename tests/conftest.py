@@ -1,0 +1,34 @@
+import copy
+import os
+
+# Tests never reach a hub: everything they load is local.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+import vlm_lab  # noqa: E402,F401  (registers the built-ins)
+from vlm_lab import registry  # noqa: E402
+
+
+@pytest.fixture
+def clean_registry():
+    """Let a test register names without leaking them into other tests."""
+    saved = copy.copy({kind: dict(table) for kind, table in registry._constructors.items()})
+    yield registry
+    registry._constructors.clear()
+    registry._constructors.update(saved)
+
+
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")
+
+
+@pytest.fixture
+def tiny_config():
+    return vlm_lab.load_config(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_module(tiny_config):
+    return vlm_lab.build_module(tiny_config)

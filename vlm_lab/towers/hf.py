@@ -1,0 +1,305 @@
+"""Hugging Face ``transformers`` models as vision and text towers.
+
+A tower is either loaded from a local directory (``path``, anything ``save_pretrained`` wrote; never
+downloaded) or built randomly initialised from a config dict (``config`` with a ``model_type``, as
+``AutoConfig.for_model`` takes it). A dual-encoder checkpoint such as ``CLIPModel`` gives its
+``text_model`` to ``hf_text`` and its ``vision_model`` to ``hf_vision``.
+
+``transformers`` is imported inside the functions that need it: it takes seconds to import, and
+``import vlm_lab.towers`` should stay cheap for runs that use native towers only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.registry import register_text_tower, register_vision_tower
+from vlm_lab.towers.base import ImageConfig, TowerOutput
+from vlm_lab.towers.clip_text import last_real_position
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+# PIL resampling codes, which HF image processors store as ``resample``.
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_hf_model(tower: str, path: str | None, config: dict[str, Any] | None) -> PreTrainedModel:
+    """The ``AutoModel`` for a local directory or a config dict; exactly one of them must be given."""
+    if (path is None) == (config is None):
+        raise ConfigError(f"{tower}: give exactly one of 'path' (a local model directory) or 'config' (a dict)")
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if path is not None:
+        if not Path(path).is_dir():
+            raise ConfigError(f"{tower}: no model directory at {path}")
+        try:
+            return AutoModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as error:  # no config.json, no weights, unknown architecture
+            raise ConfigError(f"{tower}: cannot load a model from {path}: {error}") from error
+
+    assert config is not None
+    arguments = dict(config)
+    model_type = arguments.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"{tower}: 'config' needs a 'model_type' key (e.g. bert, vit, clip); got {sorted(config)}")
+    if model_type not in CONFIG_MAPPING:
+        suggestion = did_you_mean(model_type, CONFIG_MAPPING.keys())
+        raise ConfigError(f"{tower}: unknown model_type {model_type!r}.{suggestion}")
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **arguments))
+
+
+def select_sub_model(tower: str, model: PreTrainedModel, attribute: str, input_name: str) -> PreTrainedModel:
+    """The half of a dual encoder this tower needs (``model.text_model``), or the model itself.
+
+    The check on ``main_input_name`` turns "gave a ViT to hf_text" into a clear error up front.
+    """
+    sub_model = getattr(model, attribute, None)
+    if isinstance(sub_model, nn.Module):
+        model = sub_model
+    if getattr(model, "main_input_name", input_name) != input_name:
+        raise ConfigError(
+            f"{tower}: {type(model).__name__} takes {model.main_input_name!r}, not {input_name!r}; "
+            f"it is not a {'text' if input_name == 'input_ids' else 'vision'} model"
+        )
+    return model
+
+
+def set_grad_checkpointing(tower: str, model: PreTrainedModel, enable: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (now deprecated) to activation_checkpointing_enable.
+    if not enable:
+        model.activation_checkpointing_disable()
+        return
+    try:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    except ValueError as error:  # the architecture does not support it
+        raise ConfigError(f"{tower}: {error}") from error
+
+
+# --------------------------------------------------------------------------------------------------
+# Image preprocessing
+
+
+def _size_value(size: Any, key: str) -> int | None:
+    # Image processors hold sizes as a dict, a SizeDict (transformers 5) or, in old files, an int.
+    if isinstance(size, int):
+        return size
+    if size is None:
+        return None
+    value = size.get(key)
+    return int(value) if value is not None else None
+
+
+def _resample_name(resample: Any) -> str:
+    value = getattr(resample, "value", resample)  # an enum member
+    if isinstance(value, str):
+        return value.lower()
+    return _RESAMPLE_NAMES.get(int(value), "bicubic") if value is not None else "bicubic"
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    if isinstance(values, (int, float)):
+        return (float(values),) * 3
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)
+
+
+def image_config_from_processor(processor: Any, size: tuple[int, int] | None = None) -> ImageConfig:
+    """Translate an HF image processor into an ``ImageConfig``; ``size`` overrides the processor's.
+
+    HF CLIP-style processors resize the short side to ``size.shortest_edge`` and center-crop
+    ``crop_size``; that is timm's ``crop_pct = crop / resize``. ViT-style processors resize to
+    ``size.height x size.width`` with no crop.
+    """
+    resize = getattr(processor, "size", None)
+    crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    crop_pct = 1.0
+    if crop is not None and _size_value(crop, "height") and _size_value(crop, "width"):
+        out = (_size_value(crop, "height"), _size_value(crop, "width"))
+        shortest = _size_value(resize, "shortest_edge")
+        if shortest:
+            crop_pct = min(out) / shortest
+    elif _size_value(resize, "height") and _size_value(resize, "width"):
+        out = (_size_value(resize, "height"), _size_value(resize, "width"))
+    else:
+        edge = _size_value(resize, "shortest_edge") or 224
+        out = (edge, edge)
+        crop_pct = float(getattr(processor, "crop_pct", None) or 1.0)
+    return ImageConfig(
+        size=size or (int(out[0]), int(out[1])),
+        mean=_triple(getattr(processor, "image_mean", 0.5)),
+        std=_triple(getattr(processor, "image_std", 0.5)),
+        interpolation=_resample_name(getattr(processor, "resample", None)),
+        crop_pct=crop_pct,
+    )
+
+
+def resolve_image_config(
+    path: str | None, top_config: PreTrainedConfig, vision_config: PreTrainedConfig
+) -> ImageConfig:
+    """The saved preprocessor if the directory has one, else the default processor for the model type.
+
+    Without a saved processor the model's own ``image_size`` wins over the processor class default
+    (a tiny test ViT at 32 px must not be fed 224 px images). Mean/std fall back to 0.5, HF's ViT
+    default, when the model type has no image processor.
+    """
+    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    if path is not None and (Path(path) / "preprocessor_config.json").is_file():
+        return image_config_from_processor(AutoImageProcessor.from_pretrained(path, local_files_only=True))
+
+    image_size = getattr(vision_config, "image_size", None)
+    if isinstance(image_size, int):
+        size: tuple[int, int] | None = (image_size, image_size)
+    elif isinstance(image_size, (list, tuple)) and len(image_size) == 2:
+        size = (int(image_size[0]), int(image_size[1]))
+    else:
+        size = None
+    for config_class in (type(top_config), type(vision_config)):
+        try:
+            classes = IMAGE_PROCESSOR_MAPPING[config_class]
+        except KeyError:
+            continue
+        # The mapping gives one class per backend (torchvision, pil); both share the defaults.
+        candidates = classes.values() if isinstance(classes, dict) else [classes]
+        for processor_class in candidates:
+            if processor_class is None or getattr(processor_class, "is_dummy", False):
+                continue
+            try:
+                return image_config_from_processor(processor_class(), size)
+            except Exception:  # a processor that needs arguments: fall through to the plain default
+                continue
+    return ImageConfig(size=size or (224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
+
+
+# --------------------------------------------------------------------------------------------------
+# Towers
+
+
+@register_vision_tower("hf_vision")
+class HFVisionTower(nn.Module):
+    """A ``transformers`` image model (ViT, CLIP's vision model, DINOv2, ConvNeXt, ...).
+
+    ``pooling``: ``"pooler"`` is the model's own ``pooler_output`` (CLIP: post-normed class token; ViT:
+    dense+tanh on it; CNNs: global average); ``"cls"`` is the first token of the last hidden state;
+    ``"mean"`` averages all tokens. CNN feature maps become ``[batch, height * width, channels]`` tokens.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        config: dict[str, Any] | None = None,
+        pooling: Literal["pooler", "cls", "mean"] = "pooler",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("pooler", "cls", "mean"):
+            raise ConfigError(f"hf_vision: pooling must be 'pooler', 'cls' or 'mean', got {pooling!r}")
+        loaded = load_hf_model("hf_vision", path, config)
+        self.model = select_sub_model("hf_vision", loaded, "vision_model", "pixel_values")
+        self.pooling = pooling
+        if pooling == "pooler" and getattr(self.model, "pooler", "no attribute") is None:
+            raise ConfigError(
+                f"hf_vision: {type(self.model).__name__} was built without a pooler; use pooling: cls or mean"
+            )
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+        model_config = self.model.config
+        hidden_sizes = getattr(model_config, "hidden_sizes", None)
+        width = getattr(model_config, "hidden_size", None) or (hidden_sizes[-1] if hidden_sizes else None)
+        if width is None:
+            raise ConfigError(f"hf_vision: cannot tell the feature width of {type(self.model).__name__}")
+        self.output_dim = int(width)
+        self.token_dim = int(width)
+        self.image_config = resolve_image_config(path, loaded.config, model_config)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_grad_checkpointing("hf_vision", self.model, enable)
+
+    def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
+        outputs = self.model(pixel_values=pixel_values)
+        tokens = outputs.last_hidden_state
+        if tokens.ndim == 4:  # a CNN feature map [batch, channels, height, width]
+            tokens = tokens.flatten(2).transpose(1, 2)
+
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        elif self.pooling == "mean":
+            pooled = tokens.mean(dim=1)
+        else:
+            pooled = getattr(outputs, "pooler_output", None)
+            if pooled is None:
+                raise ValueError(
+                    f"hf_vision: {type(self.model).__name__} returns no pooler_output; use pooling: cls or mean"
+                )
+            pooled = pooled.flatten(1)  # CNN poolers keep [batch, channels, 1, 1]
+        return TowerOutput(pooled=pooled, tokens=tokens, mask=None)
+
+
+@register_text_tower("hf_text")
+class HFTextTower(nn.Module):
+    """A ``transformers`` text encoder (BERT, MiniLM, RoBERTa, CLIP's text model, ...).
+
+    ``pooling``: ``"mean"`` averages real tokens (sentence-transformers' convention); ``"cls"`` takes
+    the first token; ``"eos"`` the last real token by ``attention_mask`` (CLIP-style causal models);
+    ``"pooler"`` the model's ``pooler_output`` (BERT: dense+tanh on [CLS]).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        config: dict[str, Any] | None = None,
+        pooling: Literal["mean", "cls", "eos", "pooler"] = "mean",
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("mean", "cls", "eos", "pooler"):
+            raise ConfigError(f"hf_text: pooling must be 'mean', 'cls', 'eos' or 'pooler', got {pooling!r}")
+        loaded = load_hf_model("hf_text", path, config)
+        self.model = select_sub_model("hf_text", loaded, "text_model", "input_ids")
+        self.pooling = pooling
+        if pooling == "pooler" and getattr(self.model, "pooler", "no attribute") is None:
+            raise ConfigError(
+                f"hf_text: {type(self.model).__name__} was built without a pooler; use pooling: mean, cls or eos"
+            )
+        if grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+        model_config = self.model.config
+        self.output_dim = int(model_config.hidden_size)
+        self.token_dim = int(model_config.hidden_size)
+        self.max_length: int | None = getattr(model_config, "max_position_embeddings", None)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_grad_checkpointing("hf_text", self.model, enable)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        tokens = outputs.last_hidden_state
+
+        if self.pooling == "cls":
+            pooled = tokens[:, 0]
+        elif self.pooling == "mean":
+            weights = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        elif self.pooling == "eos":
+            pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last_real_position(attention_mask)]
+        else:
+            pooled = getattr(outputs, "pooler_output", None)
+            if pooled is None:
+                raise ValueError(f"hf_text: {type(self.model).__name__} returns no pooler_output; use pooling: mean")
+        return TowerOutput(pooled=pooled, tokens=tokens, mask=attention_mask)
