@@ -109,7 +109,7 @@ def test_a_different_object_under_a_taken_name_fails_unless_override(clean_regis
 
 def test_cards_preset_arguments_and_spec_overrides_win():
     tower = registry.build("vision_tower", {"name": "clip_vit_tiny", "layers": 1})
-    assert tower.output_dim == 192  # from the card
+    assert tower.output_dim == 128  # from the card
     assert len(tower.encoder.layers) == 1  # from the spec
 
 
