@@ -94,7 +94,7 @@ def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str |
     if ckpt_path is not None:
         if not Path(ckpt_path).is_file():
             raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-        module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+        module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     else:
         module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)

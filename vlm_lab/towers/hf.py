@@ -183,6 +183,32 @@ def resolve_image_config(
     return ImageConfig(size=size or (224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 
 
+def load_tower_model(
+    tower: str,
+    path: str | None,
+    config: dict[str, Any] | None,
+    pooling: str,
+    poolings: tuple[str, ...],
+    sub_model: str,
+    input_name: str,
+    grad_checkpointing: bool,
+) -> tuple[Any, Any]:
+    """Load (or build) the model, pick its vision/text half and check the pooling it can serve.
+
+    Returns ``(loaded, model)``: what ``AutoModel`` gave, and the sub-model the tower runs.
+    """
+    if pooling not in poolings:
+        raise ConfigError(f"{tower}: pooling must be one of {', '.join(poolings)}, got {pooling!r}")
+    loaded = load_hf_model(tower, path, config)
+    model = select_sub_model(tower, loaded, sub_model, input_name)
+    if pooling == "pooler" and getattr(model, "pooler", "no attribute") is None:
+        others = ", ".join(p for p in poolings if p != "pooler")
+        raise ConfigError(f"{tower}: {type(model).__name__} was built without a pooler; use pooling: {others}")
+    if grad_checkpointing:
+        set_grad_checkpointing(tower, model, True)
+    return loaded, model
+
+
 # --------------------------------------------------------------------------------------------------
 # Towers
 
@@ -204,17 +230,9 @@ class HFVisionTower(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if pooling not in ("pooler", "cls", "mean"):
-            raise ConfigError(f"hf_vision: pooling must be 'pooler', 'cls' or 'mean', got {pooling!r}")
-        loaded = load_hf_model("hf_vision", path, config)
-        self.model = select_sub_model("hf_vision", loaded, "vision_model", "pixel_values")
+        loaded, self.model = load_tower_model("hf_vision", path, config, pooling, ("pooler", "cls", "mean"),
+                                              "vision_model", "pixel_values", grad_checkpointing)
         self.pooling = pooling
-        if pooling == "pooler" and getattr(self.model, "pooler", "no attribute") is None:
-            raise ConfigError(
-                f"hf_vision: {type(self.model).__name__} was built without a pooler; use pooling: cls or mean"
-            )
-        if grad_checkpointing:
-            self.set_grad_checkpointing(True)
 
         model_config = self.model.config
         hidden_sizes = getattr(model_config, "hidden_sizes", None)
@@ -265,17 +283,9 @@ class HFTextTower(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if pooling not in ("mean", "cls", "eos", "pooler"):
-            raise ConfigError(f"hf_text: pooling must be 'mean', 'cls', 'eos' or 'pooler', got {pooling!r}")
-        loaded = load_hf_model("hf_text", path, config)
-        self.model = select_sub_model("hf_text", loaded, "text_model", "input_ids")
+        _, self.model = load_tower_model("hf_text", path, config, pooling, ("mean", "cls", "eos", "pooler"),
+                                         "text_model", "input_ids", grad_checkpointing)
         self.pooling = pooling
-        if pooling == "pooler" and getattr(self.model, "pooler", "no attribute") is None:
-            raise ConfigError(
-                f"hf_text: {type(self.model).__name__} was built without a pooler; use pooling: mean, cls or eos"
-            )
-        if grad_checkpointing:
-            self.set_grad_checkpointing(True)
 
         model_config = self.model.config
         self.output_dim = int(model_config.hidden_size)
