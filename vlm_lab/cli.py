@@ -4,6 +4,8 @@
     vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
+    vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
+    vlm-lab sweep-report DIR
 
 User errors print one line and exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -71,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug(sub)
     sub.set_defaults(handler=_list)
 
+    sub = commands.add_parser("sweep", help="run every unfinished run of a sweep file")
+    sub.add_argument("file", help="sweep YAML (base, overrides, grid, runs)")
+    sub.add_argument("--out", required=True, help="sweep directory: one sub-directory per run")
+    sub.add_argument("--dry-run", action="store_true", help="list the runs and their commands only")
+    sub.add_argument("--max-parallel", type=int, default=1, help="local runs at a time")
+    sub.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    sub.add_argument("--slurm-cluster", help="submitit cluster (default: detected; 'local' for a dry run of SLURM)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_sweep)
+
+    sub = commands.add_parser("sweep-report", help="write results.csv, results.md and plots of a sweep")
+    sub.add_argument("out", help="sweep directory")
+    sub.add_argument("--metric", help="metric to plot (default: every R@1)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_sweep_report)
+
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
     _add_debug(sub)
@@ -127,6 +145,29 @@ def _list(args: argparse.Namespace) -> int:
             origin = f"card -> {card.builds}" if card and name not in registry.constructors(kind) else "code"
             summary = card.description.splitlines()[0] if card and card.description else ""
             print(f"  {name:<24} {origin:<22} {summary}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from vlm_lab import sweep
+
+    outcomes = sweep.run(args.file, args.out, dry_run=args.dry_run, max_parallel=args.max_parallel,
+                         launcher=args.launcher, slurm_cluster=args.slurm_cluster)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not args.dry_run:
+        for o in outcomes:
+            print(f"{o.status:>8}  {o.name}" + (f"  ({o.error})" if o.error else ""))
+        print(f"{len(outcomes)} runs: {sum(o.status == 'done' for o in outcomes)} done, "
+              f"{sum(o.status == 'skipped' for o in outcomes)} skipped (finished before), {len(failed)} failed; "
+              f"results in {Path(args.out) / 'results.md'}")
+    return min(len(failed), 100)  # the exit status counts the failed runs
+
+
+def _sweep_report(args: argparse.Namespace) -> int:
+    from vlm_lab import sweep
+
+    for path in sweep.report(args.out, metric=args.metric):
+        print(path)
     return 0
 
 

@@ -1,0 +1,138 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import vlm_lab
+from vlm_lab import sweep
+from vlm_lab.cli import main
+from vlm_lab.errors import ConfigError
+
+TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
+
+
+def write_sweep(tmp_path, text, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(text.replace("TINY", TINY))
+    return path
+
+
+def test_grid_is_a_cartesian_product_with_derived_names(tmp_path):
+    file = write_sweep(tmp_path, """
+base: [TINY]
+overrides: [trainer.max_epochs=1]
+grid:
+  optim.lr: [0.001, 0.0003]
+  model.embed_dim: [8, 16, 32]
+""")
+    runs = sweep.expand(file)
+    assert len(runs) == 6
+    assert runs[0].name == "lr=0.001,embed_dim=8" and runs[-1].name == "lr=0.0003,embed_dim=32"
+    assert runs[0].overrides == ("trainer.max_epochs=1", "optim.lr=0.001", "model.embed_dim=8")
+    assert runs[0].swept == {"optim.lr": 0.001, "model.embed_dim": 8}
+    assert all(r.base == (str(Path(TINY).resolve()),) for r in runs)
+
+
+def test_explicit_runs_cross_the_grid_and_names_stay_unique(tmp_path):
+    file = write_sweep(tmp_path, """
+base: [TINY]
+runs:
+  - [model.loss.name=clip]
+  - [model.loss.name=siglip]
+grid:
+  model.vision.layers: [1, 2]
+  model.text.layers: [1, 2]
+""")
+    runs = sweep.expand(file)
+    assert len(runs) == 8 and len({r.name for r in runs}) == 8
+    # "layers" alone would be ambiguous between the towers, so those two keep their full names
+    assert runs[0].name == "name=clip,model.vision.layers=1,model.text.layers=1"
+
+
+def test_runs_alone(tmp_path):
+    file = write_sweep(tmp_path, "base: [TINY]\nruns:\n  - [seed=1]\n  - [seed=2, optim.lr=0.01]\n")
+    assert [r.name for r in sweep.expand(file)] == ["seed=1", "seed=2,lr=0.01"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: [TINY]\ngrd: {seed: [1]}\n", "unknown sweep key 'grd'. Did you mean 'grid'"),
+    ("grid: {seed: [1]}\n", "'base' must list at least one config file"),
+    ("base: [nowhere.yaml]\n", "base config 'nowhere.yaml' not found"),
+    ("base: [TINY]\ngrid: {seed: 1}\n", "grid.seed should be a non-empty list"),
+    ("base: [TINY]\nruns: [[seed]]\n", "should look like key=value"),
+])
+def test_bad_sweep_files(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep.expand(write_sweep(tmp_path, text))
+
+
+def test_sweep_runs_records_failures_skips_finished_and_reports(tmp_path, capsys):
+    file = write_sweep(tmp_path, """
+base: [TINY]
+overrides: [data.train_size=32]
+runs:
+  - [seed=1]
+  - [seed=2]
+  - [optim.lr=fast]
+""")
+    out = tmp_path / "out"
+    assert main(["sweep", str(file), "--out", str(out), "--max-parallel", "2"]) == 1  # one failed run
+    assert (out / "seed=1" / "DONE").is_file() and (out / "seed=2" / "DONE").is_file()
+    failed = (out / "lr=fast" / "FAILED").read_text()
+    assert "exit code: 2" in failed and "optim.lr='fast' should be a number" in failed
+    for name in ("seed=1", "seed=2"):
+        assert (out / name / "config.yaml").is_file() and (out / name / "checkpoints" / "last.ckpt").is_file()
+        assert "val/i2t_R@1" in json.loads((out / name / "metrics.json").read_text())
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    assert rows[0]["seed"] == "1" and float(rows[0]["val/i2t_R@1"]) >= 0
+    assert "| run | status |" in (out / "results.md").read_text()
+    assert (out / "plot_seed.png").stat().st_size > 1000 and (out / "training_curves.png").is_file()
+
+    # Again: finished runs are skipped, the failed one is retried (and fails again).
+    first_done = (out / "seed=1" / "DONE").read_text()
+    capsys.readouterr()
+    assert main(["sweep", str(file), "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "skipped  seed=1" in printed and "failed  lr=fast" in printed
+    assert (out / "seed=1" / "DONE").read_text() == first_done
+
+    (out / "results.csv").unlink()
+    assert main(["sweep-report", str(out)]) == 0
+    assert (out / "results.csv").is_file()
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    file = write_sweep(tmp_path, "base: [TINY]\noverrides: [trainer.max_epochs=2]\nruns: [[seed=0]]\n")
+    run_dir = tmp_path / "out" / "seed=0"
+    vlm_lab.fit(vlm_lab.load_config(TINY), run_dir=run_dir)  # "killed" after its first epoch: no DONE
+    assert not (run_dir / "DONE").exists()
+    [outcome] = sweep.run(file, tmp_path / "out")
+    assert outcome.status == "done"
+    assert "resuming seed=0" in (run_dir / "log.txt").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epoch"] == 1 and metrics["step"] == 8  # continued to 2 epochs of 4 steps
+
+
+def test_slurm_launcher_through_submitit_local_executor(tmp_path):
+    file = write_sweep(tmp_path, "base: [TINY]\noverrides: [data.train_size=32]\nruns: [[seed=3]]\n"
+                                 "slurm: {timeout_min: 10}\n")
+    [outcome] = sweep.run(file, tmp_path / "out", launcher="slurm", slurm_cluster="local")
+    assert outcome.status == "done", outcome.error
+    assert (tmp_path / "out" / "seed=3" / "DONE").is_file()
+    assert any((tmp_path / "out" / ".submitit").iterdir())  # went through submitit
+
+
+def test_dry_run_lists_without_running(tmp_path, capsys):
+    file = write_sweep(tmp_path, "base: [TINY]\ngrid: {seed: [1, 2]}\n")
+    assert main(["sweep", str(file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed=1  [to run]" in printed and "vlm-lab fit" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_sweeps_expand():
+    for file in Path(__file__).resolve().parents[1].glob("experiments/sweeps/*.yaml"):
+        assert sweep.expand(file), file
