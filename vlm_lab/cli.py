@@ -2,8 +2,12 @@
 
     vlm-lab fit CONFIG... [--run-dir DIR] [--resume] [key=value ...]
     vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
+    vlm-lab check CONFIG... [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
+    vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
+    vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
+    vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
     vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
     vlm-lab sweep-report DIR
 
@@ -57,13 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     for stage, text in [("fit", "train a model"), ("validate", "evaluate on the validation split"),
-                        ("test", "evaluate on the test split")]:
+                        ("test", "evaluate on the test split"),
+                        ("check", "check a config: build the model and the data, train nothing")]:
         sub = commands.add_parser(stage, help=text, description=text)
         sub.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                          help="YAML files merged left to right, then dotlist overrides")
         sub.add_argument("--run-dir", help="run directory (default: runs/<name>/<timestamp>)")
         if stage == "fit":
             sub.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
+        sub.add_argument("--allow-import-paths", action="store_true",
+                         help="let spec names be 'package.module:Attribute' import paths (off by default)")
         _add_debug(sub)
         sub.set_defaults(handler=_run_stage, stage=stage)
 
@@ -89,10 +96,22 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug(sub)
     sub.set_defaults(handler=_sweep_report)
 
+    sub = commands.add_parser("export", help="write a checkpoint as a Hugging Face or open_clip model directory")
+    sub.add_argument("--ckpt", required=True, help="a checkpoint of vlm-lab fit (e.g. RUN_DIR/checkpoints/last.ckpt)")
+    sub.add_argument("--format", required=True, choices=("hf", "open_clip"),
+                     help="hf: CLIPModel or VisionTextDualEncoderModel; open_clip: config + safetensors")
+    sub.add_argument("--out", required=True, help="new (or empty) output directory")
+    _add_debug(sub)
+    sub.set_defaults(handler=_export)
+
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
     _add_debug(sub)
     sub.set_defaults(handler=_describe)
+
+    from vlm_lab.data.commands import add_data_commands  # light: the heavy imports wait for the handlers
+
+    add_data_commands(commands, _add_debug)
     return parser
 
 
@@ -103,8 +122,10 @@ def _add_debug(subparser: argparse.ArgumentParser) -> None:
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    files = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
+    # An existing .yaml file is a config even with '=' in its path (sweep runs live in 'lr=0.001/').
+    is_file = [("=" not in i) or (i.endswith((".yaml", ".yml")) and Path(i).is_file()) for i in args.items]
+    files = [i for i, f in zip(args.items, is_file) if f]
+    overrides = [i for i, f in zip(args.items, is_file) if not f]
     ckpt_path = None
     for item in list(overrides):
         if item.startswith("ckpt_path="):
@@ -118,7 +139,17 @@ def _run_stage(args: argparse.Namespace) -> int:
     import vlm_lab  # heavy imports only once the arguments are known to be sane
     from vlm_lab.api import format_retrieval_table
 
-    cfg = vlm_lab.load_config(*files, overrides=overrides)
+    cfg = vlm_lab.load_config(*files, overrides=overrides, allow_import_paths=args.allow_import_paths)
+    if args.stage == "check":
+        module = vlm_lab.build_module(cfg)
+        datamodule = vlm_lab.build_datamodule(cfg, module)
+        datamodule.setup("fit")
+        vlm_lab.build_trainer(cfg, args.run_dir or "runs/check")  # checks the trainer arguments; writes nothing
+        parameters = sum(p.numel() for p in module.parameters())
+        print(f"config OK: {cfg.name} builds a {parameters / 1e6:.2f}M-parameter model "
+              f"({cfg.model.vision.name} + {cfg.model.text.name}, {cfg.model.loss.name} loss) "
+              f"and the {cfg.data.name} data module")
+        return 0
     if args.stage == "fit":
         metrics = vlm_lab.fit(cfg, run_dir=args.run_dir, resume=args.resume)
         stage = "val"
@@ -168,6 +199,14 @@ def _sweep_report(args: argparse.Namespace) -> int:
 
     for path in sweep.report(args.out, metric=args.metric):
         print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vlm_lab.interop import export
+
+    out = export(args.ckpt, args.format, args.out)
+    print(f"wrote {args.format} model to {out}")
     return 0
 
 

@@ -37,6 +37,10 @@ DEFAULTS: dict[str, Any] = {
         "loss": {"name": "clip"},
         "embed_dim": 256,
         "tokenizer": {"path": None, "max_length": 32},
+        # LiT-style locking per tower (vlm_lab/locking.py): nothing is locked by default.
+        "vision_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
+        "text_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
+        "init_from": None,
     },
     "data": {"name": "synthetic_shapes"},
     "optim": {
@@ -46,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "eps": 1.0e-6,
         "warmup_steps": 100,
         "min_lr_ratio": 0.0,
+        "nonfinite_loss": "error",
     },
     "trainer": {},
 }
@@ -67,28 +72,57 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("model", "embed_dim"): int,
     ("model", "tokenizer", "path"): (str, type(None)),
     ("model", "tokenizer", "max_length"): int,
+    ("model", "vision_lock", "lock"): bool,
+    ("model", "vision_lock", "unlocked_groups"): int,
+    ("model", "vision_lock", "freeze_bn_stats"): bool,
+    ("model", "vision_lock", "freeze_layer_norm"): bool,
+    ("model", "text_lock", "lock"): bool,
+    ("model", "text_lock", "unlocked_groups"): int,
+    ("model", "text_lock", "freeze_bn_stats"): bool,
+    ("model", "text_lock", "freeze_layer_norm"): bool,
+    ("model", "init_from"): (str, type(None)),
     ("optim", "lr"): float,
     ("optim", "weight_decay"): float,
     ("optim", "betas"): list,
     ("optim", "eps"): float,
     ("optim", "warmup_steps"): int,
     ("optim", "min_lr_ratio"): float,
+    ("optim", "nonfinite_loss"): str,
+}
+
+# Settings that take one of a few words.
+CHOICES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("optim", "nonfinite_loss"): ("error", "skip"),
 }
 
 
-def load_config(*files: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False) -> DictConfig:
     """Merge the defaults, then ``files`` left to right, then dotlist ``overrides``; validate.
 
     ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``
+
+    Spec names resolve only to registered objects. With ``allow_import_paths=True`` a name such as
+    ``my_project.towers:MyTower`` is imported and registered under that string first.
     """
-    merged: dict[str, Any] = _plain(DEFAULTS)
-    for file in files:
-        merged = merge(merged, _read_yaml(file))
+    layers = [_read_yaml(file) for file in files]
     overrides = list(overrides)
     if overrides:
-        merged = merge(merged, _parse_overrides(overrides))
+        layers.append(_parse_overrides(overrides))
+    base = _plain(DEFAULTS)
+    init_from = _get(_merge_layers(base, layers), ("model", "init_from"))
+    if isinstance(init_from, str) and init_from:
+        # A pretrained CLIP's architecture replaces the default model; the files still apply on top.
+        from vlm_lab.interop import init_model_section
+
+        base = merge(base, {"model": init_model_section(init_from)})
+    merged = _merge_layers(base, layers)
     if merged.get("name") is None and files:
         merged["name"] = Path(files[-1]).stem
+    if allow_import_paths:
+        for path, kind in SPECS.items():
+            name = (_get(merged, path) or {}).get("name")
+            if isinstance(name, str) and ":" in name:
+                registry.register_import_path(kind, name)
     validate(merged)
     return OmegaConf.create(merged)
 
@@ -111,6 +145,12 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any], path: tuple[str, .
     return out
 
 
+def _merge_layers(base: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    for layer in layers:
+        base = merge(base, layer)
+    return base
+
+
 def validate(config: Mapping[str, Any]) -> None:
     """Raise ``ConfigError`` for the first unknown key, wrong type or invalid spec."""
     _check_keys(config, DEFAULTS, ())
@@ -118,6 +158,11 @@ def validate(config: Mapping[str, Any]) -> None:
         value = _get(config, path)
         if not _is_instance(value, expected):
             raise ConfigError(f"{'.'.join(path)}={value!r} should be {_type_names(expected)}")
+    for path, choices in CHOICES.items():
+        value = _get(config, path)
+        if value not in choices:
+            raise ConfigError(f"{'.'.join(path)}={value!r} is not one of {', '.join(map(repr, choices))}"
+                              f"{did_you_mean(value, choices)}")
     for path, kind in SPECS.items():
         spec = _get(config, path)
         registry.spec_arguments(kind, spec, provided={p: None for p in PROVIDED[kind]})

@@ -11,6 +11,7 @@ checkpoint alone. Every part is looked up by name in the registry::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Any, Sequence
@@ -21,9 +22,11 @@ import torch.nn.functional as F
 
 from vlm_lab import registry
 from vlm_lab.distributed import world_info
+from vlm_lab.errors import ConfigError
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
+from vlm_lab.locking import TowerLock, lock_tower
 from vlm_lab.tokenizer import load_tokenizer
-from vlm_lab.towers.base import ImageConfig
+from vlm_lab.towers.base import ImageConfig, TowerOutput
 
 
 class VisionLanguageModule(L.LightningModule):
@@ -32,16 +35,25 @@ class VisionLanguageModule(L.LightningModule):
     def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(model["tokenizer"]["path"])
         self.vision = registry.build("vision_tower", model["vision"])
-        self.text = registry.build("text_tower", _with_vocab_size(model["text"], len(self.tokenizer)))
+        self.text, self.tokenizer = _text_tower_and_tokenizer(model)
         embed_dim = model["embed_dim"]
         self.vision_head = registry.build("head", model["vision_head"], in_dim=self.vision.output_dim, out_dim=embed_dim)
         self.text_head = registry.build("head", model["text_head"], in_dim=self.text.output_dim, out_dim=embed_dim)
         self.loss = registry.build("loss", model["loss"])
+        if model.get("init_from"):
+            from vlm_lab.interop import load_into_module  # towers, projections and logit scale
+
+            load_into_module(self, model["init_from"])
+        # After any weight loading: locking only flips requires_grad and train/eval modes.
+        self.vision_locked = lock_tower(self.vision, TowerLock.from_config(model.get("vision_lock"), "model.vision_lock"),
+                                        "model.vision_lock")
+        self.text_locked = lock_tower(self.text, TowerLock.from_config(model.get("text_lock"), "model.text_lock"),
+                                      "model.text_lock")
         tower_limit = getattr(self.text, "max_length", None) or math.inf
         self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self.skipped_nonfinite_steps = 0
 
     # ---------------------------------------------------------------------------------------------
     # Encoding (the public API for notebooks and evaluation)
@@ -53,7 +65,7 @@ class VisionLanguageModule(L.LightningModule):
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` normalised pixels -> ``[B, embed_dim]`` image embeddings."""
-        features = self.vision_head(self.vision(pixel_values).pooled)
+        features = self.vision_head(self.vision_tower_output(pixel_values).pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -62,8 +74,15 @@ class VisionLanguageModule(L.LightningModule):
         if not isinstance(text, torch.Tensor):
             tokens = self.tokenize(text)
             text, attention_mask = tokens["input_ids"], tokens["attention_mask"]
-        features = self.text_head(self.text(text, attention_mask).pooled)
+        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
+            pooled = self.text(text, attention_mask).pooled
+        features = self.text_head(pooled)
         return F.normalize(features, dim=-1) if normalize else features
+
+    def vision_tower_output(self, pixel_values: torch.Tensor) -> TowerOutput:
+        """The vision tower's output; a fully locked tower runs without recording a graph."""
+        with torch.no_grad() if self.vision_locked.fully_locked else contextlib.nullcontext():
+            return self.vision(pixel_values)
 
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(list(captions), padding=True, truncation=True,
@@ -73,13 +92,49 @@ class VisionLanguageModule(L.LightningModule):
     # ---------------------------------------------------------------------------------------------
     # Training
 
+    def train(self, mode: bool = True) -> "VisionLanguageModule":
+        """Switch train/eval mode; locked parts stay in eval mode whatever ``mode`` is."""
+        super().train(mode)
+        self._keep_locked_parts_in_eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning restores the train/eval flags it captured before validation module by module,
+        # bypassing train(); re-apply the locks at every epoch so no path leaves them in train mode.
+        self._keep_locked_parts_in_eval()
+
+    def _keep_locked_parts_in_eval(self) -> None:
+        # train() also runs while __init__ is still building the towers, before anything is locked.
+        for parts in (getattr(self, "vision_locked", None), getattr(self, "text_locked", None)):
+            if parts is not None:
+                parts.apply_eval_mode()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         image_features = self.encode_image(batch["pixel_values"])
         text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
         loss = self.loss(image_features, text_features)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_features))
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss)
+        # Under DDP each rank's loss covers its share of the global batch and their mean is the loss
+        # of the whole batch (what one process would log), so log that mean rather than rank 0's share.
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_features), sync_dist=True)
         self.log("train/logit_scale", self.loss.logit_scale_value(), batch_size=len(image_features))
         return loss
+
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        """A NaN/Inf loss: stop with a clear message, or skip the step (``optim.nonfinite_loss``)."""
+        step = self.trainer.global_step if self._trainer is not None else -1
+        if self.hparams.optim.get("nonfinite_loss", "error") == "error":
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {step} (logit scale "
+                f"{float(self.loss.logit_scale_value()):.3g}); lower optim.lr, check the data, or set "
+                f"optim.nonfinite_loss=skip to skip such steps"
+            )
+        self.skipped_nonfinite_steps += 1
+        self.log("train/skipped_nonfinite_steps", float(self.skipped_nonfinite_steps), batch_size=1)
+        # Returning None makes Lightning skip backward and the optimizer step for this batch. Under
+        # DDP every rank must agree, so skipping is meant for single-process runs.
+        return None
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.hparams.optim
@@ -156,13 +211,34 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
     return multiplier
 
 
-def _with_vocab_size(spec: dict[str, Any], vocab_size: int) -> dict[str, Any]:
-    """Size a text tower's embedding table to the tokenizer, unless the spec says otherwise."""
+def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """The text tower and the tokenizer that feeds it.
+
+    A tower that takes ``vocab_size`` and is not given one is sized to the tokenizer. A tower with a
+    vocabulary of its own (a pretrained checkpoint's, via ``init_from`` or ``clip_text_pretrained``)
+    uses the checkpoint's tokenizer unless ``model.tokenizer.path`` names one, and no tokenizer may
+    produce ids beyond the tower's vocabulary.
+    """
+    spec, path = model["text"], model["tokenizer"]["path"]
     constructor, preset = registry.resolve("text_tower", spec["name"])
     takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
     if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
-        return {**spec, "vocab_size": vocab_size}
-    return dict(spec)
+        tokenizer = load_tokenizer(path)
+        return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}), tokenizer
+
+    text = registry.build("text_tower", spec)
+    if path is None:
+        source = model.get("init_from") or getattr(text, "pretrained_path", None)
+        path = getattr(text, "tokenizer_path", None)
+        if source and path is None:
+            raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
+                              f"to the tokenizer its text tower was trained with (README: Interop)")
+    tokenizer = load_tokenizer(path)
+    vocab_size = getattr(text, "vocab_size", None)
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise ConfigError(f"model.tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the text tower's "
+                          f"vocabulary only {vocab_size}; use the tokenizer the tower was trained with")
+    return text, tokenizer
 
 
 def _first_caption_positions(owners: torch.Tensor, num_images: int) -> torch.Tensor:

@@ -96,6 +96,24 @@ def register_datamodule(name: str, obj: T | None = None, *, override: bool = Fal
     return register("datamodule", name, obj, override=override)
 
 
+def register_import_path(kind: str, path: str) -> Any:
+    """Import ``"package.module:Attribute"`` and register it under that very string.
+
+    Names in configs resolve only to registered objects; this is the explicit opt-in for naming code
+    by import path (``load_config(..., allow_import_paths=True)``, ``--allow-import-paths``).
+    """
+    import importlib
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"import path {path!r} should look like 'package.module:Attribute'")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"cannot import {path!r}: {e}") from None
+    return register(kind, path, target, override=True)
+
+
 def _same_definition(a: Any, b: Any) -> bool:
     # A re-run cell makes a new class object with the same module and qualified name.
     return a is b or (
@@ -188,6 +206,11 @@ def resolve(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
                 f"{did_you_mean(card.builds, table)}"
             )
         return table[card.builds], dict(card.args)
+    if ":" in name:
+        raise ConfigError(
+            f"{kind} {name!r} looks like an import path; names resolve only to registered objects. "
+            f"To import it, opt in with --allow-import-paths (CLI) or load_config(..., allow_import_paths=True)"
+        )
     others = [k for k in KINDS if k != kind and name in names(k)]
     hint = f" ({name!r} is a {others[0]})" if others else ""
     raise ConfigError(
