@@ -170,12 +170,16 @@ def _list(args: argparse.Namespace) -> int:
         if not matches:
             continue
         cards = registry.cards(kind)
-        print(f"{kind}:")
+        rows = []
         for name in matches:
-            card = cards.get(name)
-            origin = f"card -> {card.builds}" if card and name not in registry.constructors(kind) else "code"
-            summary = card.description.splitlines()[0] if card and card.description else ""
-            print(f"  {name:<24} {origin:<22} {summary}")
+            card = cards.get(name) if name not in registry.constructors(kind) else None
+            origin = f"card -> {card.builds}" if card else "code"
+            rows.append((name, origin, card.description.splitlines()[0] if card and card.description else ""))
+        name_width = max(len(r[0]) for r in rows)
+        origin_width = max(len(r[1]) for r in rows)
+        print(f"{kind}:")
+        for name, origin, summary in rows:
+            print(f"  {name:<{name_width}}  {origin:<{origin_width}}  {summary}".rstrip())
     return 0
 
 
