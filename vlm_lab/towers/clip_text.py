@@ -62,6 +62,9 @@ class ClipTextTower(nn.Module):
       ends a text with a special token (CLIP's end-of-text, BERT's [SEP]).
     * ``"argmax"``: the token with the largest id, the OpenAI CLIP convention (its end-of-text id
       49407 is the largest in the vocabulary). Wrong for tokenizers where that does not hold.
+    * ``"eos_id"``: the first token whose id is ``eos_token_id``. Hugging Face ``CLIPTextModel``
+      pools this way whenever its config's ``eos_token_id`` is not the legacy 2, and open_clip
+      does with ``pool_type: eos``; checkpoints from either load with the rule they were trained with.
 
     Causal attention means padding after a text never changes its states; the mask additionally
     keeps left padding out.
@@ -77,13 +80,21 @@ class ClipTextTower(nn.Module):
         mlp_ratio: float = 4.0,
         quick_gelu: bool = False,
         layer_norm_eps: float = 1e-5,
-        pooling: Literal["eot", "argmax"] = "eot",
+        pooling: Literal["eot", "argmax", "eos_id"] = "eot",
+        eos_token_id: int | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if pooling not in ("eot", "argmax"):
-            raise ConfigError(f"clip_text: pooling must be 'eot' or 'argmax', got {pooling!r}")
+        if pooling not in ("eot", "argmax", "eos_id"):
+            raise ConfigError(f"clip_text: pooling must be 'eot', 'argmax' or 'eos_id', got {pooling!r}")
+        if (pooling == "eos_id") != (eos_token_id is not None):
+            raise ConfigError(
+                f"clip_text: eos_token_id goes with pooling 'eos_id' and only with it; "
+                f"got pooling={pooling!r}, eos_token_id={eos_token_id!r}"
+            )
         self.pooling = pooling
+        self.eos_token_id = eos_token_id
+        self.vocab_size = vocab_size
         self.output_dim = width
         self.token_dim = width
         self.max_length = context_length
@@ -91,6 +102,22 @@ class ClipTextTower(nn.Module):
         self.embeddings = ClipTextEmbeddings(vocab_size, context_length, width)
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+
+    # Set by from_pretrained: the checkpoint directory, and its tokenizer directory (or None).
+    pretrained_path: str | None = None
+    tokenizer_path: str | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, grad_checkpointing: bool = False) -> ClipTextTower:
+        """The text tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
+
+        The architecture, vocabulary size and pooling rule come from the checkpoint's config and every
+        weight must load; the module then uses the checkpoint's tokenizer unless
+        ``model.tokenizer.path`` names one. Registered as ``clip_text_pretrained``.
+        """
+        from vlm_lab.interop.pretrained import load_tower  # interop imports this module
+
+        return load_tower(cls, "text", path, grad_checkpointing=grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -110,7 +137,13 @@ class ClipTextTower(nn.Module):
 
         if self.pooling == "argmax":
             index = input_ids.argmax(dim=-1)
+        elif self.pooling == "eos_id":
+            # argmax returns the first maximum: the first end-of-text even when padding repeats it.
+            index = (input_ids == self.eos_token_id).int().argmax(dim=-1)
         else:
             index = last_real_position(attention_mask)
         pooled = last_hidden_state[torch.arange(batch, device=input_ids.device), index]
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=attention_mask)
+
+
+register_text_tower("clip_text_pretrained", ClipTextTower.from_pretrained)

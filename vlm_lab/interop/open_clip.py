@@ -1,0 +1,357 @@
+"""open_clip ``CLIP`` checkpoints: read into the native towers, and export back.
+
+An open_clip directory holds ``open_clip_config.json`` (``{"model_cfg": {...}, "preprocess_cfg":
+{...}}``, as on the Hugging Face hub, or a bare model config such as open_clip's ``ViT-B-32.json``)
+and a state dict (``open_clip_model.safetensors``, ``open_clip_pytorch_model.bin`` or a training
+checkpoint ``*.pt``). ``open_clip.create_model("local-dir:DIR")`` loads what ``export_open_clip``
+writes.
+
+open_clip stores attention as PyTorch's fused ``in_proj_weight`` (q, k and v stacked), names blocks
+``resblocks.N.ln_1 / attn / ln_2 / mlp.c_fc / mlp.c_proj`` and keeps projections as ``[in, out]``
+matrices applied as ``x @ proj``; the mapping below splits, renames and transposes. Only the
+configuration the native towers implement is accepted: a config asking for anything else (layer
+scale, attentional pooling, a timm or HF tower, ...) is refused with the option named, never loaded
+approximately. This module never imports open_clip: it is needed only by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlm_lab.errors import ConfigError
+from vlm_lab.interop.checkpoint import ClipCheckpoint, mlp_ratio, read_json, tokenizer_dir
+from vlm_lab.interop.parts import (end_of_text_id, logit_scale_and_bias, projection, text_arguments,
+                                   vision_arguments)
+from vlm_lab.towers.clip_text import ClipTextTower
+from vlm_lab.towers.clip_vit import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisionTower
+
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+# What open_clip's own directory loader looks for, in its order of preference.
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                "open_clip_pytorch_model.pth", "model.pt", "checkpoint.pt")
+
+# open_clip's defaults (CLIPVisionCfg / CLIPTextCfg) for the options the native towers implement.
+VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 16, "image_size": 224}
+TEXT_DEFAULTS = {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0,
+                 "pool_type": "argmax", "eos_id": 2, "proj_bias": False}
+# Options the native towers do not implement: accepted only at these (open_clip's default) values.
+_COMMON_FIXED = {"ls_init_value": None, "act_kwargs": None, "block_type": None, "qk_norm": False,
+                 "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
+                 "scale_fc": False, "final_ln_after_pool": False}
+VISION_FIXED = {**_COMMON_FIXED, "attentional_pool": False, "no_ln_pre": False, "pos_embed_type": "learnable",
+                "pool_type": "tok", "timm_model_name": None}
+TEXT_FIXED = {**_COMMON_FIXED, "embed_cls": False, "no_causal_mask": False, "proj_type": "linear",
+              "hf_model_name": None}
+# Options that do not change the function a checkpoint computes (training-time or tokenizer-side).
+VISION_IGNORED = {"patch_dropout", "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained",
+                  "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path"}
+TEXT_IGNORED = {"hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs", "pad_id", "output_tokens",
+                "hf_model_pretrained", "hf_proj_type", "hf_pooler_type"}
+MODEL_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
+              "nonscalar_logit_scale", "custom_text"}
+
+# One transformer block: open_clip module -> native module.
+_BLOCK_RENAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                  "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# Everything outside the blocks: open_clip parameter -> native parameter.
+_RENAMES = {
+    "visual.conv1.weight": "vision.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision.embeddings.class_embedding",
+    "visual.positional_embedding": "vision.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision.post_layernorm.weight",
+    "visual.ln_post.bias": "vision.post_layernorm.bias",
+    "token_embedding.weight": "text.embeddings.token_embedding.weight",
+    "positional_embedding": "text.embeddings.position_embedding.weight",
+    "ln_final.weight": "text.final_layer_norm.weight",
+    "ln_final.bias": "text.final_layer_norm.bias",
+    "text_projection.weight": "text_head.proj.weight",
+    "text_projection.bias": "text_head.proj.bias",
+}
+_TRANSPOSED = {"visual.proj": "vision_head.proj.weight", "text_projection": "text_head.proj.weight"}
+_TOWERS = {"visual.transformer.resblocks.": "vision.encoder.layers.", "transformer.resblocks.": "text.encoder.layers."}
+# CustomTextCLIP keeps the text tower under `text.`; plain CLIP at the top level.
+_CUSTOM_TEXT_KEYS = ("text.token_embedding.", "text.positional_embedding", "text.transformer.", "text.ln_final.",
+                     "text.text_projection")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_open_clip(directory: Path) -> ClipCheckpoint:
+    """The ``ClipCheckpoint`` of an open_clip directory (config + state dict)."""
+    raw = read_json(directory / CONFIG_FILE)
+    model_cfg = raw.get("model_cfg", raw)
+    preprocess = raw.get("preprocess_cfg") or {}
+    where = f"{directory / CONFIG_FILE}"
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in model_cfg:
+            raise ConfigError(f"{where}: the model config has no {key!r} (found {sorted(model_cfg)})")
+    if model_cfg.get("multimodal_cfg"):
+        raise ConfigError(f"{where}: a CoCa model (multimodal_cfg) is not a dual encoder")
+    _check_options(model_cfg, MODEL_KEYS, {}, where, "")
+    vision = {**VISION_DEFAULTS, **model_cfg["vision_cfg"]}
+    text = {**TEXT_DEFAULTS, **model_cfg["text_cfg"]}
+    _check_options(vision, set(VISION_DEFAULTS) | set(VISION_FIXED) | VISION_IGNORED | {"norm_kwargs"},
+                   VISION_FIXED, where, "vision_cfg.")
+    _check_options(text, set(TEXT_DEFAULTS) | set(TEXT_FIXED) | TEXT_IGNORED | {"norm_kwargs"},
+                   TEXT_FIXED, where, "text_cfg.")
+    if not isinstance(vision["layers"], int):
+        raise ConfigError(f"{where}: vision_cfg.layers={vision['layers']} is a ModifiedResNet; clip_vit is a ViT")
+    image_size, patch_size = _square(vision["image_size"], where, "image_size"), _square(vision["patch_size"], where,
+                                                                                          "patch_size")
+    quick_gelu = bool(model_cfg.get("quick_gelu", False))
+    if text["pool_type"] not in ("argmax", "eos"):
+        raise ConfigError(f"{where}: text_cfg.pool_type={text['pool_type']!r} is not supported; "
+                          f"clip_text pools with 'argmax' or 'eos'")
+    pooling = {"pooling": "argmax"} if text["pool_type"] == "argmax" else {"pooling": "eos_id",
+                                                                         "eos_token_id": int(text["eos_id"])}
+    weights = _weight_file(directory)
+    return ClipCheckpoint(
+        path=directory, format="open_clip",
+        vision={
+            "image_size": image_size, "patch_size": patch_size, "width": vision["width"],
+            "layers": vision["layers"], "heads": vision["width"] // vision["head_width"],
+            "mlp_ratio": float(vision["mlp_ratio"]), "quick_gelu": quick_gelu,
+            "layer_norm_eps": _eps(vision, where, "vision_cfg"),
+            "image_mean": [float(m) for m in preprocess.get("mean", OPENAI_CLIP_MEAN)],
+            "image_std": [float(s) for s in preprocess.get("std", OPENAI_CLIP_STD)],
+        },
+        text={
+            "vocab_size": text["vocab_size"], "context_length": text["context_length"], "width": text["width"],
+            "layers": text["layers"], "heads": text["heads"], "mlp_ratio": float(text["mlp_ratio"]),
+            "quick_gelu": quick_gelu, "layer_norm_eps": _eps(text, where, "text_cfg"), **pooling,
+        },
+        embed_dim=model_cfg["embed_dim"],
+        text_head_bias=bool(text["proj_bias"]),
+        loss="siglip" if model_cfg.get("init_logit_bias") is not None else "clip",
+        tokenizer_dir=tokenizer_dir(directory),
+        weights=[weights],
+        to_native=open_clip_to_native,
+    )
+
+
+def _check_options(cfg: dict[str, Any], known: set[str], fixed: dict[str, Any], where: str, prefix: str) -> None:
+    for key, value in cfg.items():
+        if key not in known:
+            raise ConfigError(f"{where}: {prefix}{key} is not an option vlm-lab understands; "
+                              f"it cannot load this model exactly")
+        if key in fixed and value != fixed[key] and not (fixed[key] is None and value in ({}, "default")):
+            raise ConfigError(f"{where}: {prefix}{key}={value!r} is not supported by the native towers "
+                              f"(only {fixed[key]!r})")
+
+
+def _square(value: Any, where: str, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConfigError(f"{where}: vision_cfg.{name}={value} is not square; clip_vit needs a square one")
+        value = value[0]
+    return int(value)
+
+
+def _eps(cfg: dict[str, Any], where: str, name: str) -> float:
+    norm_kwargs = dict(cfg.get("norm_kwargs") or {})
+    eps = norm_kwargs.pop("eps", 1e-5)
+    if norm_kwargs:
+        raise ConfigError(f"{where}: {name}.norm_kwargs {sorted(norm_kwargs)} are not supported (only eps)")
+    return float(eps)
+
+
+def _weight_file(directory: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    raise ConfigError(f"{directory}: no open_clip weights; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def open_clip_to_native(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """open_clip ``CLIP`` parameter names -> ``VisionLanguageModule`` ones; unknown keys pass through
+    unchanged (so that loading reports them as unexpected)."""
+    native: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_CUSTOM_TEXT_KEYS):
+            key = key[len("text."):]
+        if key == "attn_mask":
+            continue  # the causal mask, a buffer some versions saved
+        if key in _RENAMES:
+            native[_RENAMES[key]] = value
+        elif key in _TRANSPOSED:
+            native[_TRANSPOSED[key]] = value.T.contiguous()
+        elif key in ("logit_scale", "logit_bias"):
+            native[f"loss.{key}"] = value.reshape(())  # nonscalar_logit_scale stores shape [1]
+        else:
+            native.update(_block_to_native(key, value))
+    return native
+
+
+def _block_to_native(key: str, value: Tensor) -> dict[str, Tensor]:
+    for prefix, native_prefix in _TOWERS.items():
+        match = re.fullmatch(re.escape(prefix) + r"(\d+)\.(.+)\.(\w+)", key)
+        if match is None:
+            continue
+        layer, module, parameter = match.groups()
+        base = f"{native_prefix}{layer}."
+        if module == "attn" and parameter in ("in_proj_weight", "in_proj_bias"):
+            kind = "weight" if parameter == "in_proj_weight" else "bias"
+            q, k, v = value.chunk(3, dim=0)  # nn.MultiheadAttention stacks q, k, v in this order
+            return {f"{base}self_attn.{name}_proj.{kind}": part.contiguous() for name, part in zip("qkv", (q, k, v))}
+        if module in _BLOCK_RENAMES:
+            return {f"{base}{_BLOCK_RENAMES[module]}.{parameter}": value}
+    return {key: value}
+
+
+def native_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``VisionLanguageModule`` parameter names -> open_clip ``CLIP`` ones (the inverse of the above).
+
+    A text head with a bias becomes open_clip's ``nn.Linear`` ``text_projection`` (``proj_bias``);
+    without one, the transposed matrix open_clip keeps as a bare parameter.
+    """
+    renames = {native: open for open, native in _RENAMES.items()}
+    transposed = {native: open for open, native in _TRANSPOSED.items()}
+    if "text_head.proj.bias" not in state:
+        del renames["text_head.proj.weight"]
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key in renames:
+            out[renames[key]] = value
+        elif key in transposed:
+            out[transposed[key]] = value.T.contiguous()
+        elif key in ("loss.logit_scale", "loss.logit_bias"):
+            out[key[len("loss."):]] = value
+        else:
+            out.update(_block_to_open_clip(key, value, state))
+    return out
+
+
+def _block_to_open_clip(key: str, value: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    block_renames = {native: open for open, native in _BLOCK_RENAMES.items()}
+    for open_prefix, native_prefix in _TOWERS.items():
+        match = re.fullmatch(re.escape(native_prefix) + r"(\d+)\.(.+)\.(\w+)", key)
+        if match is None:
+            continue
+        layer, module, parameter = match.groups()
+        base = f"{open_prefix}{layer}."
+        if module in ("self_attn.k_proj", "self_attn.v_proj"):
+            return {}  # joined with q below
+        if module == "self_attn.q_proj":
+            name = "in_proj_weight" if parameter == "weight" else "in_proj_bias"
+            parts = [state[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
+            return {f"{base}attn.{name}": torch.cat(parts, dim=0)}
+        if module in block_renames:
+            return {f"{base}{block_renames[module]}.{parameter}": value}
+    return {key: value}
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_open_clip(module: Any, out: Path) -> str:
+    """Write ``module`` as an open_clip directory (config + safetensors + tokenizer); returns a summary."""
+    from safetensors.torch import save_file
+
+    vision, text = module.vision, module.text
+    if not (isinstance(vision, ClipVisionTower) and isinstance(text, ClipTextTower)):
+        raise ConfigError(
+            f"export open_clip: needs the native clip_vit and clip_text towers; this model has "
+            f"{type(vision).__name__} and {type(text).__name__} (use --format hf)"
+        )
+    v, t = vision_arguments(vision), text_arguments(text)
+    if v["quick_gelu"] != t["quick_gelu"]:
+        raise ConfigError("export open_clip: one tower uses QuickGELU and the other GELU; open_clip has one "
+                          "quick_gelu switch for both")
+    vision_weight, _ = projection(module.vision_head, vision.output_dim, "vision_head")
+    text_weight, text_bias = projection(module.text_head, text.output_dim, "text_head", allow_bias=True)
+    scale, bias = logit_scale_and_bias(module.loss)
+
+    if t["pooling"] == "argmax":
+        pooling: dict[str, Any] = {"pool_type": "argmax"}
+    else:
+        eos = t["eos_token_id"] if t["pooling"] == "eos_id" else end_of_text_id(module.tokenizer)
+        pooling = {"pool_type": "eos", "eos_id": eos}
+    vision_cfg = {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["width"],
+                  "layers": v["layers"], "head_width": v["width"] // v["heads"],
+                  "mlp_ratio": mlp_ratio(v["mlp_hidden"], v["width"]), **_norm_kwargs(v)}
+    text_cfg = {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
+                "heads": t["heads"], "layers": t["layers"], "mlp_ratio": mlp_ratio(t["mlp_hidden"], t["width"]),
+                **pooling, "proj_bias": text_bias is not None, **_norm_kwargs(t),
+                # Non-empty: open_clip.get_tokenizer("local-dir:OUT") then loads the tokenizer saved in OUT.
+                "hf_tokenizer_name": str(getattr(module.tokenizer, "name_or_path", "") or "tokenizer")}
+    model_cfg: dict[str, Any] = {"embed_dim": int(vision_weight.shape[0]), "quick_gelu": v["quick_gelu"],
+                                 "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if bias is not None:
+        model_cfg["init_logit_bias"] = bias
+    preprocess_cfg = {"size": v["image_size"], "mean": v["image_mean"], "std": v["image_std"],
+                      "interpolation": module.image_config.interpolation, "resize_mode": "shortest"}
+
+    state = {f"vision.{k}": p for k, p in vision.state_dict().items()}
+    state.update({f"text.{k}": p for k, p in text.state_dict().items()})
+    state["vision_head.proj.weight"] = vision_weight
+    state["text_head.proj.weight"] = text_weight
+    if text_bias is not None:
+        state["text_head.proj.bias"] = text_bias
+    state["loss.logit_scale"] = torch.tensor(scale)
+    if bias is not None:
+        state["loss.logit_bias"] = torch.tensor(bias)
+    weights = {key: value.detach().float().contiguous() for key, value in native_to_open_clip(state).items()}
+    save_file(weights, str(out / WEIGHTS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
+                                              indent=2) + "\n")
+    return "open_clip CLIP"
+
+
+def _norm_kwargs(arguments: dict[str, Any]) -> dict[str, Any]:
+    eps = arguments["layer_norm_eps"]
+    return {} if eps == 1e-5 else {"norm_kwargs": {"eps": eps}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def clip_tokenizer_from_bpe(bpe_file: str | Path, max_length: int = 77) -> Any:
+    """OpenAI CLIP's byte-level BPE (``bpe_simple_vocab_16e6.txt.gz``, shipped with open_clip and
+    OpenAI's ``clip`` package) as a Hugging Face ``CLIPTokenizer``.
+
+    open_clip's ``SimpleTokenizer`` builds its vocabulary from that file the same way (256 bytes, the
+    same with ``</w>``, the first 48,894 merges, then the two special tokens), so the ids agree; save
+    the result with ``save_pretrained(DIR)`` and point ``model.tokenizer.path`` at ``DIR`` when an
+    open_clip directory has no tokenizer files.
+    """
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    path = Path(bpe_file)
+    if not path.is_file():
+        raise ConfigError(f"no BPE vocabulary file at {bpe_file}")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    byte_symbols = list(_bytes_to_unicode().values())
+    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols] + ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters, which CLIP's BPE is defined over."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes)))

@@ -1,0 +1,66 @@
+"""Starting vlm-lab models from pretrained CLIP checkpoints (Hugging Face or open_clip directories).
+
+Two entry points, both with the architecture read from the checkpoint's config:
+
+* ``model.init_from: DIR`` -- the whole dual encoder. ``load_config`` puts
+  ``init_model_section(DIR)`` (native towers with the checkpoint's sizes, linear heads, ``embed_dim``,
+  the loss, the tokenizer) under the config files, so they may still change anything that keeps the
+  weights loadable (``model.vision.grad_checkpointing``, ``model.tokenizer.max_length``);
+  ``VisionLanguageModule`` then calls ``load_into_module``, which loads towers, projections and the
+  logit scale, requiring every key to match.
+* ``clip_vit_pretrained`` / ``clip_text_pretrained`` (``ClipVisionTower.from_pretrained``): one tower
+  on its own, e.g. a pretrained image tower under a new text tower (LiT). Registry cards such as
+  ``openai_clip_vit_b32`` name these with a default ``path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import nn
+
+from vlm_lab.interop.checkpoint import ClipCheckpoint, load_exactly, read_clip_checkpoint
+
+# Module parts an init_from checkpoint must fill completely.
+_PARTS = ("vision.", "text.", "vision_head.", "text_head.")
+
+
+def init_model_section(path: str) -> dict[str, Any]:
+    """The ``model`` config section of the CLIP checkpoint at ``path`` (what ``init_from`` starts from)."""
+    return read_clip_checkpoint(path).model_section()
+
+
+def load_into_module(module: nn.Module, path: str) -> ClipCheckpoint:
+    """Load the CLIP checkpoint at ``path`` into a ``VisionLanguageModule`` built from its model section.
+
+    Towers and heads must match exactly (a one-line error lists missing and unexpected keys); the
+    loss takes the logit scale (and SigLIP's bias) when it has a parameter of that name, so
+    ``model.loss`` may be swapped, e.g. to ``align``, which then starts from its own temperature.
+    """
+    checkpoint = read_clip_checkpoint(path)
+    state = checkpoint.state_dict()
+    own = module.state_dict()
+    loss_keys = [key for key in ("loss.logit_scale", "loss.logit_bias") if key in own and key in state]
+    keys = [key for key in own if key.startswith(_PARTS)] + loss_keys
+    state = {key: value for key, value in state.items() if key in keys or not key.startswith("loss.")}
+    load_exactly(module, state, f"init_from {path}", keys=keys)
+    return checkpoint
+
+
+def load_tower(tower_class: type[nn.Module], half: Literal["vision", "text"], path: str,
+               **options: Any) -> nn.Module:
+    """One tower of the CLIP checkpoint at ``path``: ``tower_class(**architecture, **options)``, loaded.
+
+    ``options`` are the tower's non-architecture arguments (``grad_checkpointing``). The tower records
+    ``pretrained_path``, and a text tower ``tokenizer_path`` (the checkpoint's tokenizer, or None), so
+    that the module can pair it with the tokenizer it was trained with.
+    """
+    checkpoint = read_clip_checkpoint(path)
+    tower = tower_class(**getattr(checkpoint, half), **options)
+    prefix = f"{half}."
+    state = {key[len(prefix):]: value for key, value in checkpoint.state_dict().items() if key.startswith(prefix)}
+    load_exactly(tower, state, f"the {half} tower of {path}")
+    tower.pretrained_path = str(path)
+    if half == "text":
+        tower.tokenizer_path = checkpoint.tokenizer_dir
+    return tower
