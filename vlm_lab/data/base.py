@@ -1,0 +1,126 @@
+"""What every image-caption data module shares: transforms, collate, loaders and bad-sample counts.
+
+Subclasses (``coco.py``, ``cc3m.py``) only say where a split's data is and how to read it:
+``dataset(split)`` returns a map-style ``CaptionedImages`` or a ``ShardStream``, ``raw_samples`` and
+``split_summary`` feed ``vlm-lab data inspect``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from vlm_lab.data.collate import ImageTextCollate
+from vlm_lab.data.health import BadSampleCounter, attach_report
+from vlm_lab.data.records import RawSample
+from vlm_lab.data.shards import ShardStream, StreamLoader
+from vlm_lab.data.transforms import build_transform, decode_size
+from vlm_lab.towers.base import ImageConfig
+
+SPLITS = ("train", "val", "test")
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Base of the image-caption data modules (not registered itself)."""
+
+    def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int, batch_size: int,
+                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int) -> None:
+        super().__init__()
+        self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.augment, self.seed = num_workers, augment, seed
+        self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
+        self._epochs_without_trainer = 0
+        self._train_stream: StreamLoader | None = None
+        self._resumed_epoch: int | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    # For subclasses
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split``: map-style, or a ``ShardStream`` that batches itself."""
+        raise NotImplementedError
+
+    def raw_samples(self, split: str) -> Iterator[RawSample]:
+        """The split's samples in storage order, untransformed, for inspection."""
+        raise NotImplementedError
+
+    def split_summary(self, split: str) -> dict[str, int | None]:
+        """Counts for inspection, e.g. ``{"images": 80, "captions": 400}`` (None: unknown)."""
+        raise NotImplementedError
+
+    def transform(self, split: str):
+        return build_transform(self.image_config, augment=self.augment and split == "train")
+
+    def collate(self, split: str) -> ImageTextCollate:
+        """Tokenises in the loader workers, padding each batch to its longest caption."""
+        return ImageTextCollate(self.tokenizer, self.max_length, train=split == "train")
+
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        return decode_size(self.image_config)
+
+    # ---------------------------------------------------------------------------------------------
+    # Lightning hooks
+
+    def setup(self, stage: str | None = None) -> None:
+        attach_report(self.trainer)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch the next training pass shuffles for (plain loops; Lightning sets it itself)."""
+        self._epochs_without_trainer = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the epoch a resumed run's first stream pass uses."""
+        loader = self._train_stream
+        if loader is None or loader.progress is None:
+            return {}
+        epoch, batches = loader.progress
+        return {"next_epoch": epoch + 1 if batches >= len(loader) else epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_epoch = state_dict.get("next_epoch")
+
+    def _loader(self, split: str) -> DataLoader:
+        dataset = self.dataset(split)
+        persistent = self.num_workers > 0
+        training = split == "train"
+        if isinstance(dataset, ShardStream):
+            loader = StreamLoader(dataset, num_workers=self.num_workers, persistent_workers=persistent,
+                                  epoch=self._next_epoch if training else lambda: 0)
+            if training:
+                self._train_stream = loader
+            return loader
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if training else self.eval_batch_size,
+            shuffle=training,
+            drop_last=training,  # contrastive batches must keep their size (and one sample has no signal)
+            num_workers=self.num_workers,
+            persistent_workers=persistent,
+            collate_fn=self.collate(split),
+        )
+
+    def _next_epoch(self) -> int:
+        # A resumed run creates its first training iterator before Lightning restores its epoch
+        # counter, but after it hands back the datamodule's state: that state decides the first pass.
+        if self._resumed_epoch is not None:
+            epoch, self._resumed_epoch = self._resumed_epoch, None
+            return epoch
+        if self.trainer is not None:
+            return self.trainer.current_epoch
+        epoch = self._epochs_without_trainer
+        self._epochs_without_trainer += 1
+        return epoch

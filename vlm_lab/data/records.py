@@ -1,0 +1,137 @@
+"""Image files with captions, read at random: what COCO and the TSV/CSV layout have in common.
+
+A :class:`Record` is one image file with its captions and a dataset-wide integer id.
+:class:`CaptionedImages` is the map-style dataset over a list of them, with two sampling modes for
+training (one entry per image, or one per caption). A sample that cannot be used (missing file,
+undecodable image, no caption) is counted and replaced by the next usable one, so every batch keeps
+its size, which contrastive losses and the cross-process gather rely on. In evaluation the replacement
+duplicates an image already in the split; retrieval drops duplicates by image id.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlm_lab.data.health import BadSampleCounter
+from vlm_lab.data.transforms import open_image
+from vlm_lab.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image file, all its captions, and its id (unique within the dataset)."""
+
+    path: str
+    captions: tuple[str, ...]
+    image_id: int
+
+
+@dataclass(frozen=True)
+class RawSample:
+    """An untransformed sample, for inspection: captions, id, where it is, and how to load the image."""
+
+    captions: tuple[str, ...]
+    image_id: int
+    where: str
+    load_image: Callable[[], Image.Image]
+
+
+class CaptionedImages(Dataset):
+    """Map-style dataset over records; item ``i`` is ``{"pixel_values", "captions", "image_id"}``.
+
+    ``per_caption=True`` makes one entry per (image, caption) pair instead of one per image (whose
+    caption the training collate then draws at random each epoch).
+    """
+
+    def __init__(self, records: list[Record], transform: Callable[[Image.Image], torch.Tensor],
+                 bad: BadSampleCounter, decode_size: tuple[int, int] | None = None,
+                 per_caption: bool = False) -> None:
+        self.records = records
+        self.transform, self.bad, self.decode_size = transform, bad, decode_size
+        # (record index, caption index or None for all captions)
+        self.entries: list[tuple[int, int | None]] = (
+            [(r, c) for r, record in enumerate(records) for c in range(max(1, len(record.captions)))]
+            if per_caption else [(r, None) for r in range(len(records))]
+        )
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # A bad entry is replaced by the next good one; only a split with no usable sample at all fails.
+        # Each bad entry is counted when the sampler asks for it, not again as someone's replacement,
+        # so an epoch counts each once.
+        for offset in range(len(self.entries)):
+            sample = self._load((index + offset) % len(self.entries), count_bad=offset == 0)
+            if sample is not None:
+                return sample
+        raise ConfigError(f"no usable sample among the {len(self.entries)} {self.bad.split} entries "
+                          f"(every image is missing or unreadable, or every caption empty)")
+
+    def _load(self, index: int, count_bad: bool) -> dict[str, Any] | None:
+        record_index, caption_index = self.entries[index]
+        record = self.records[record_index]
+        captions = [c for c in record.captions if c.strip()]
+        if caption_index is not None:
+            captions = [record.captions[caption_index]] if record.captions[caption_index].strip() else []
+        problem, image = None, None
+        if not captions:
+            problem = "empty caption" if record.captions else "missing caption"
+        else:
+            try:
+                image = open_image(record.path, self.decode_size)
+            except FileNotFoundError:
+                problem = "missing image"
+            except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+                problem, where = "undecodable image", f"{record.path} ({type(error).__name__}: {error})"
+        if problem is not None:
+            if count_bad:
+                self.bad.record(problem, where if problem == "undecodable image" else record.path)
+            return None
+        return {"pixel_values": self.transform(image), "captions": captions, "image_id": record.image_id}
+
+
+def raw_samples(records: list[Record]) -> Iterator[RawSample]:
+    """The records as :class:`RawSample` (images decoded only when asked), for inspection."""
+    for record in records:
+        yield RawSample(record.captions, record.image_id, record.path,
+                        lambda path=record.path: open_image(path))
+
+
+TABLE_HEADERS = {"filepath", "file_path", "path", "file", "filename", "file_name", "image", "image_path"}
+
+
+def read_caption_table(table: str, images: str | None, field: str) -> list[Record]:
+    """Read a ``filepath<TAB>caption`` TSV (or a ``filepath,caption`` CSV) into records.
+
+    Relative paths are relative to ``images`` (default: the table's folder). An optional header row is
+    recognised by its first column's name (``filepath``, ``path``, ``image``...). A row without a
+    caption becomes a record with none, skipped and counted as a bad sample when read. Ids are the
+    row numbers (header excluded).
+    """
+    path = Path(table)
+    if not path.is_file():
+        raise ConfigError(f"data.{field}: no caption table at {table}")
+    folder = Path(images) if images is not None else path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"data.{field.replace('table', 'images')}: no image folder at {folder}")
+    with open(path, newline="", encoding="utf-8") as f:
+        if path.suffix.lower() == ".csv":
+            rows = [row for row in csv.reader(f) if row]
+        else:  # captions may contain commas and quotes; only the first tab separates
+            rows = [line.rstrip("\r\n").split("\t", 1) for line in f if line.strip()]
+    if rows and rows[0][0].strip().lower() in TABLE_HEADERS:
+        rows = rows[1:]
+    if not rows:
+        raise ConfigError(f"data.{field}: {table} has no rows")
+    return [
+        Record(str(folder / row[0].strip()), (row[1].strip(),) if len(row) > 1 else (), image_id=i)
+        for i, row in enumerate(rows)
+    ]
