@@ -9,9 +9,11 @@ CLIP BPE tokenizer) and logits; exports are loaded back with ``from_pretrained``
 """
 
 import json
+import math
 import os
 import re
 import shutil
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -191,6 +193,15 @@ def test_pretrained_tower_cards_load_hf_clip(hf_clip, clip_tokenizer, pixels):
         assert max_diff(module.text(batch["input_ids"], batch["attention_mask"]).pooled, expected) <= TOLERANCE
 
 
+def test_finetune_experiment_builds_from_a_checkpoint_at_its_path(hf_clip_dir, tmp_path, monkeypatch):
+    example = Path(__file__).resolve().parents[1] / "experiments" / "finetune_clip.yaml"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(hf_clip_dir, tmp_path / "weights" / "openai" / "clip-vit-base-patch32")
+    module = vlm_lab.build_module(vlm_lab.load_config(example))
+    assert module.vision.encoder.grad_checkpointing and module.vision.output_dim == 32
+    assert type(module.tokenizer).__name__ == "CLIPTokenizer" and module.max_length == 16
+
+
 def test_card_without_weights_explains_where_they_come_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"no checkpoint directory at weights/openai/clip-vit-base-patch32 .*"
@@ -333,6 +344,22 @@ def test_open_clip_export_loads_with_create_model(open_clip_model, pixels, tmp_p
     assert all(torch.equal(original[key], exported_state[key]) for key in original)
 
 
+def test_open_clip_training_checkpoint_loads(open_clip_model, clip_tokenizer, pixels, tmp_path):
+    """What open_clip's training writes: {"epoch", "state_dict"} with DDP's `module.` prefix, as epoch_N.pt."""
+    model, path = open_clip_model
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors"))
+    state = {f"module.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": state}, tmp_path / "epoch_3.pt")
+    module = vlm_lab.build_module(vlm_lab.load_config(overrides=[f"model.init_from={tmp_path}"])).eval()
+    image, text = encode(module, pixels, CAPTIONS)
+    expected_image, expected_text, _ = open_clip_reference(model, clip_tokenizer, pixels, CAPTIONS)
+    assert max_diff(image, expected_image) <= TOLERANCE and max_diff(text, expected_text) <= TOLERANCE
+
+    torch.save({}, tmp_path / "epoch_4.pt")
+    with pytest.raises(ConfigError, match="cannot tell the open_clip weights.*found epoch_3.pt, epoch_4.pt"):
+        read_clip_checkpoint(tmp_path)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"vision_cfg": {"ls_init_value": 1e-5}}, r"vision_cfg.ls_init_value=1e-05 is not supported"),
     ({"text_cfg": {"pool_type": "last"}}, r"text_cfg.pool_type='last' is not supported"),
@@ -416,16 +443,18 @@ def test_cli_export_errors_are_one_line(native_checkpoint, tmp_path, capsys):
     assert "is not an empty directory" in capsys.readouterr().err
 
 
-def test_hf_towers_export_to_a_dual_encoder(pixels, tmp_path):
+HF_VIT = ("{name: hf_vision, pooling: pooler, config: {model_type: vit, image_size: 32, patch_size: 8, "
+          "hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}}")
+NATIVE_VIT = "{name: clip_vit, image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2}"
+HF_BERT = ("{name: hf_text, pooling: pooler, config: {model_type: bert, vocab_size: 30522, hidden_size: 32, "
+           "num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}}")
+
+
+@pytest.mark.parametrize("vision", [HF_VIT, NATIVE_VIT], ids=["hf_vision", "clip_vit"])
+def test_hf_towers_export_to_a_dual_encoder(vision, pixels, tmp_path):
     from transformers import AutoTokenizer, VisionTextDualEncoderModel
 
-    cfg = vlm_lab.load_config(overrides=[
-        "model.vision={name: hf_vision, pooling: pooler, config: {model_type: vit, image_size: 32, patch_size: 8, "
-        "hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}}",
-        "model.text={name: hf_text, pooling: pooler, config: {model_type: bert, vocab_size: 30522, hidden_size: 32, "
-        "num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64}}",
-        "model.embed_dim=16",
-    ])
+    cfg = vlm_lab.load_config(overrides=[f"model.vision={vision}", f"model.text={HF_BERT}", "model.embed_dim=16"])
     torch.manual_seed(0)
     module = vlm_lab.build_module(cfg).eval()
     perturb(module, 1)
@@ -439,15 +468,42 @@ def test_hf_towers_export_to_a_dual_encoder(pixels, tmp_path):
     assert max_diff(output.image_embeds, image) <= TOLERANCE
     assert max_diff(output.text_embeds, text) <= TOLERANCE
 
-    mean_pooled = vlm_lab.load_config(overrides=["model.text={name: hf_text, config: {model_type: bert, "
-                                                 "hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                                                 "intermediate_size: 64}}"])
+
+def test_dual_encoder_export_needs_the_pooler(tmp_path):
+    mean_pooled = vlm_lab.load_config(overrides=[f"model.text={HF_BERT.replace('pooling: pooler', 'pooling: mean')}"])
     with pytest.raises(ConfigError, match="pools with 'mean', but VisionTextDualEncoderModel uses"):
         export(vlm_lab.build_module(mean_pooled), "hf", tmp_path / "mean")
 
 
+@pytest.mark.parametrize("loss, fmt", [("align", "hf"), ("siglip", "open_clip")])
+def test_exported_logit_scale_is_the_one_the_loss_applies(loss, fmt, pixels, tmp_path):
+    module = vlm_lab.build_module(vlm_lab.load_config(overrides=[
+        f"model.loss.name={loss}", "model.vision.image_size=32", "model.vision.layers=1", "model.text.layers=1"])).eval()
+    with torch.no_grad():
+        if loss == "align":
+            module.loss.temperature.fill_(0.05)
+        else:
+            module.loss.logit_scale.fill_(math.log(30.0))
+            module.loss.logit_bias.fill_(-7.5)
+    export(module, fmt, tmp_path / "out")
+    image, text = encode(module, pixels, CAPTIONS)
+    if fmt == "hf":
+        from transformers import CLIPModel
+
+        exported = CLIPModel.from_pretrained(tmp_path / "out", local_files_only=True)
+        assert exported.logit_scale.item() == pytest.approx(math.log(1 / 0.05))
+    else:
+        exported = open_clip.create_model(f"local-dir:{tmp_path / 'out'}").eval()
+        ids = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'out'}")(CAPTIONS)
+        with torch.no_grad():
+            logits, _ = exported.get_logits(pixels, ids)
+        assert exported.logit_bias.item() == pytest.approx(-7.5)
+        assert max_diff(logits, 30.0 * image @ text.T - 7.5) <= TOLERANCE * 30
+
+
 @pytest.mark.parametrize("override, fmt, message", [
     ("model.text_head.name=mlp", "hf", "text_head is a MLPHead"),
+    ("model.text_head.bias=true", "hf", "text_head is a linear head with a bias"),
     ("model.loss.name=siglip", "hf", "the loss has a logit bias"),
     ("model.vision={name: timm, model_name: resnet10t}", "open_clip", "needs the native clip_vit and clip_text"),
 ])

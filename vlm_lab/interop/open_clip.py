@@ -33,9 +33,10 @@ from vlm_lab.towers.clip_vit import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisio
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
-# What open_clip's own directory loader looks for, in its order of preference.
+# What open_clip's own directory loader prefers; otherwise the directory's only weights file.
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
-                "open_clip_pytorch_model.pth", "model.pt", "checkpoint.pt")
+                "open_clip_pytorch_model.pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 # open_clip's defaults (CLIPVisionCfg / CLIPTextCfg) for the options the native towers implement.
 VISION_DEFAULTS = {"layers": 12, "width": 768, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 16, "image_size": 224}
@@ -170,7 +171,13 @@ def _weight_file(directory: Path) -> Path:
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
             return directory / name
-    raise ConfigError(f"{directory}: no open_clip weights; expected one of {', '.join(WEIGHT_FILES)}")
+    # A training checkpoint (open_clip writes epoch_N.pt), if it is the only candidate.
+    candidates = sorted(p.name for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if len(candidates) == 1:
+        return directory / candidates[0]
+    found = f"found {', '.join(candidates)}" if candidates else "found none"
+    raise ConfigError(f"{directory}: cannot tell the open_clip weights; expected one of {', '.join(WEIGHT_FILES)} "
+                      f"or a single {'/'.join(WEIGHT_SUFFIXES)} file ({found})")
 
 
 def open_clip_to_native(state: dict[str, Tensor]) -> dict[str, Tensor]:
