@@ -114,3 +114,25 @@ def test_inspect_a_shard(tmp_path, capsys):
 def test_inspect_needs_a_caption_data_module(capsys):
     assert main(["data", "inspect", TINY]) == 2
     assert "works with image-caption data modules" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["coco", "flickr8k", "cc3m"])
+def test_data_experiments_are_valid_configs(name):
+    import vlm_lab
+
+    cfg = vlm_lab.load_config(ROOT / "experiments" / f"{name}.yaml")
+    assert cfg.data.name == ("cc3m" if name == "cc3m" else "coco_captions")
+
+
+@needs_shared
+def test_flickr8k_experiment_reads_the_shared_data(monkeypatch):
+    import vlm_lab
+
+    monkeypatch.chdir(ROOT)  # its paths are relative to the repository root, like every experiment's
+    cfg = vlm_lab.load_config("experiments/flickr8k.yaml", overrides=["data.num_workers=0", "data.batch_size=4"])
+    dm = vlm_lab.build_datamodule(cfg, vlm_lab.build_module(cfg))
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and len(batch["input_ids"]) == 20

@@ -1,0 +1,148 @@
+"""Images per second through each data module, against a plain PIL decode loop over the same files.
+
+    python benchmarks/data_throughput.py                 # all datasets, 0/1/2 workers, 224 px
+    python benchmarks/data_throughput.py --images 1024 --size 224 --workers 0 1 2 4
+
+For each dataset it times (after the first batch, so worker start-up is not counted):
+
+- ``PIL decode``: ``Image.open(...).convert("RGB")`` over the same files (shard members for the
+  streaming module), in one process: the cost of decoding alone;
+- the data module's training loader at each worker count: decode, the tower's transform (resize,
+  crop, normalise) and tokenisation of the captions, batched.
+
+Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, read
+repeatedly), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
+img2dataset shards by ``vlm-lab data convert`` (into a temporary folder).
+
+The main process runs torch with one thread, as loader workers do (see ``main``). Timings
+depend on what else runs on the machine: check ``uptime`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlm_lab.data.cc3m import CC3MDataModule  # noqa: E402
+from vlm_lab.data.coco import CocoCaptionsDataModule  # noqa: E402
+from vlm_lab.data.convert import coco_to_shards  # noqa: E402
+from vlm_lab.tokenizer import load_tokenizer  # noqa: E402
+from vlm_lab.towers.base import ImageConfig  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def images_per_second(loader: Iterable[dict], images: int) -> float:
+    """Rate over ``images`` images, epoch after epoch, timed from the end of the first batch."""
+    start, count = None, 0
+    while count < images:
+        for batch in loader:  # persistent workers: later epochs reuse them
+            if start is None:
+                start = time.perf_counter()
+                continue
+            count += len(batch["image_ids"])
+            if count >= images:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def pil_rate(sources: Callable[[], Iterable[bytes | str]], images: int) -> float:
+    start, count = time.perf_counter(), 0
+    while count < images:
+        for source in sources():
+            Image.open(io.BytesIO(source) if isinstance(source, bytes) else source).convert("RGB")
+            count += 1
+            if count >= images:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def shard_images(shards: list[Path]) -> Iterable[bytes]:
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    yield tar.extractfile(member).read()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=768, help="images timed per measurement")
+    parser.add_argument("--size", type=int, default=224, help="the tower's input size")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        print(f"needs the real data at {DATA}", file=sys.stderr)
+        return 2
+
+    # As in DataLoader workers: one intra-op thread. With torch's default (one per core), the
+    # 0-worker loop measures thread-pool contention, not data loading: 20x slower when the cores
+    # are busy. A training process sets its own thread count for the model.
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(None)
+    # OpenAI CLIP's preprocessing at the chosen size: bicubic, short side resize + centre crop.
+    image_config = ImageConfig(size=(args.size, args.size), mean=(0.4815, 0.4578, 0.4082),
+                               std=(0.2686, 0.2613, 0.2758), interpolation="bicubic")
+    common = dict(tokenizer=tokenizer, image_config=image_config, max_length=32, batch_size=args.batch_size)
+    flickr = dict(train_ann=str(DATA / "flickr8k" / "annotations" / "captions_train.json"),
+                  train_images=str(DATA / "flickr8k" / "images"))
+    coco = dict(root=str(DATA / "coco-mini"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = coco_to_shards(flickr["train_ann"], flickr["train_images"], tmp, per="image", shard_size=1000).shards
+        datasets = {
+            "COCO (coco_captions, coco-mini)": (
+                lambda w: CocoCaptionsDataModule(**common, **coco, num_workers=w),
+                lambda dm: [r.path for r in dm.records("train")]),
+            "Flickr8k (coco_captions)": (
+                lambda w: CocoCaptionsDataModule(**common, **flickr, num_workers=w),
+                lambda dm: [r.path for r in dm.records("train")]),
+            "Flickr8k shards (cc3m, webdataset)": (
+                lambda w: CC3MDataModule(**common, train_shards=[str(s) for s in shards], num_workers=w),
+                lambda dm: shard_images(shards)),
+        }
+        rows = []
+        for name, (make, files) in datasets.items():
+            reference = make(0)
+            pil = pil_rate(lambda: files(reference), args.images)
+            rates = {}
+            for workers in args.workers:
+                loader = make(workers).train_dataloader()
+                rates[workers] = images_per_second(loader, args.images)
+                del loader
+                gc.collect()  # stop this loader's workers before the next one forks its own
+                print(f"{name}: {workers} worker(s): {rates[workers]:.0f} images/s", file=sys.stderr)
+            rows.append((name, pil, rates))
+
+    header = "| data module | PIL decode only | " + " | ".join(f"{w} workers" for w in args.workers)
+    if 0 in args.workers and 2 in args.workers:
+        header += " | 2 vs 0 workers"
+    print(f"\n{args.size}px, batch {args.batch_size}, {args.images} images per measurement, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; images/s\n")
+    print(header + " |")
+    print("|---" * (header.count("|")) + "|")
+    for name, pil, rates in rows:
+        cells = [f"{rates[w]:.0f}" for w in args.workers]
+        if 0 in rates and 2 in rates:
+            cells.append(f"{rates[2] / rates[0]:.2f}x")
+        print(f"| {name} | {pil:.0f} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
