@@ -7,9 +7,11 @@ Subclasses (``coco.py``, ``cc3m.py``) only say where a split's data is and how t
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
+import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate
@@ -26,12 +28,12 @@ class CaptionDataModule(L.LightningDataModule):
     """Base of the image-caption data modules (not registered itself)."""
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int, batch_size: int,
-                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int) -> None:
+                 eval_batch_size: int | None, num_workers: int, augment: bool) -> None:
         super().__init__()
         self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.augment, self.seed = num_workers, augment, seed
+        self.num_workers, self.augment = num_workers, augment
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
         self._epochs_without_trainer = 0
         self._train_stream: StreamLoader | None = None
@@ -52,7 +54,8 @@ class CaptionDataModule(L.LightningDataModule):
         """Counts for inspection, e.g. ``{"images": 80, "captions": 400}`` (None: unknown)."""
         raise NotImplementedError
 
-    def transform(self, split: str):
+    def transform(self, split: str) -> Callable[[Image.Image], torch.Tensor]:
+        """The tower's preprocessing, with the random crop in training when ``augment`` is on."""
         return build_transform(self.image_config, augment=self.augment and split == "train")
 
     def collate(self, split: str) -> ImageTextCollate:
@@ -61,6 +64,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     @property
     def decode_size(self) -> tuple[int, int]:
+        """The size JPEGs may be decoded down to (see ``transforms.open_image``)."""
         return decode_size(self.image_config)
 
     # ---------------------------------------------------------------------------------------------

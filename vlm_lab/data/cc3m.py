@@ -57,8 +57,8 @@ class CC3MDataModule(CaptionDataModule):
                  train_samples: int | None = None, val_samples: int | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
-        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment, seed)
-        self.shuffle_buffer = shuffle_buffer
+        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment)
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.samples = {"train": train_samples, "val": val_samples}
         self.urls: dict[str, list[str]] = {}
         self.tables: dict[str, list[Record]] = {}
