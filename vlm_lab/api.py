@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlm_lab import registry
 from vlm_lab.config import to_yaml
 from vlm_lab.errors import ConfigError
+from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.module import VisionLanguageModule
 
 RUNS_DIR = Path("runs")
@@ -50,7 +51,10 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         options["logger"] = CSVLogger(str(run_dir), name="logs")
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                   filename="epoch{epoch:03d}", auto_insert_metric_name=False)
-    callbacks = [MetricsFile(run_dir / "metrics.json")]
+    callbacks: list[Callback] = [MetricsFile(run_dir / "metrics.json")]
+    zeroshot_settings = ZeroShotSettings.from_config(_plain(cfg.get("zeroshot")))
+    if zeroshot_settings.root is not None and zeroshot_settings.every_n_epochs > 0:
+        callbacks.append(ZeroShotCallback(zeroshot_settings))
     if options.get("enable_checkpointing", True):
         callbacks.append(checkpoints)
     return L.Trainer(callbacks=callbacks, **options)
@@ -91,17 +95,38 @@ def test(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | No
 def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str | Path | None) -> dict[str, float]:
     run_dir = _run_dir(cfg, run_dir, resume=False)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if ckpt_path is not None:
-        if not Path(ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-        module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    else:
-        module = build_module(cfg)
+    module = _module_to_evaluate(cfg, ckpt_path)
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
     getattr(trainer, stage)(module, datamodule=datamodule)
     return read_metrics(run_dir)
+
+
+def zeroshot(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Zero-shot top-1/top-5 of a checkpoint (or a fresh module) on the image folder ``cfg.zeroshot.root``.
+
+    Returns ``zeroshot/top1``, ``zeroshot/top5`` (percent), ``zeroshot/images`` and ``zeroshot/classes``,
+    also merged into ``run_dir/metrics.json``.
+    """
+    settings = ZeroShotSettings.from_config(_plain(cfg.zeroshot))
+    if settings.root is None:
+        raise ConfigError("zeroshot.root is not set; give an image folder, e.g. zeroshot.root=../shared/data/cifar10-test")
+    run_dir = _run_dir(cfg, run_dir, resume=False)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = _module_to_evaluate(cfg, ckpt_path)
+    metrics = {f"zeroshot/{key}": value for key, value in zero_shot_accuracy(module, settings).items()}
+    _save_config(cfg, run_dir)
+    (run_dir / "metrics.json").write_text(json.dumps({**read_metrics(run_dir), **metrics}, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def _module_to_evaluate(cfg: DictConfig, ckpt_path: str | None) -> VisionLanguageModule:
+    if ckpt_path is None:
+        return build_module(cfg)
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
+    return VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
 
 
 class MetricsFile(Callback):

@@ -3,6 +3,7 @@
     vlm-lab fit CONFIG... [--run-dir DIR] [--resume] [key=value ...]
     vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
     vlm-lab check CONFIG... [key=value ...]
+    vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for stage, text in [("fit", "train a model"), ("validate", "evaluate on the validation split"),
                         ("test", "evaluate on the test split"),
-                        ("check", "check a config: build the model and the data, train nothing")]:
+                        ("check", "check a config: build the model and the data, train nothing"),
+                        ("zeroshot", "zero-shot classification on an image folder (zeroshot.root=DIR)")]:
         sub = commands.add_parser(stage, help=text, description=text)
         sub.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                          help="YAML files merged left to right, then dotlist overrides")
@@ -149,6 +151,13 @@ def _run_stage(args: argparse.Namespace) -> int:
         print(f"config OK: {cfg.name} builds a {parameters / 1e6:.2f}M-parameter model "
               f"({cfg.model.vision.name} + {cfg.model.text.name}, {cfg.model.loss.name} loss) "
               f"and the {cfg.data.name} data module")
+        return 0
+    if args.stage == "zeroshot":
+        from vlm_lab.eval.zeroshot import format_zeroshot_table
+
+        metrics = vlm_lab.api.zeroshot(cfg, ckpt_path=ckpt_path, run_dir=args.run_dir)
+        print()
+        print(format_zeroshot_table(metrics))
         return 0
     if args.stage == "fit":
         metrics = vlm_lab.fit(cfg, run_dir=args.run_dir, resume=args.resume)

@@ -52,6 +52,16 @@ DEFAULTS: dict[str, Any] = {
         "min_lr_ratio": 0.0,
         "nonfinite_loss": "error",
     },
+    # Zero-shot classification on an image folder (vlm_lab/eval/zeroshot.py); off while root is null.
+    "zeroshot": {
+        "root": None,
+        "classnames": None,
+        "templates": "openai_imagenet",
+        "every_n_epochs": 1,
+        "max_per_class": None,
+        "batch_size": 64,
+        "num_workers": 0,
+    },
     "trainer": {},
 }
 
@@ -81,6 +91,13 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("model", "text_lock", "freeze_bn_stats"): bool,
     ("model", "text_lock", "freeze_layer_norm"): bool,
     ("model", "init_from"): (str, type(None)),
+    ("zeroshot", "root"): (str, type(None)),
+    ("zeroshot", "classnames"): (str, type(None)),
+    ("zeroshot", "templates"): (str, list),
+    ("zeroshot", "every_n_epochs"): int,
+    ("zeroshot", "max_per_class"): (int, type(None)),
+    ("zeroshot", "batch_size"): int,
+    ("zeroshot", "num_workers"): int,
     ("optim", "lr"): float,
     ("optim", "weight_decay"): float,
     ("optim", "betas"): list,
