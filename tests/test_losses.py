@@ -241,6 +241,8 @@ def _global_batch(n=8, dim=6, seed=1):
 def _per_rank_losses(monkeypatch, loss, images, texts, world_size):
     batch = images.shape[0] // world_size
     monkeypatch.setattr(losses, "gather_features", lambda i, t, gather_with_grad=True: (images, texts))
+    # SigLIP gathers the texts alone.
+    monkeypatch.setattr(losses, "all_gather_batch", lambda t, gather_with_grad=True: texts)
     values = []
     for rank in range(world_size):
         monkeypatch.setattr(losses, "world_info", lambda rank=rank: (rank, world_size))

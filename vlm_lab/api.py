@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm_lab import registry
 from vlm_lab.config import to_yaml
+from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.module import VisionLanguageModule
@@ -46,6 +47,12 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     run_dir = Path(run_dir)
     options = _plain(cfg.trainer)
     options.setdefault("default_root_dir", str(run_dir))
+    layout = launcher_layout()
+    if layout is not None:
+        # Under torchrun or SLURM the launcher already fixed the process layout; Lightning insists that
+        # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
+        options.setdefault("devices", layout[0])
+        options.setdefault("num_nodes", layout[1])
     if options.get("logger", True) is True:
         # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
         options["logger"] = CSVLogger(str(run_dir), name="logs")
@@ -78,7 +85,8 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with share_run_dir(run_dir):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return read_metrics(run_dir)
 
 
@@ -99,7 +107,8 @@ def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str |
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    getattr(trainer, stage)(module, datamodule=datamodule)
+    with share_run_dir(run_dir):
+        getattr(trainer, stage)(module, datamodule=datamodule)
     return read_metrics(run_dir)
 
 
@@ -175,13 +184,19 @@ def format_retrieval_table(metrics: dict[str, float], stage: str = "val") -> str
 def _run_dir(cfg: DictConfig, run_dir: str | Path | None, resume: bool) -> Path:
     if run_dir is not None:
         return Path(run_dir)
+    # Every process of a multi-process launch runs this; they must all land in the same directory.
+    inherited = inherited_run_dir()
+    if inherited is not None:
+        return inherited
     base = RUNS_DIR / (cfg.name or "run")
     if resume:
-        previous = sorted(p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").is_file())
+        # Newest by checkpoint time, not by name: launcher-named runs (slurm-123) do not sort by date.
+        previous = sorted((p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()),
+                          key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
         if not previous:
             raise ConfigError(f"--resume: no earlier run with a checkpoint under {base}/; pass --run-dir")
         return previous[-1]
-    return base / time.strftime("%Y%m%d-%H%M%S")
+    return base / (launch_run_id() or time.strftime("%Y%m%d-%H%M%S"))
 
 
 def _save_config(cfg: DictConfig, run_dir: Path) -> None:

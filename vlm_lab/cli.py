@@ -139,6 +139,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         raise ConfigError("give at least one config file, e.g. experiments/quickstart.yaml")
 
     import vlm_lab  # heavy imports only once the arguments are known to be sane
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     from vlm_lab.api import format_retrieval_table
 
     cfg = vlm_lab.load_config(*files, overrides=overrides, allow_import_paths=args.allow_import_paths)
@@ -165,8 +167,9 @@ def _run_stage(args: argparse.Namespace) -> int:
     else:
         metrics = getattr(vlm_lab, args.stage)(cfg, ckpt_path=ckpt_path, run_dir=args.run_dir)
         stage = "val" if args.stage == "validate" else "test"
-    print()
-    print(format_retrieval_table(metrics, stage))
+    if rank_zero_only.rank == 0:  # every process of a multi-process run gets here; one table is enough
+        print()
+        print(format_retrieval_table(metrics, stage))
     return 0
 
 

@@ -1,15 +1,36 @@
-"""Everything the losses need from ``torch.distributed``, kept in one place.
+"""Everything about running on several processes, kept in one place.
 
 Contrastive losses get better with more negatives, so under data parallelism every rank scores its
-batch against the features of all ranks. The losses call :func:`gather_features` and
-:func:`world_info` and contain no other distributed code; on one process both are no-ops.
+batch against the features of all ranks. The losses call :func:`gather_features`,
+:func:`neighbour_exchange`, :func:`scale_gradient` and :func:`world_info` and contain no other
+distributed code; on one process all of them are no-ops.
+
+The rest of the file reads what a launcher (torchrun, SLURM, Lightning's own) tells its processes,
+so that the same YAML runs on one laptop core or on many nodes: :func:`launcher_layout` (how many
+processes per node and how many nodes), :func:`launch_run_id` (a name every process agrees on)
+and :func:`share_run_dir` / :func:`inherited_run_dir` (the run directory Lightning's children use).
+
+Gradient bookkeeping under DDP. DDP *averages* parameter gradients over ranks, so a per-rank loss
+``L_r`` gives the exact gradient of the global loss ``L`` when ``L = mean_r L_r`` and every rank's
+features receive the gradient of *every* rank's ``L_r``. The differentiable gather provides the
+second part (its backward sums over ranks); the losses are written so that the first holds.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from vlm_lab.errors import ConfigError
+
+# Set by the process that launches Lightning's DDP children (see vlm_lab.api); they inherit it.
+RUN_DIR_ENV = "VLM_LAB_RUN_DIR"
 
 
 def world_info() -> tuple[int, int]:
@@ -22,7 +43,15 @@ def world_info() -> tuple[int, int]:
 def gather_features(
     image_features: Tensor, text_features: Tensor, gather_with_grad: bool = True
 ) -> tuple[Tensor, Tensor]:
-    """Concatenate every rank's features along the batch, in rank order: ``[world * batch, dim]``.
+    """Every rank's image and text features, concatenated along the batch in rank order.
+
+    See :func:`all_gather_batch`, which this applies to both.
+    """
+    return all_gather_batch(image_features, gather_with_grad), all_gather_batch(text_features, gather_with_grad)
+
+
+def all_gather_batch(tensor: Tensor, gather_with_grad: bool = True) -> Tensor:
+    """Concatenate every rank's ``tensor`` along dim 0, in rank order: ``[world * batch, ...]``.
 
     All ranks must pass the same batch size (``all_gather`` needs equal shapes, and the losses find
     their positives at ``rank * batch``).
@@ -34,19 +63,14 @@ def gather_features(
     """
     rank, world_size = world_info()
     if world_size == 1:
-        return image_features, text_features
-
+        return tensor
     if gather_with_grad:
-        return _AllGatherWithGrad.apply(image_features), _AllGatherWithGrad.apply(text_features)
-
-    gathered_images = [torch.zeros_like(image_features) for _ in range(world_size)]
-    gathered_texts = [torch.zeros_like(text_features) for _ in range(world_size)]
-    dist.all_gather(gathered_images, image_features)
-    dist.all_gather(gathered_texts, text_features)
+        return _AllGatherWithGrad.apply(tensor)
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor.contiguous())
     # dist.all_gather returns detached copies; the local slot must be the autograd-tracked input.
-    gathered_images[rank] = image_features
-    gathered_texts[rank] = text_features
-    return torch.cat(gathered_images, dim=0), torch.cat(gathered_texts, dim=0)
+    gathered[rank] = tensor
+    return torch.cat(gathered, dim=0)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -55,8 +79,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
     Written out rather than taken from torch: ``torch.distributed.nn.functional.all_gather`` is
     deprecated in recent torch, and its suggested replacement (the private, asynchronous
     ``_functional_collectives.all_gather_single``) leaves unwaited collectives behind when a gathered
-    tensor goes unused, as SigLIP's gathered images do. Backward is an all-reduce, which every
-    backend (gloo included) supports, unlike reduce-scatter.
+    tensor goes unused. Backward is an all-reduce, which every backend (gloo included) supports,
+    unlike reduce-scatter.
     """
 
     @staticmethod
@@ -75,3 +99,137 @@ class _AllGatherWithGrad(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[ctx.rank]
+
+
+def scale_gradient(tensor: Tensor, factor: float) -> Tensor:
+    """``tensor`` unchanged in the forward pass; its gradient multiplied by ``factor`` in backward.
+
+    The loss uses it where each rank already computes the *whole* gradient of the global loss for
+    its own features, so that DDP's division by the world size is undone.
+    """
+    if factor == 1:
+        return tensor
+    return _ScaleGradient.apply(tensor, float(factor))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def neighbour_exchange(tensor: Tensor) -> Tensor:
+    """Send ``tensor`` to the next rank of the ring and return the one received from the previous rank.
+
+    After ``k`` calls that pass on what was received, a rank holds the block of rank ``rank - k``
+    (modulo the world size), so ``world - 1`` calls show every block to every rank, one at a time,
+    without ever holding all of them at once. The backward pass sends gradients the opposite way,
+    so every block receives the gradient of the losses that used it, on whichever rank.
+    All ranks must pass tensors of the same shape.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return tensor
+    return _NeighbourExchange.apply(tensor)
+
+
+def _ring_send_receive(tensor: Tensor, to_rank: int, from_rank: int) -> Tensor:
+    received = torch.empty_like(tensor)
+    # One batch of both operations: a blocking send on every rank at once would deadlock the ring.
+    requests = dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, tensor, to_rank), dist.P2POp(dist.irecv, received, from_rank)]
+    )
+    for request in requests:
+        request.wait()
+    return received
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        rank, world_size = world_info()
+        ctx.next_rank, ctx.previous_rank = (rank + 1) % world_size, (rank - 1) % world_size
+        return _ring_send_receive(tensor.contiguous(), ctx.next_rank, ctx.previous_rank)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # The block came from the previous rank: its gradient goes back there.
+        return _ring_send_receive(grad.contiguous(), ctx.previous_rank, ctx.next_rank)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def launcher_layout() -> tuple[int, int] | None:
+    """``(processes per node, nodes)`` when an external launcher started this process, else None.
+
+    torchrun sets ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE``; SLURM's ``srun`` sets ``SLURM_NTASKS`` and
+    ``SLURM_NNODES``. Lightning checks that ``trainer.devices`` and ``trainer.num_nodes`` match them,
+    so filling them in from here is what lets one YAML run under either launcher unchanged.
+    """
+    # Lightning's own detection, so that we agree with it about which launcher is in charge.
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        return per_node, int(os.environ["WORLD_SIZE"]) // per_node
+    if SLURMEnvironment.detect():
+        nodes = int(os.environ["SLURM_NNODES"])
+        return int(os.environ["SLURM_NTASKS"]) // nodes, nodes
+    return None
+
+
+def launch_run_id() -> str | None:
+    """A name for this launch that every process of it computes alike, or None for a lone process.
+
+    Each process of a multi-process launch runs the whole command, so a run directory named after
+    its own clock could differ between ranks. The launchers give a shared id instead: SLURM's job id,
+    torchrun's rendezvous id (``--rdzv-id``; ``--standalone`` makes one up). Lightning's own DDP
+    launcher re-runs the command in child processes, which inherit the parent's run directory
+    through ``VLM_LAB_RUN_DIR`` (see :func:`vlm_lab.api.fit`); that case is handled there.
+    A multi-process torchrun launch without a rendezvous id has no shared name: ``ConfigError``.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if TorchElasticEnvironment.detect() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if run_id == "none":
+            raise ConfigError(
+                "torchrun started several processes with no shared run name: pass --run-dir DIR "
+                "(run_dir= in Python), or launch with torchrun --standalone or --rdzv-id ID"
+            )
+        return f"torchrun-{run_id}"
+    return None
+
+
+@contextmanager
+def share_run_dir(run_dir: Path) -> Iterator[None]:
+    """While inside, processes started from this one (Lightning's DDP children) use ``run_dir``.
+
+    Lightning's subprocess launcher re-runs the whole command in ``devices - 1`` child processes,
+    copying this process's environment, once ``trainer.fit`` starts. The variable is removed again
+    afterwards, so a later run in the same notebook picks its own directory.
+    """
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def inherited_run_dir() -> Path | None:
+    """The run directory of the process that launched this one (see :func:`share_run_dir`), if any."""
+    value = os.environ.get(RUN_DIR_ENV)
+    return Path(value) if value else None

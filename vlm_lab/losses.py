@@ -15,23 +15,31 @@ Common interface:
   zero would pull the logits towards uniform, so the optimiser leaves these out of weight decay.
 
 Under data parallelism the losses score the local batch against features gathered from every rank
-(see :mod:`vlm_lab.distributed`). Logits and losses are always computed in float32: with bf16 a
-scale of 100 times a similarity near 1 has a rounding step near 0.5, which swamps the differences
-the softmax is meant to separate.
+(see :mod:`vlm_lab.distributed`). Each rank's loss is scaled so that the mean over ranks is the loss
+of the whole global batch, and DDP's averaged gradients are its exact gradient (tested against one
+process in ``tests/test_distributed.py``). Logits and losses are always computed in float32 (or
+float64 for a float64 model), never lower: with bf16 a scale of 100 times a similarity near 1 has a
+rounding step near 0.5, which swamps the differences the softmax is meant to separate.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlm_lab.distributed import gather_features, world_info
+from vlm_lab.distributed import all_gather_batch, gather_features, neighbour_exchange, scale_gradient, world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_loss
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 if it is of a lower precision (fp16, bf16); float64 stays float64."""
+    return tensor.float() if tensor.is_floating_point() and tensor.dtype.itemsize < 4 else tensor
 
 
 def _float32(
@@ -43,7 +51,7 @@ def _float32(
         region = torch.autocast(device_type=device_type, enabled=False)
     else:  # e.g. "meta": no autocast to switch off, and torch.autocast would reject the device
         region = contextlib.nullcontext()
-    return region, image_features.float(), text_features.float()
+    return region, _at_least_float32(image_features), _at_least_float32(text_features)
 
 
 def _contrastive_similarities(
@@ -58,8 +66,14 @@ def _contrastive_similarities(
       positives sit in its own block of columns, hence the ``rank * B`` offset. Each rank computes a
       ``B x world*B`` slice instead of the whole matrix, and the mean over ranks (which DDP's gradient
       averaging takes) equals the global loss.
-    * ``local_loss=False``: every rank computes the full ``world*B x world*B`` matrix. Same loss
-      value, ``world`` times the compute; kept for parity with open_clip.
+    * ``local_loss=False``: every rank computes the full ``world*B x world*B`` matrix, so each rank's
+      loss is already the global loss. ``world`` times the compute; kept for parity with open_clip.
+
+    Gradients are exact (equal to one process on the global batch, after DDP averages them) in
+    every mode with ``gather_with_grad=True``, and in global mode without it: there a rank's own,
+    tracked slot receives the whole gradient of the global loss, which DDP would then divide by
+    ``world``, so it is scaled back up. Local mode without ``gather_with_grad`` is an approximation
+    (a rank's features miss the gradient of the other ranks' rows), as in open_clip.
     """
     rank, world_size = world_info()
     batch = image_features.shape[0]
@@ -68,6 +82,9 @@ def _contrastive_similarities(
         labels = torch.arange(batch, device=image_features.device)
         return sim_per_image, sim_per_image.T, labels
 
+    if not local_loss and not gather_with_grad:
+        image_features = scale_gradient(image_features, world_size)
+        text_features = scale_gradient(text_features, world_size)
     all_images, all_texts = gather_features(image_features, text_features, gather_with_grad)
     if local_loss:
         sim_per_image = image_features @ all_texts.T
@@ -114,7 +131,7 @@ class ClipLoss(nn.Module):
 
     def logit_scale_value(self) -> Tensor:
         """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
-        return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
+        return _at_least_float32(self.logit_scale).clamp(max=math.log(self.max_logit_scale)).exp()
 
     def no_weight_decay(self) -> set[str]:
         return _parameter_names(self)
@@ -165,7 +182,7 @@ class AlignLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     def effective_temperature(self) -> Tensor:
-        return self.temperature.float().clamp(min=self.min_temperature)
+        return _at_least_float32(self.temperature).clamp(min=self.min_temperature)
 
     def logit_scale_value(self) -> Tensor:
         """The multiplier applied to cosine similarities: ``1 / temperature``."""
@@ -196,10 +213,16 @@ class SigLipLoss(nn.Module):
     ``-sum(logsigmoid(label * logits)) / batch``. The bias starts at -10 because almost all pairs
     are negatives; starting at 0 would spend the first steps just learning that.
 
-    Distributed: the local images are scored against the texts gathered from all ranks, with
-    positives only in this rank's block. That is the same loss as open_clip's neighbour exchange,
-    which passes text blocks around the ring instead of all-gathering them to save memory; that is a
-    later optimisation.
+    Distributed, the local images are scored against the texts of every rank, one block of texts
+    per rank, with positives only in this rank's own block. ``exchange`` says how the texts travel:
+
+    * ``"gather"``: one all-gather of all text blocks (``gather_with_grad`` as for CLIP);
+    * ``"neighbour"``: open_clip's neighbour exchange: ``world - 1`` steps round a ring of
+      point-to-point sends, each passing one block on, so a rank never holds all blocks' features
+      at once and the transfers are between neighbours only. Gradients always travel back.
+
+    Both give the same loss and the same (exact) gradients; dividing by the local batch makes the
+    mean over ranks equal to the loss of the global batch.
     """
 
     def __init__(
@@ -207,19 +230,28 @@ class SigLipLoss(nn.Module):
         init_logit_scale: float = math.log(10),
         init_logit_bias: float = -10.0,
         max_logit_scale: float = 100.0,
+        exchange: Literal["gather", "neighbour"] = "gather",
         gather_with_grad: bool = True,
     ) -> None:
         super().__init__()
         if max_logit_scale <= 0:
             raise ConfigError(f"siglip loss: max_logit_scale must be positive, got {max_logit_scale}")
+        if exchange not in ("gather", "neighbour"):
+            raise ConfigError(f"siglip loss: exchange must be 'gather' or 'neighbour', got {exchange!r}")
+        if exchange == "neighbour" and not gather_with_grad:
+            raise ConfigError(
+                "siglip loss: gather_with_grad: false applies to exchange: gather only "
+                "(the neighbour exchange always sends gradients back)"
+            )
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
         self.max_logit_scale = float(max_logit_scale)
+        self.exchange = exchange
         self.gather_with_grad = gather_with_grad
 
     def logit_scale_value(self) -> Tensor:
         """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
-        return self.logit_scale.float().clamp(max=math.log(self.max_logit_scale)).exp()
+        return _at_least_float32(self.logit_scale).clamp(max=math.log(self.max_logit_scale)).exp()
 
     def no_weight_decay(self) -> set[str]:
         return _parameter_names(self)
@@ -227,12 +259,26 @@ class SigLipLoss(nn.Module):
     def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
         region, image_features, text_features = _float32(image_features, text_features)
         with region:
-            rank, _ = world_info()
-            batch = image_features.shape[0]
-            # Only the texts are needed; the gathered images are dropped (one all-gather wasted).
-            _, all_texts = gather_features(image_features, text_features, self.gather_with_grad)
-            logits = self.logit_scale_value() * image_features @ all_texts.T + self.logit_bias.float()
-            labels = -torch.ones_like(logits)
-            positives = torch.arange(batch, device=logits.device)
-            labels[positives, positives + rank * batch] = 1.0
-            return -F.logsigmoid(labels * logits).sum() / batch
+            rank, world_size = world_info()
+            if self.exchange == "neighbour":
+                # Start with this rank's own texts; step k holds the block of rank (rank - k) mod world.
+                total = self._block_loss(image_features, text_features, positives=True)
+                texts = text_features
+                for _ in range(world_size - 1):
+                    texts = neighbour_exchange(texts)
+                    total = total + self._block_loss(image_features, texts, positives=False)
+            else:
+                blocks = all_gather_batch(text_features, self.gather_with_grad).chunk(world_size)
+                total = sum(
+                    self._block_loss(image_features, block, positives=owner == rank)
+                    for owner, block in enumerate(blocks)
+                )
+            return total / image_features.shape[0]
+
+    def _block_loss(self, image_features: Tensor, text_features: Tensor, positives: bool) -> Tensor:
+        """``-sum(logsigmoid(label * logits))`` of local images against one rank's block of texts."""
+        logits = self.logit_scale_value() * image_features @ text_features.T + _at_least_float32(self.logit_bias)
+        labels = -torch.ones_like(logits)
+        if positives:  # the block of this rank's own texts: row i matches column i
+            labels.diagonal().fill_(1.0)
+        return -F.logsigmoid(labels * logits).sum()

@@ -193,10 +193,12 @@ class VisionLanguageModule(L.LightningModule):
         outputs = _gather_and_deduplicate(outputs)
         metrics = retrieval_metrics(outputs["image_features"], outputs["text_features"], outputs["text_to_image"])
         chance = chance_levels(outputs["text_to_image"], len(outputs["image_features"]), (1, 5, 10))
+        # Every rank scored the same gathered features, so the values agree and syncing them (a mean)
+        # changes nothing; it is what Lightning expects of epoch-level metrics under DDP.
         for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key.endswith("R@1"), rank_zero_only=True)
+            self.log(f"{stage}/{key}", value, prog_bar=key.endswith("R@1"), sync_dist=True)
         for key, value in chance.items():
-            self.log(f"{stage}/chance_{key}", value, rank_zero_only=True)
+            self.log(f"{stage}/chance_{key}", value, sync_dist=True)
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
