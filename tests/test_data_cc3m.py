@@ -221,6 +221,20 @@ def test_bad_configs_say_what_is_wrong(tokenizer, tmp_path):
         remote.dataset("train")
     with pytest.raises(ConfigError, match="no val split"):
         remote.val_dataloader()
+    too_few = datamodule(tokenizer, train_shards=str(tmp_path / "00000.tar"), train_samples=3, batch_size=4)
+    with pytest.raises(ConfigError, match="3 sample.* leave rank 0 of 1 nothing to read; it needs at least batch_size=4"):
+        too_few.train_dataloader()
+
+
+def test_a_truncated_shard_is_read_up_to_the_damage(tokenizer, tmp_path):
+    write_shard(tmp_path / "00000.tar", good_samples(0, 6))
+    write_shard(tmp_path / "00001.tar", good_samples(1, 4))
+    data = (tmp_path / "00000.tar").read_bytes()
+    (tmp_path / "00000.tar").write_bytes(data[: len(data) // 2])  # cut inside the fourth sample or so
+    dm = datamodule(tokenizer, val_shards=str(tmp_path / "{00000..00001}.tar"), batch_size=5)
+    seen = set(ids_of(read_epoch(dm, "val", 1)[0]))
+    assert {10000, 10001, 10002, 10003} <= seen and {0, 1} <= seen and not seen & {4, 5}
+    assert dm.bad_samples["val"].take().get("unreadable shard data", 0) >= 1
 
 
 def test_the_command_line_prints_a_bad_shard_list_as_one_line(capsys):

@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from vlm_lab.data.base import CaptionDataModule
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples, read_caption_table
-from vlm_lab.data.shards import ShardStream, expand_shards, image_member, key_to_id, sample_captions, shard_sample_count
+from vlm_lab.data.shards import (ShardStream, expand_shards, image_member, key_to_id, sample_captions,
+                                 shard_sample_count, skip_and_count)
 from vlm_lab.data.transforms import open_image
 from vlm_lab.distributed import world_info
 from vlm_lab.errors import ConfigError
@@ -114,14 +115,17 @@ class CC3MDataModule(CaptionDataModule):
         if split in self.tables:
             yield from raw_samples(self.tables[split])
             return
-        for raw in wds.tarfile_samples([{"url": url} for url in self.urls[split]], handler=wds.warn_and_continue):
-            where = f"{raw.get('__url__')} key {raw.get('__key__')}"
-            image_bytes, captions = image_member(raw), sample_captions(raw)
-            if image_bytes is None or isinstance(captions, str):
-                self.bad_samples[split].record("missing image" if image_bytes is None else captions, where)
-                continue
-            # Decoded only when asked: caption statistics need no pixels.
-            yield RawSample(tuple(captions), key_to_id(raw["__key__"]), where, lambda data=image_bytes: open_image(data))
+        bad = self.bad_samples[split]
+        for url in self.urls[split]:
+            for raw in wds.tarfile_samples([{"url": url}], handler=skip_and_count(bad, url)):
+                where = f"{url} key {raw.get('__key__')}"
+                image_bytes, captions = image_member(raw), sample_captions(raw)
+                if image_bytes is None or isinstance(captions, str):
+                    bad.record("missing image" if image_bytes is None else captions, where)
+                    continue
+                # Decoded only when asked: caption statistics need no pixels.
+                yield RawSample(tuple(captions), key_to_id(raw["__key__"]), where,
+                                lambda data=image_bytes: open_image(data))
 
     def split_summary(self, split: str) -> dict[str, int | None]:
         self._check_split(split)

@@ -188,8 +188,10 @@ class ShardStream(IterableDataset):
         self.assignment = assign_shards(len(urls), world_size * self.num_workers)
         self.quotas = self._quotas()
         if sum(self.quotas) == 0:
-            raise ConfigError(f"{split}: no samples for rank {rank} (shards: {urls[0]}...); "
-                              f"a training rank needs at least batch_size={batch_size} samples")
+            total = samples_per_epoch if samples_per_epoch is not None else sum(counts or [])
+            need = f"at least batch_size={batch_size} per rank in training" if self.train else "at least one"
+            raise ConfigError(f"{split}: {total} sample(s) in {len(urls)} shard(s) leave rank {rank} of {world_size} "
+                              f"nothing to read; it needs {need}")
         # Shared memory: the workers read the epoch the main process sets before each pass.
         self._epoch = multiprocessing.Value("q", 0)
 
@@ -277,12 +279,7 @@ class ShardStream(IterableDataset):
                     yield sample
 
     def _handler(self, url: str, count_bad: bool) -> Callable[[Exception], bool]:
-        def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
-            if count_bad:
-                self.bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
-            return True
-
-        return skip
+        return skip_and_count(self.bad, url) if count_bad else (lambda error: True)
 
     def _decode(self, raw: dict[str, Any], count_bad: bool) -> dict[str, Any] | None:
         sample = decode_sample(raw, self.decode_size)
@@ -293,6 +290,16 @@ class ShardStream(IterableDataset):
         image = sample.pop("image")
         sample["pixel_values"] = self.transform(image)
         return sample
+
+
+def skip_and_count(bad: BadSampleCounter, url: str) -> Callable[[Exception], bool]:
+    """A webdataset error handler that counts the error as a bad sample and carries on."""
+
+    def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
+        bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
+        return True
+
+    return skip
 
 
 def image_member(raw: dict[str, Any]) -> bytes | None:
