@@ -200,19 +200,27 @@ def open_clip_to_native(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return native
 
 
-def _block_to_native(key: str, value: Tensor) -> dict[str, Tensor]:
-    for prefix, native_prefix in _TOWERS.items():
+def _split_block_key(key: str, towers: dict[str, str]) -> tuple[str, str, str] | None:
+    """``(block prefix on the other side, module, parameter)`` for a transformer-block key, else None."""
+    for prefix, other_prefix in towers.items():
         match = re.fullmatch(re.escape(prefix) + r"(\d+)\.(.+)\.(\w+)", key)
-        if match is None:
-            continue
-        layer, module, parameter = match.groups()
-        base = f"{native_prefix}{layer}."
-        if module == "attn" and parameter in ("in_proj_weight", "in_proj_bias"):
-            kind = "weight" if parameter == "in_proj_weight" else "bias"
-            q, k, v = value.chunk(3, dim=0)  # nn.MultiheadAttention stacks q, k, v in this order
-            return {f"{base}self_attn.{name}_proj.{kind}": part.contiguous() for name, part in zip("qkv", (q, k, v))}
-        if module in _BLOCK_RENAMES:
-            return {f"{base}{_BLOCK_RENAMES[module]}.{parameter}": value}
+        if match is not None:
+            layer, module, parameter = match.groups()
+            return f"{other_prefix}{layer}.", module, parameter
+    return None
+
+
+def _block_to_native(key: str, value: Tensor) -> dict[str, Tensor]:
+    parts = _split_block_key(key, _TOWERS)
+    if parts is None:
+        return {key: value}
+    base, module, parameter = parts
+    if module == "attn" and parameter in ("in_proj_weight", "in_proj_bias"):
+        kind = "weight" if parameter == "in_proj_weight" else "bias"
+        q, k, v = value.chunk(3, dim=0)  # nn.MultiheadAttention stacks q, k, v in this order
+        return {f"{base}self_attn.{name}_proj.{kind}": part.contiguous() for name, part in zip("qkv", (q, k, v))}
+    if module in _BLOCK_RENAMES:
+        return {f"{base}{_BLOCK_RENAMES[module]}.{parameter}": value}
     return {key: value}
 
 
@@ -240,21 +248,19 @@ def native_to_open_clip(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _block_to_open_clip(key: str, value: Tensor, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    parts = _split_block_key(key, {native: open for open, native in _TOWERS.items()})
+    if parts is None:
+        return {key: value}
+    base, module, parameter = parts
+    if module in ("self_attn.k_proj", "self_attn.v_proj"):
+        return {}  # joined with q below
+    if module == "self_attn.q_proj":
+        name = "in_proj_weight" if parameter == "weight" else "in_proj_bias"
+        stacked = [state[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
+        return {f"{base}attn.{name}": torch.cat(stacked, dim=0)}
     block_renames = {native: open for open, native in _BLOCK_RENAMES.items()}
-    for open_prefix, native_prefix in _TOWERS.items():
-        match = re.fullmatch(re.escape(native_prefix) + r"(\d+)\.(.+)\.(\w+)", key)
-        if match is None:
-            continue
-        layer, module, parameter = match.groups()
-        base = f"{open_prefix}{layer}."
-        if module in ("self_attn.k_proj", "self_attn.v_proj"):
-            return {}  # joined with q below
-        if module == "self_attn.q_proj":
-            name = "in_proj_weight" if parameter == "weight" else "in_proj_bias"
-            parts = [state[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
-            return {f"{base}attn.{name}": torch.cat(parts, dim=0)}
-        if module in block_renames:
-            return {f"{base}{block_renames[module]}.{parameter}": value}
+    if module in block_renames:
+        return {f"{base}{block_renames[module]}.{parameter}": value}
     return {key: value}
 
 
