@@ -4,11 +4,11 @@ export trained models back (``vlm-lab export``).
 
 One file per concern: ``checkpoint.py`` (a checkpoint directory in vlm-lab terms, checked loading),
 ``hf_clip.py`` and ``open_clip.py`` (each format both ways), ``pretrained.py`` (loading into towers
-and modules), ``parts.py`` (a trained module as plain numbers), ``export.py`` (the command).
+and modules), ``parts.py`` (a trained module as plain numbers), ``exporting.py`` (``vlm-lab export``).
 """
 
 from vlm_lab.interop.checkpoint import ClipCheckpoint, read_clip_checkpoint
-from vlm_lab.interop.export import export, load_module
+from vlm_lab.interop.exporting import export, load_module
 from vlm_lab.interop.open_clip import clip_tokenizer_from_bpe
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 
