@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlm_lab import registry
 from vlm_lab.config import to_yaml
 from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
+from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.module import VisionLanguageModule
@@ -59,6 +60,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
                                   filename="epoch{epoch:03d}", auto_insert_metric_name=False)
     callbacks: list[Callback] = [MetricsFile(run_dir / "metrics.json")]
+    cache_settings = CacheSettings.from_config(_plain(cfg.get("embedding_cache")))
+    if cache_settings.enabled:
+        callbacks.append(LockedTowerCache(cache_settings))  # acts only when the vision tower is fully locked
     zeroshot_settings = ZeroShotSettings.from_config(_plain(cfg.get("zeroshot")))
     if zeroshot_settings.root is not None and zeroshot_settings.every_n_epochs > 0:
         callbacks.append(ZeroShotCallback(zeroshot_settings))

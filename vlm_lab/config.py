@@ -62,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 64,
         "num_workers": 0,
     },
+    # The locked-tower embedding cache (vlm_lab/embedding_cache.py).
+    "embedding_cache": {"enabled": True, "storage": "memory", "dir": None, "tokens": False,
+                        "batch_size": 64, "num_workers": 0},
     "trainer": {},
 }
 
@@ -98,6 +101,12 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("zeroshot", "max_per_class"): (int, type(None)),
     ("zeroshot", "batch_size"): int,
     ("zeroshot", "num_workers"): int,
+    ("embedding_cache", "enabled"): bool,
+    ("embedding_cache", "storage"): str,
+    ("embedding_cache", "dir"): (str, type(None)),
+    ("embedding_cache", "tokens"): bool,
+    ("embedding_cache", "batch_size"): int,
+    ("embedding_cache", "num_workers"): int,
     ("optim", "lr"): float,
     ("optim", "weight_decay"): float,
     ("optim", "betas"): list,
@@ -110,6 +119,7 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
 # Settings that take one of a few words.
 CHOICES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("optim", "nonfinite_loss"): ("error", "skip"),
+    ("embedding_cache", "storage"): ("memory", "disk"),
 }
 
 

@@ -68,6 +68,12 @@ class VisionLanguageModule(L.LightningModule):
         features = self.vision_head(self.vision_tower_output(pixel_values).pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_batch_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A batch's image embeddings, from its pixels or from the locked tower's cached outputs."""
+        if "vision_pooled" in batch:  # served by the embedding cache (vlm_lab/embedding_cache.py)
+            return F.normalize(self.vision_head(batch["vision_pooled"]), dim=-1)
+        return self.encode_image(batch["pixel_values"])
+
     def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """Captions (strings, or token ids with their mask) -> ``[T, embed_dim]`` text embeddings."""
@@ -110,7 +116,7 @@ class VisionLanguageModule(L.LightningModule):
                 parts.apply_eval_mode()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        image_features = self.encode_image(batch["pixel_values"])
+        image_features = self.encode_batch_images(batch)
         text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
         loss = self.loss(image_features, text_features)
         if not torch.isfinite(loss):
@@ -170,7 +176,7 @@ class VisionLanguageModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        image_features = self.encode_image(batch["pixel_values"])
+        image_features = self.encode_batch_images(batch)
         text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
         owners = batch["text_image_index"]
         first_caption = _first_caption_positions(owners, len(image_features))

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate
 from vlm_lab.data.health import BadSampleCounter, attach_report
-from vlm_lab.data.records import RawSample
+from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
 from vlm_lab.data.transforms import build_transform, decode_size
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.towers.base import ImageConfig
 
 SPLITS = ("train", "val", "test")
@@ -37,6 +38,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
         self._epochs_without_trainer = 0
         self._train_stream: StreamLoader | None = None
+        # The locked-tower embedding cache (vlm_lab/embedding_cache.py): caches by split, and the
+        # map-style dataset each split's loader serves (Lightning builds the training loader early).
+        self.embedding_caches: dict[str, EmbeddingCache] = {}
+        self._served: dict[str, CaptionedImages] = {}
         self._resumed_epoch: int | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -97,8 +102,24 @@ class CaptionDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_epoch = state_dict.get("next_epoch")
 
+    def cacheable_images(self, split: str) -> CaptionedImages | None:
+        """The split's images for the embedding cache: map-style and not augmented, else None."""
+        if self.augment and split == "train":
+            return None
+        dataset = self.dataset(split)
+        return dataset if isinstance(dataset, CaptionedImages) else None
+
+    def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
+        """The split's map-style datasets, served already or later, hand out the cache's rows."""
+        self.embedding_caches[split] = cache
+        if split in self._served:
+            self._served[split].embeddings = cache
+
     def _loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)
+        if isinstance(dataset, CaptionedImages):
+            dataset.embeddings = self.embedding_caches.get(split)
+            self._served[split] = dataset
         persistent = self.num_workers > 0
         training = split == "train"
         if isinstance(dataset, ShardStream):

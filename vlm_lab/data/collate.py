@@ -8,6 +8,9 @@ A sample is ``{"pixel_values": Tensor[3, H, W], "captions": list[str], "image_id
     text_image_index   [T]      which image of the batch each caption describes
     image_ids          [B]      dataset-wide image ids (to de-duplicate across ranks)
 
+A data set serving the locked-tower embedding cache (``vlm_lab/embedding_cache.py``) gives
+``vision_pooled [B, D]`` (and ``vision_tokens [B, S, D]``) in place of ``pixel_values``.
+
 Training batches carry one caption per image (T == B, drawn at random), so the contrastive targets
 are the diagonal. Evaluation batches carry every caption, for multi-caption retrieval.
 """
@@ -37,6 +40,10 @@ def image_to_tensor(image: Image.Image, config: ImageConfig) -> torch.Tensor:
     return (array - mean) / std
 
 
+# What a sample may carry for its image: pixels, or a locked tower's cached outputs.
+IMAGE_KEYS = ("pixel_values", "vision_pooled", "vision_tokens")
+
+
 class ImageTextCollate:
     """Stack images and tokenise captions with dynamic padding (see the module docstring)."""
 
@@ -53,7 +60,7 @@ class ImageTextCollate:
         tokens = self.tokenizer(captions, padding=True, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
         return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            **{key: torch.stack([s[key] for s in samples]) for key in IMAGE_KEYS if key in samples[0]},
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "text_image_index": torch.tensor(owners, dtype=torch.long),

@@ -11,6 +11,7 @@ duplicates an image already in the split; retrieval drops duplicates by image id
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset
 
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.transforms import open_image
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 
 
@@ -60,6 +62,8 @@ class CaptionedImages(Dataset):
             [(r, c) for r, record in enumerate(records) for c in range(max(1, len(record.captions)))]
             if per_caption else [(r, None) for r in range(len(records))]
         )
+        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
+        self.embeddings: EmbeddingCache | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -84,6 +88,13 @@ class CaptionedImages(Dataset):
         problem, image = None, None
         if not captions:
             problem = "empty caption" if record.captions else "missing caption"
+        elif self.embeddings is not None:  # the locked tower's cached outputs stand in for the image
+            cached = self.embeddings.lookup(record_index)
+            if cached is not None:
+                return {**cached, "captions": captions, "image_id": record.image_id}
+            # The image was unusable when the cache was filled: count it as an uncached epoch would.
+            problem = "undecodable image" if Path(record.path).exists() else "missing image"
+            where = record.path
         else:
             try:
                 image = open_image(record.path, self.decode_size)
@@ -96,6 +107,23 @@ class CaptionedImages(Dataset):
                 self.bad.record(problem, where if problem == "undecodable image" else record.path)
             return None
         return {"pixel_values": self.transform(image), "captions": captions, "image_id": record.image_id}
+
+
+    # The embedding cache's interface (vlm_lab/embedding_cache.py): one cache row per record.
+
+    def image_rows(self) -> int:
+        return len(self.records)
+
+    def image_identity(self) -> str:
+        files = hashlib.sha1("\n".join(f"{r.path}\t{r.image_id}" for r in self.records).encode()).hexdigest()
+        return f"captioned_images {len(self.records)} files {files} decode_size={self.decode_size} {self.transform}"
+
+    def image_row_pixels(self, row: int) -> torch.Tensor | None:
+        """The transformed image of record ``row``; None when unusable (counted when the row is served)."""
+        try:
+            return self.transform(open_image(self.records[row].path, self.decode_size))
+        except Exception:  # missing or broken: _load counts it each epoch, as without the cache
+            return None
 
 
 def raw_samples(records: list[Record]) -> Iterator[RawSample]:

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, image_to_tensor
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
 
@@ -172,29 +173,51 @@ class SyntheticShapes(Dataset):
         return self.pool[index]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.image(index), **self.text(index)}
+
+    def text(self, index: int) -> dict[str, Any]:
+        """Item ``index`` without its image: ``{"captions", "image_id"}``."""
         if not 0 <= index < self.size:
             raise IndexError(f"{self.split} has {self.size} samples; index {index} is out of range")
-        composition = self.composition(index)
-        rng = random.Random(f"{self.seed}-{self.split}-{index}")
-        captions = composition.captions()
-        return {
-            "image": render(composition, self.image_size, rng),
-            "captions": captions if self.paraphrases else captions[:1],
-            "image_id": index,
-        }
+        captions = self.composition(index).captions()
+        return {"captions": captions if self.paraphrases else captions[:1], "image_id": index}
+
+    def image(self, index: int) -> Image.Image:
+        """The image of item ``index`` (the same on every call)."""
+        return render(self.composition(index), self.image_size, random.Random(f"{self.seed}-{self.split}-{index}"))
 
 
 class _Transformed(Dataset):
-    def __init__(self, dataset: Dataset, image_config: ImageConfig) -> None:
+    """The tower-ready samples of a ``SyntheticShapes``; cacheable (``vlm_lab/embedding_cache.py``).
+
+    With ``embeddings`` set, items carry the cached tower outputs of their image instead of pixels,
+    and the image is never drawn.
+    """
+
+    def __init__(self, dataset: SyntheticShapes, image_config: ImageConfig) -> None:
         self.dataset, self.image_config = dataset, image_config
+        self.embeddings: EmbeddingCache | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = dict(self.dataset[index])
-        sample["pixel_values"] = image_to_tensor(sample.pop("image"), self.image_config)
-        return sample
+        if self.embeddings is not None:
+            cached = self.embeddings.lookup(index)
+            if cached is not None:
+                return {**cached, **self.dataset.text(index)}
+        return {"pixel_values": self.image_row_pixels(index), **self.dataset.text(index)}
+
+    def image_rows(self) -> int:
+        return len(self.dataset)
+
+    def image_identity(self) -> str:
+        d = self.dataset
+        return (f"synthetic_shapes/{d.split} size={d.size} image_size={d.image_size} seed={d.seed} "
+                f"pool={len(d.pool)} {self.image_config}")
+
+    def image_row_pixels(self, row: int) -> torch.Tensor:
+        return image_to_tensor(self.dataset.image(row), self.image_config)
 
 
 @register_datamodule("synthetic_shapes")
@@ -224,19 +247,35 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.holdout_fraction, self.paraphrases = holdout_fraction, paraphrases
+        self.embedding_caches: dict[str, EmbeddingCache] = {}
+        self._datasets: dict[str, _Transformed] = {}
 
-    def dataset(self, split: str) -> Dataset:
+    def cacheable_images(self, split: str) -> _Transformed:
+        """Every split is deterministic (no augmentation), so every split can be cached."""
+        return self.dataset(split)
+
+    def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
+        """The split's datasets, built already (Lightning builds the training loader early) or later,
+        serve the cache's rows instead of drawing images."""
+        self.embedding_caches[split] = cache
+        if split in self._datasets:
+            self._datasets[split].embeddings = cache
+
+    def dataset(self, split: str) -> _Transformed:
         height, width = self.image_config.size
         if height != width:
             raise ValueError(f"synthetic_shapes draws square images; the tower wants {height}x{width}")
         raw = SyntheticShapes(split, self.sizes[split], height, self.seed,
                               self.holdout_fraction, self.paraphrases)
-        return _Transformed(raw, self.image_config)
+        dataset = _Transformed(raw, self.image_config)
+        dataset.embeddings = self.embedding_caches.get(split)
+        return dataset
 
     def _loader(self, split: str) -> DataLoader:
         training = split == "train"
+        dataset = self._datasets[split] = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=training,
             drop_last=training,  # contrastive batches of one sample carry no signal

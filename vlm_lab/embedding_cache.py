@@ -1,0 +1,356 @@
+"""The locked-tower embedding cache: a fully locked vision tower's outputs, computed once per image.
+
+In LiT the image tower never changes, so with deterministic preprocessing (no augmentation) its
+output for an image is the same in every epoch. When a fit starts, :class:`LockedTowerCache` (a
+callback that ``vlm_lab.api.build_trainer`` adds) runs the locked tower once over every image of the
+train and val splits and stores the pooled outputs (and the token outputs when ``tokens: true``).
+From then on those splits' datasets hand out the stored rows instead of images: no decoding, no
+resizing, no vision forward pass, so an epoch costs about what the text tower alone costs.
+
+The cache is keyed by the images (the dataset's own description of which images sit in which row
+and how they are transformed), the tower (a hash of its weights) and what is stored. It lives in
+memory (per process) or in ``.npy`` files on disk that later runs with the same key reuse; a sweep of
+LiT runs computes the image embeddings once.
+
+The interface with data (what a data module implements to take part)::
+
+    datamodule.cacheable_images(split) -> CacheableImages | None   # None: not deterministic, or unsupported
+    datamodule.use_embedding_cache(split, cache)                    # datasets built after this serve rows
+
+A ``CacheableImages`` dataset has ``image_rows()``, ``image_identity()``, ``image_row_pixels(row)``
+and an ``embeddings`` attribute: when set, its items carry ``vision_pooled`` (and ``vision_tokens``)
+from ``embeddings.lookup(row)`` in place of ``pixel_values``. The collate function stacks whichever
+of these keys the samples have, and the module uses ``vision_pooled`` when a batch has it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.towers.base import TowerOutput
+
+log = logging.getLogger(__name__)
+
+# Row states in the cache's ``state`` array.
+MISSING, FILLED, UNUSABLE = 0, 1, 2
+
+
+class CacheableImages(Protocol):
+    """A map-style dataset whose images a locked tower's stored outputs can stand in for."""
+
+    embeddings: "EmbeddingCache | None"
+
+    def image_rows(self) -> int:
+        """How many distinct images (cache rows) the dataset shows."""
+
+    def image_identity(self) -> str:
+        """Which image sits in which row and how it is transformed: equal strings, equal pixels."""
+
+    def image_row_pixels(self, row: int) -> torch.Tensor | None:
+        """The transformed image of a row, or None when it cannot be used (counted as bad when served)."""
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The ``embedding_cache`` config section.
+
+    Attributes:
+        enabled: cache a fully locked vision tower's outputs on splits with deterministic images.
+        storage: ``memory`` (each process its own copy) or ``disk`` (``.npy`` files, shared by runs).
+        dir: the disk cache's folder (default ``$XDG_CACHE_HOME/vlm-lab/embeddings``, else
+            ``~/.cache/vlm-lab/embeddings``).
+        tokens: also store the token outputs (for heads that attend to them; large).
+        batch_size, num_workers: the loader that fills the cache.
+    """
+
+    enabled: bool = True
+    storage: str = "memory"
+    dir: str | None = None
+    tokens: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any] | None) -> "CacheSettings":
+        section = dict(section or {})
+        valid = [f.name for f in fields(cls)]
+        for key in section:
+            if key not in valid:
+                raise ConfigError(f"unknown key embedding_cache.{key!r}.{did_you_mean(key, valid)} "
+                                  f"Valid keys: {', '.join(valid)}")
+        settings = cls(**section)
+        if settings.storage not in ("memory", "disk"):
+            raise ConfigError(f"embedding_cache.storage={settings.storage!r} is not one of 'memory', 'disk'"
+                              f"{did_you_mean(settings.storage, ('memory', 'disk'))}")
+        return settings
+
+    def directory(self) -> Path:
+        if self.dir is not None:
+            return Path(self.dir)
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        return Path(base) / "vlm-lab" / "embeddings"
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+
+
+class EmbeddingCache:
+    """Rows of stored tower outputs (``pooled`` ``[rows, dim]``, optionally ``tokens``) and their states.
+
+    In memory the arrays are shared-memory tensors, so DataLoader workers read them without copies;
+    on disk they are ``.npy`` files under ``folder``, memory-mapped afresh in each process (a worker
+    re-opens them rather than receive a pickled copy).
+    """
+
+    def __init__(self, key: str, rows: int, pooled_shape: tuple[int, ...], tokens_shape: tuple[int, ...] | None,
+                 folder: Path | None) -> None:
+        self.key, self.rows, self.folder = key, rows, folder
+        self.shapes = {"pooled": (rows, *pooled_shape), "state": (rows,)}
+        if tokens_shape is not None:
+            self.shapes["tokens"] = (rows, *tokens_shape)
+        self._arrays: dict[str, torch.Tensor] | None = None
+        self._maps: dict[str, np.memmap] = {}
+        if folder is None:
+            self._arrays = {name: torch.zeros(shape, dtype=torch.uint8 if name == "state" else torch.float32)
+                            .share_memory_() for name, shape in self.shapes.items()}
+
+    @property
+    def arrays(self) -> dict[str, torch.Tensor]:
+        if self._arrays is None:
+            assert self.folder is not None
+            self._maps = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+") for name in self.shapes}
+            self._arrays = {name: torch.from_numpy(array) for name, array in self._maps.items()}
+        return self._arrays
+
+    def reopen(self) -> None:
+        """Forget the memory maps; the next access maps the files again (another process wrote them)."""
+        if self.folder is not None:
+            self._arrays, self._maps = None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.folder is not None:
+            state["_arrays"], state["_maps"] = None, {}  # memory maps are re-opened, not pickled
+        return state
+
+    def create_files(self) -> None:
+        """Create the ``.npy`` files (all rows missing) unless they exist with the expected shapes."""
+        assert self.folder is not None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, shape in self.shapes.items():
+            path = self.folder / f"{name}.npy"
+            if path.is_file() and np.load(path, mmap_mode="r").shape == shape:
+                continue
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8 if name == "state" else np.float32,
+                                              shape=shape)
+            array.flush()
+            del array
+
+    def missing_rows(self) -> list[int]:
+        return torch.nonzero(self.arrays["state"] == MISSING).flatten().tolist()
+
+    def counts(self) -> dict[str, int]:
+        state = self.arrays["state"]
+        return {"filled": int((state == FILLED).sum()), "unusable": int((state == UNUSABLE).sum()),
+                "missing": int((state == MISSING).sum())}
+
+    def store(self, rows: torch.Tensor, output: TowerOutput) -> None:
+        arrays = self.arrays
+        arrays["pooled"][rows] = output.pooled.detach().float().cpu()
+        if "tokens" in arrays:
+            arrays["tokens"][rows] = output.tokens.detach().float().cpu()
+        arrays["state"][rows] = FILLED
+
+    def mark_unusable(self, rows: list[int]) -> None:
+        if rows:
+            self.arrays["state"][torch.tensor(rows)] = UNUSABLE
+
+    def flush(self) -> None:
+        for array in self._maps.values():
+            array.flush()
+
+    def lookup(self, row: int) -> dict[str, torch.Tensor] | None:
+        """A row's stored outputs as sample entries (``vision_pooled``...), or None if unusable."""
+        arrays = self.arrays
+        if int(arrays["state"][row]) != FILLED:
+            return None
+        sample = {"vision_pooled": arrays["pooled"][row].clone()}
+        if "tokens" in arrays:
+            sample["vision_tokens"] = arrays["tokens"][row].clone()
+        return sample
+
+
+def tower_fingerprint(tower: torch.nn.Module) -> str:
+    """A hash of a tower's class and weights: equal hashes, equal outputs for equal inputs."""
+    digest = hashlib.sha1(f"{type(tower).__module__}.{type(tower).__qualname__}".encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(image_identity: str, tower_hash: str, tokens: bool) -> str:
+    description = json.dumps({"images": image_identity, "tower": tower_hash,
+                              "outputs": ["pooled", "tokens"] if tokens else ["pooled"], "dtype": "float32"})
+    return hashlib.sha1(description.encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------------
+# Filling
+
+
+class _MissingRows(Dataset):
+    def __init__(self, images: CacheableImages, rows: list[int]) -> None:
+        self.images, self.rows = images, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
+        row = self.rows[index]
+        return row, self.images.image_row_pixels(row)
+
+
+def _collate_rows(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    usable = [(row, pixels) for row, pixels in items if pixels is not None]
+    unusable = [row for row, pixels in items if pixels is None]
+    if not usable:
+        return torch.empty(0, dtype=torch.long), None, unusable
+    return torch.tensor([row for row, _ in usable]), torch.stack([p for _, p in usable]), unusable
+
+
+def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch.Tensor], TowerOutput],
+         device: torch.device, batch_size: int, num_workers: int) -> int:
+    """Run ``encode`` over the cache's missing rows and store the outputs; return how many it encoded.
+
+    The loader draws its worker seeds from a generator of its own, so filling the cache leaves the
+    global random state (and with it the training data order) as it was.
+    """
+    missing = cache.missing_rows()
+    if not missing:
+        return 0
+    loader = DataLoader(_MissingRows(images, missing), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_rows, generator=torch.Generator().manual_seed(0))
+    encoded = 0
+    for rows, pixels, unusable in loader:
+        cache.mark_unusable(unusable)
+        if pixels is not None:
+            cache.store(rows, encode(pixels.to(device)))
+            encoded += len(rows)
+    return encoded
+
+
+def open_cache(images: CacheableImages, tower: torch.nn.Module, output: TowerOutput, settings: CacheSettings,
+               tower_hash: str | None = None) -> EmbeddingCache:
+    """The cache for ``images`` through ``tower`` (``output`` is one sample output, for the shapes)."""
+    key = cache_key(images.image_identity(), tower_hash or tower_fingerprint(tower), settings.tokens)
+    folder = settings.directory() / key if settings.storage == "disk" else None
+    tokens_shape = tuple(output.tokens.shape[1:]) if settings.tokens else None
+    return EmbeddingCache(key, images.image_rows(), tuple(output.pooled.shape[1:]), tokens_shape, folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# The callback
+
+
+class LockedTowerCache(Callback):
+    """Fills and attaches the embedding cache when a fit starts (see the module docstring).
+
+    It does nothing when the vision tower is not fully locked, and skips (with a log line) splits
+    whose images are not deterministic or data modules without the interface. Under DDP with disk
+    storage rank 0 fills the files and the other ranks read them; in memory each rank fills its own.
+    """
+
+    SPLITS = ("train", "val")
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        self.report: dict[str, dict[str, float]] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        locked = getattr(pl_module, "vision_locked", None)
+        datamodule = trainer.datamodule
+        if locked is None or not locked.fully_locked:
+            return
+        if not hasattr(datamodule, "cacheable_images"):
+            log.info("embedding cache: %s does not serve cached embeddings; the locked tower runs every epoch",
+                     type(datamodule).__name__)
+            return
+        tower_hash = tower_fingerprint(pl_module.vision)
+        for split in self.SPLITS:
+            images = datamodule.cacheable_images(split)
+            if images is None:
+                log.info("embedding cache: the %s images are not deterministic (augmentation?); not cached", split)
+                continue
+            start = time.perf_counter()
+            cache, encoded = self._prepare(trainer, pl_module, images, tower_hash)
+            datamodule.use_embedding_cache(split, cache)
+            self.report[split] = {"encoded": encoded, "seconds": time.perf_counter() - start, **cache.counts()}
+            log.info("embedding cache (%s, %s): %d rows, %d encoded now, %.1f s", split, self.settings.storage,
+                     cache.rows, encoded, self.report[split]["seconds"])
+
+    def _prepare(self, trainer: L.Trainer, pl_module: Any, images: CacheableImages,
+                 tower_hash: str) -> tuple[EmbeddingCache, int]:
+        def encode(pixels: torch.Tensor) -> TowerOutput:
+            # The same numerics as an uncached training step: eval mode, no graph, the run's precision.
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                return pl_module.vision_tower_output(pixels)
+
+        was_training = pl_module.vision.training
+        pl_module.vision.eval()
+        try:
+            probe = encode(_first_usable_pixels(images)[None].to(pl_module.device))
+            cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
+            settings, device = self.settings, pl_module.device
+            if cache.folder is None:
+                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+            encoded = 0
+            if trainer.is_global_zero:
+                with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
+                    cache.create_files()
+                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+                    cache.flush()
+            trainer.strategy.barrier("embedding_cache")
+            cache.reopen()  # every rank maps the files rank 0 wrote
+            return cache, encoded
+        finally:
+            pl_module.vision.train(was_training)
+
+
+def _first_usable_pixels(images: CacheableImages) -> torch.Tensor:
+    for row in range(images.image_rows()):
+        pixels = images.image_row_pixels(row)
+        if pixels is not None:
+            return pixels
+    raise ConfigError("embedding cache: no usable image in the split")
+
+
+class _file_lock:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "w")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
