@@ -162,6 +162,34 @@ def test_local_mode_ranks_compute_different_shares(two_process_results):
     assert rank0[global_]["rank_loss"].item() == pytest.approx(rank1[global_]["rank_loss"].item(), abs=1e-12)
 
 
+def test_weight_decay_groups_survive_fsdp_flattening(tiny_module):
+    """FSDP (use_orig_params, Lightning's default) shows the optimizer flattened 1-D parameter shards
+    under names with wrapper levels; weight decay must still pick the same parameters."""
+
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    tiny_module.trainer = FakeTrainer()
+
+    def groups():
+        optimizer = tiny_module.configure_optimizers()["optimizer"]
+        return [{id(p) for p in group["params"]} for group in optimizer.param_groups]
+
+    decay, no_decay = groups()
+    assert id(tiny_module.vision_head.proj.weight) in decay and id(tiny_module.loss.logit_scale) in no_decay
+
+    class FSDPWrapper(torch.nn.Module):  # the level FSDP's auto-wrapping inserts
+        def __init__(self, module):
+            super().__init__()
+            self._fsdp_wrapped_module = module
+
+    tiny_module.vision_head = FSDPWrapper(tiny_module.vision_head)
+    with torch.no_grad():
+        for parameter in tiny_module.parameters():
+            parameter.data = parameter.data.flatten()
+    assert groups() == [decay, no_decay]
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(TESTS.parent))

@@ -54,6 +54,9 @@ class VisionLanguageModule(L.LightningModule):
         self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self.skipped_nonfinite_steps = 0
+        # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
+        self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
+            f"loss.{name}" for name in self.loss.no_weight_decay()}
 
     # ---------------------------------------------------------------------------------------------
     # Encoding (the public API for notebooks and evaluation)
@@ -145,12 +148,11 @@ class VisionLanguageModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.hparams.optim
         decay, no_decay = [], []
-        excluded = {f"loss.{name}" for name in self.loss.no_weight_decay()}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
             # Biases, norm gains, embeddings of rank < 2 and temperatures must not shrink towards 0.
-            (no_decay if parameter.ndim < 2 or name in excluded else decay).append(parameter)
+            (no_decay if _unwrapped_name(name) in self._no_decay_names else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
@@ -217,6 +219,13 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without the module levels that FSDP and activation-checkpoint wrappers add."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, Any]:

@@ -96,6 +96,10 @@ def set_grad_checkpointing(tower: str, model: PreTrainedModel, enable: bool) -> 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     except ValueError as error:  # the architecture does not support it
         raise ConfigError(f"{tower}: {error}") from error
+    # For text models transformers also makes the embeddings' output require grad, which only the
+    # reentrant variant needs. With it, a locked (frozen) tower would still be recomputed and
+    # backpropagated through for nothing, so take that hook off again.
+    model.disable_input_require_grads()
 
 
 # --------------------------------------------------------------------------------------------------
