@@ -8,10 +8,12 @@ For each dataset it times (after the first batch, so worker start-up is not coun
 - ``PIL decode``: ``Image.open(...).convert("RGB")`` over the same files (shard members for the
   streaming module), in one process: the cost of decoding alone;
 - the data module's training loader at each worker count: decode, the tower's transform (resize,
-  crop, normalise) and tokenisation of the captions, batched.
+  crop, normalise) and tokenisation of the captions, batched; and the CPU time it took per image,
+  summed over the main process and the workers, which other processes on the machine do not
+  inflate (2 idle cores give at most 2000 / that many images/s).
 
-Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, read
-repeatedly), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
+Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, each
+listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
 img2dataset shards by ``vlm-lab data convert`` (into a temporary folder).
 
 The main process runs torch with one thread, as loader workers do (see ``main``). Timings
@@ -23,7 +25,9 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import os
+import resource
 import sys
 import tarfile
 import tempfile
@@ -46,18 +50,28 @@ from vlm_lab.towers.base import ImageConfig  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def images_per_second(loader: Iterable[dict], images: int) -> float:
-    """Rate over ``images`` images, epoch after epoch, timed from the end of the first batch."""
-    start, count = None, 0
+def images_per_second(loader: Iterable[dict], images: int) -> tuple[float, int]:
+    """Rate over ``images`` images, epoch after epoch, timed from the end of the first batch.
+
+    Also returns how many images were loaded in all, the first batch included.
+    """
+    start, count, total = None, 0, 0
     while count < images:
         for batch in loader:  # persistent workers: later epochs reuse them
+            total += len(batch["image_ids"])
             if start is None:
                 start = time.perf_counter()
                 continue
             count += len(batch["image_ids"])
             if count >= images:
                 break
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), total
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader workers, once stopped)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def pil_rate(sources: Callable[[], Iterable[bytes | str]], images: int) -> float:
@@ -77,6 +91,20 @@ def shard_images(shards: list[Path]) -> Iterable[bytes]:
             for member in tar:
                 if member.name.endswith(".jpg"):
                     yield tar.extractfile(member).read()
+
+
+def repeated_coco_captions(root: Path, out: Path, times: int) -> str:
+    """coco-mini's train captions file with every image listed ``times`` times (distinct ids).
+
+    80 images make an epoch of 2 batches, so a measurement would time epoch restarts rather than
+    loading; 800 entries make epochs long enough, over the same files.
+    """
+    data = json.loads((root / "annotations" / "captions_train2017.json").read_text())
+    images = [{**image, "id": copy * 10**7 + image["id"]} for copy in range(times) for image in data["images"]]
+    annotations = [{**a, "image_id": copy * 10**7 + a["image_id"]} for copy in range(times) for a in data["annotations"]]
+    path = out / "captions_train2017_x10.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return str(path)
 
 
 def main() -> int:
@@ -101,12 +129,13 @@ def main() -> int:
     common = dict(tokenizer=tokenizer, image_config=image_config, max_length=32, batch_size=args.batch_size)
     flickr = dict(train_ann=str(DATA / "flickr8k" / "annotations" / "captions_train.json"),
                   train_images=str(DATA / "flickr8k" / "images"))
-    coco = dict(root=str(DATA / "coco-mini"))
-
     with tempfile.TemporaryDirectory() as tmp:
-        shards = coco_to_shards(flickr["train_ann"], flickr["train_images"], tmp, per="image", shard_size=1000).shards
+        coco = dict(train_ann=repeated_coco_captions(DATA / "coco-mini", Path(tmp), times=10),
+                    train_images=str(DATA / "coco-mini" / "train2017"))
+        shards = coco_to_shards(flickr["train_ann"], flickr["train_images"], Path(tmp) / "shards", per="image",
+                                shard_size=1000).shards
         datasets = {
-            "COCO (coco_captions, coco-mini)": (
+            "COCO (coco_captions, coco-mini x10)": (
                 lambda w: CocoCaptionsDataModule(**common, **coco, num_workers=w),
                 lambda dm: [r.path for r in dm.records("train")]),
             "Flickr8k (coco_captions)": (
@@ -120,27 +149,31 @@ def main() -> int:
         for name, (make, files) in datasets.items():
             reference = make(0)
             pil = pil_rate(lambda: files(reference), args.images)
-            rates = {}
+            rates, costs = {}, {}
             for workers in args.workers:
+                cpu = cpu_seconds()
                 loader = make(workers).train_dataloader()
-                rates[workers] = images_per_second(loader, args.images)
+                rates[workers], loaded = images_per_second(loader, args.images)
                 del loader
-                gc.collect()  # stop this loader's workers before the next one forks its own
-                print(f"{name}: {workers} worker(s): {rates[workers]:.0f} images/s", file=sys.stderr)
-            rows.append((name, pil, rates))
+                gc.collect()  # stops this loader's workers (and counts their CPU time) before the next forks
+                costs[workers] = 1000 * (cpu_seconds() - cpu) / loaded
+                print(f"{name}: {workers} worker(s): {rates[workers]:.0f} images/s, "
+                      f"{costs[workers]:.2f} CPU ms/image", file=sys.stderr)
+            rows.append((name, pil, rates, costs))
 
-    header = "| data module | PIL decode only | " + " | ".join(f"{w} workers" for w in args.workers)
-    if 0 in args.workers and 2 in args.workers:
-        header += " | 2 vs 0 workers"
     print(f"\n{args.size}px, batch {args.batch_size}, {args.images} images per measurement, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; images/s\n")
-    print(header + " |")
-    print("|---" * (header.count("|")) + "|")
-    for name, pil, rates in rows:
-        cells = [f"{rates[w]:.0f}" for w in args.workers]
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
+    print("images/s (CPU ms per image, all processes):\n")
+    columns = ["data module", "PIL decode only", *(f"{w} workers" for w in args.workers)]
+    if 0 in args.workers and 2 in args.workers:
+        columns.append("2 vs 0 workers")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for name, pil, rates, costs in rows:
+        cells = [name, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.1f})" for w in args.workers)]
         if 0 in rates and 2 in rates:
             cells.append(f"{rates[2] / rates[0]:.2f}x")
-        print(f"| {name} | {pil:.0f} | " + " | ".join(cells) + " |")
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 

