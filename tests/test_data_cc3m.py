@@ -151,28 +151,27 @@ class RecordOrder(L.Callback):
 
 
 @needs_shared
-def test_resumed_run_continues_the_epoch_order(tmp_path):
+def test_resumed_run_continues_the_epoch_order(tokenizer, tmp_path):
     shard = str(CC12M_SHARD)
-    overrides = ["data.name=cc3m", f"data.train_shards={shard}", f"data.val_shards={shard}", "data.batch_size=8",
-                 "data.shuffle_buffer=16", "trainer.limit_val_batches=1"]
+    data = dict(train_shards=shard, val_shards=shard, batch_size=8, shuffle_buffer=16)
+    overrides = ["data.name=cc3m", *(f"data.{k}={v}" for k, v in data.items()), "trainer.limit_val_batches=1"]
 
-    def run(run_dir, max_epochs, resume):
+    def run(max_epochs, resume):
         cfg = vlm_lab.load_config(TINY, overrides=overrides + [f"trainer.max_epochs={max_epochs}"])
-        L.seed_everything(0)
         module = vlm_lab.build_module(cfg)
-        dm = vlm_lab.build_datamodule(cfg, module)
-        trainer = vlm_lab.build_trainer(cfg, run_dir)
+        trainer = vlm_lab.build_trainer(cfg, tmp_path)
         recorder = RecordOrder()
         trainer.callbacks.append(recorder)
-        ckpt = str(run_dir / "checkpoints" / "last.ckpt") if resume else None
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        ckpt = str(tmp_path / "checkpoints" / "last.ckpt") if resume else None
+        trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module), ckpt_path=ckpt)
         return recorder.ids
 
-    straight = run(tmp_path / "straight", 2, resume=False)
-    run(tmp_path / "stopped", 1, resume=False)
-    resumed = run(tmp_path / "stopped", 2, resume=True)
-    assert list(resumed) == [1]  # only the second epoch ran after the resume...
-    assert resumed[1] == straight[1] != straight[0]  # ...in the order an uninterrupted run has
+    first = run(1, resume=False)
+    resumed = run(2, resume=True)
+    assert list(first) == [0] and list(resumed) == [1]  # the resumed run trained the second epoch only...
+    expected = {epoch: ids_of(read_epoch(datamodule(tokenizer, **data), "train", 1, epoch)[0]) for epoch in (0, 1)}
+    assert first[0] == expected[0]
+    assert resumed[1] == expected[1] != expected[0]  # ...in the second epoch's order, not the first's again
 
 
 @needs_shared
