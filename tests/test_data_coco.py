@@ -120,6 +120,25 @@ def test_pixels_are_prepared_as_the_timm_tower_says(tokenizer):
     assert (sample["pixel_values"] - full).abs().mean() < 0.05
 
 
+@needs_shared
+def test_pixels_follow_an_hf_image_processor(tokenizer):
+    from transformers import CLIPImageProcessor
+
+    from vlm_lab.towers.hf import image_config_from_processor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 40, "width": 40})
+    config = image_config_from_processor(processor)
+    image = open_image(str(COCO_MINI / "val2017" / "000000397133.jpg"))
+    ours = build_transform(config)(image)
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 40, 40)
+    # Same scale, crop and normalisation; the resize rounds the 71.9-pixel width differently, which
+    # moves the crop by at most one pixel.
+    shifted = min((ours[:, 1:-1, 1:-1] - theirs[:, 1 + dy:39 + dy, 1 + dx:39 + dx]).abs().mean()
+                  for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert shifted < 0.01
+
+
 def test_reduced_jpeg_decoding_keeps_enough_pixels(tmp_path):
     path = tmp_path / "big.jpg"
     path.write_bytes(jpeg_bytes(size=(640, 427)))
