@@ -16,10 +16,11 @@ This file is the one place that logs them.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +39,40 @@ DETAILED_WARNINGS = 5
 class BadSampleCounter:
     """Counts skipped samples of one split by reason, across DataLoader worker processes.
 
-    The counts live in a ``multiprocessing.Array``, which worker processes inherit whether they are
-    forked or spawned. ``take()`` returns the counts since the previous ``take()``: one epoch's worth
-    when the report calls it at every epoch end.
+    The counts live in a shared-memory tensor that worker processes inherit, forked or spawned. Each
+    process writes only its own row (the main process row 0, loader worker ``i`` row ``i + 1``), so
+    no lock is needed and none has to be pickled. ``take()`` returns the counts since the previous
+    ``take()``: one epoch's worth when the report calls it at every epoch end.
     """
+
+    ROWS = 257  # the main process and up to 256 loader workers per split
 
     def __init__(self, split: str) -> None:
         self.split = split
-        self._counts = multiprocessing.Array("q", len(REASONS))
+        self._counts = torch.zeros(self.ROWS, len(REASONS), dtype=torch.int64).share_memory_()
+        self._taken = torch.zeros(len(REASONS), dtype=torch.int64)  # what take() has returned so far
         self._warned = 0  # per process: each worker has its own copy
 
     def record(self, reason: str, where: str) -> None:
         """Count one skipped sample; ``where`` names it (file, shard and key) in the log."""
-        index = REASONS.index(reason)
-        with self._counts.get_lock():
-            self._counts[index] += 1
+        worker = get_worker_info()
+        row = 0 if worker is None else 1 + worker.id % (self.ROWS - 1)
+        self._counts[row, REASONS.index(reason)] += 1
         if self._warned < DETAILED_WARNINGS:
             self._warned += 1
             more = " (further ones are only counted)" if self._warned == DETAILED_WARNINGS else ""
             log.warning("skipped a bad %s sample: %s: %s%s", self.split, reason, where, more)
 
-    def snapshot(self) -> dict[str, int]:
-        """The counts so far, by reason (zeros left out)."""
-        with self._counts.get_lock():
-            return {reason: int(n) for reason, n in zip(REASONS, self._counts) if n}
-
     def take(self) -> dict[str, int]:
-        """The counts so far, by reason, and reset them to zero."""
-        with self._counts.get_lock():
-            counts = {reason: int(n) for reason, n in zip(REASONS, self._counts) if n}
-            for i in range(len(REASONS)):
-                self._counts[i] = 0
+        """The counts since the last ``take()``, by reason (zeros left out), and start afresh."""
+        total = self._counts.sum(0)
+        counts = self._by_reason(total - self._taken)
+        self._taken = total
         return counts
+
+    @staticmethod
+    def _by_reason(counts: torch.Tensor) -> dict[str, int]:
+        return {reason: int(n) for reason, n in zip(REASONS, counts.tolist()) if n}
 
 
 class BadSampleReport(Callback):

@@ -35,7 +35,6 @@ import itertools
 import json
 import logging
 import math
-import multiprocessing
 import random
 import tarfile
 from dataclasses import dataclass
@@ -193,7 +192,7 @@ class ShardStream(IterableDataset):
             raise ConfigError(f"{split}: {total} sample(s) in {len(urls)} shard(s) leave rank {rank} of {world_size} "
                               f"nothing to read; it needs {need}")
         # Shared memory: the workers read the epoch the main process sets before each pass.
-        self._epoch = multiprocessing.Value("q", 0)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     # ---------------------------------------------------------------------------------------------
     # Sizes
@@ -223,11 +222,11 @@ class ShardStream(IterableDataset):
         return sum(math.ceil(q / self.batch_size) for q in self.quotas)
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
+        self._epoch[0] = epoch
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch.value)
+        return int(self._epoch[0])
 
     # ---------------------------------------------------------------------------------------------
     # Reading
