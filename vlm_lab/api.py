@@ -11,6 +11,7 @@ metrics, flat keys such as ``val/i2t_R@1``, read by sweeps and benchmarks).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
                                   filename="epoch{epoch:03d}", auto_insert_metric_name=False)
     callbacks: list[Callback] = [MetricsFile(run_dir / "metrics.json")]
     cache_settings = CacheSettings.from_config(_plain(cfg.get("embedding_cache")))
+    if cfg.model.get("caption_weight", 0) > 0:  # CoCa's poolers read the image tokens: the cache keeps them too
+        cache_settings = dataclasses.replace(cache_settings, tokens=True)
     if cache_settings.enabled:
         callbacks.append(LockedTowerCache(cache_settings))  # acts only when the vision tower is fully locked
     zeroshot_settings = ZeroShotSettings.from_config(_plain(cfg.get("zeroshot")))
@@ -179,6 +182,9 @@ def format_retrieval_table(metrics: dict[str, float], stage: str = "val") -> str
             if key in metrics:
                 chance = metrics.get(f"{stage}/chance_{direction}_R@{k}", float("nan"))
                 rows.append(f"{key:<16}{metrics[key]:>8.2f}%{chance:>8.2f}%")
+    for key in (f"{stage}/bleu4", f"{stage}/cider"):  # a CoCa model's captions (vlm_lab/eval/captioning.py)
+        if key in metrics:
+            rows.append(f"{key:<16}{metrics[key]:>9.4f}{'':>9}")
     if len(rows) == 1:
         return f"(no {stage} retrieval metrics were computed)"
     rule = "-" * len(rows[0])

@@ -106,6 +106,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug(sub)
     sub.set_defaults(handler=_export)
 
+    sub = commands.add_parser("caption", help="caption images with a CoCa checkpoint (one line per image)")
+    sub.add_argument("images", nargs="+", metavar="IMAGE")
+    sub.add_argument("--ckpt", required=True, help="a checkpoint of vlm-lab fit trained with model.caption_weight > 0")
+    sub.add_argument("--num-beams", type=int, help="beam search with this many beams (default: greedy)")
+    sub.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    sub.add_argument("--temperature", type=float)
+    sub.add_argument("--top-k", type=int)
+    sub.add_argument("--top-p", type=float)
+    sub.add_argument("--repetition-penalty", type=float)
+    sub.add_argument("--length-penalty", type=float)
+    sub.add_argument("--min-new-tokens", type=int)
+    sub.add_argument("--max-new-tokens", type=int)
+    sub.add_argument("--seed", type=int, help="seed of the sampler")
+    sub.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; a reference)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_caption)
+
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
     _add_debug(sub)
@@ -223,6 +240,19 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export(args.ckpt, args.format, args.out)
     print(f"wrote {args.format} model to {out}")
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from vlm_lab.generation import caption_images
+
+    settings = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+                "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
+    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, **settings)):
+        print(f"{path}\t{caption}")
     return 0
 
 

@@ -41,6 +41,14 @@ DEFAULTS: dict[str, Any] = {
         "vision_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
         "text_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
         "init_from": None,
+        # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built.
+        "contrastive_weight": 1.0,
+        "caption_weight": 0.0,
+        "caption_head": {"name": "coca_decoder"},
+        # Decoding during validation/test and the defaults of generate() and `vlm-lab caption`
+        # (vlm_lab/generation.py); max_images caps how many images evaluation captions.
+        "generation": {"max_new_tokens": 20, "min_new_tokens": 0, "num_beams": 1, "length_penalty": 1.0,
+                       "repetition_penalty": 1.0, "max_images": None, "log_examples": 5},
     },
     "data": {"name": "synthetic_shapes"},
     "optim": {
@@ -74,6 +82,7 @@ SPECS = {
     ("model", "text"): "text_tower",
     ("model", "vision_head"): "head",
     ("model", "text_head"): "head",
+    ("model", "caption_head"): "head",
     ("model", "loss"): "loss",
     ("data",): "datamodule",
 }
@@ -94,6 +103,15 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("model", "text_lock", "freeze_bn_stats"): bool,
     ("model", "text_lock", "freeze_layer_norm"): bool,
     ("model", "init_from"): (str, type(None)),
+    ("model", "contrastive_weight"): float,
+    ("model", "caption_weight"): float,
+    ("model", "generation", "max_new_tokens"): int,
+    ("model", "generation", "min_new_tokens"): int,
+    ("model", "generation", "num_beams"): int,
+    ("model", "generation", "length_penalty"): float,
+    ("model", "generation", "repetition_penalty"): float,
+    ("model", "generation", "max_images"): (int, type(None)),
+    ("model", "generation", "log_examples"): int,
     ("zeroshot", "root"): (str, type(None)),
     ("zeroshot", "classnames"): (str, type(None)),
     ("zeroshot", "templates"): (str, list),
@@ -192,7 +210,8 @@ def validate(config: Mapping[str, Any]) -> None:
                               f"{did_you_mean(value, choices)}")
     for path, kind in SPECS.items():
         spec = _get(config, path)
-        registry.spec_arguments(kind, spec, provided={p: None for p in PROVIDED[kind]})
+        provided = PROVIDED[kind] + PROVIDED_AT.get(path, ())
+        registry.spec_arguments(kind, spec, provided={p: None for p in provided})
     _check_trainer(config.get("trainer") or {})
 
 
@@ -204,6 +223,8 @@ PROVIDED: dict[str, tuple[str, ...]] = {
     "loss": (),
     "datamodule": ("tokenizer", "image_config", "max_length"),
 }
+# ... and those it supplies to one spec only.
+PROVIDED_AT: dict[tuple[str, ...], tuple[str, ...]] = {("model", "caption_head"): ("text_dim",)}
 
 
 def _check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], path: tuple[str, ...]) -> None:

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from vlm_lab import registry
 from vlm_lab.distributed import world_info
+from vlm_lab.captioning import build_caption_head
 from vlm_lab.errors import ConfigError
+from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import TowerLock, lock_tower
 from vlm_lab.tokenizer import load_tokenizer
@@ -37,10 +39,22 @@ class VisionLanguageModule(L.LightningModule):
         self.save_hyperparameters()
         self.vision = registry.build("vision_tower", model["vision"])
         self.text, self.tokenizer = _text_tower_and_tokenizer(model)
-        embed_dim = model["embed_dim"]
-        self.vision_head = registry.build("head", model["vision_head"], in_dim=self.vision.output_dim, out_dim=embed_dim)
-        self.text_head = registry.build("head", model["text_head"], in_dim=self.text.output_dim, out_dim=embed_dim)
-        self.loss = registry.build("loss", model["loss"])
+        # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built at all.
+        self.contrastive_weight = float(model.get("contrastive_weight", 1.0))
+        self.caption_weight = float(model.get("caption_weight", 0.0))
+        if self.contrastive_weight <= 0 and self.caption_weight <= 0:
+            raise ConfigError("model.contrastive_weight and model.caption_weight are both 0: nothing to train")
+        self.caption_head = build_caption_head(model["caption_head"], self.vision, self.text) \
+            if self.caption_weight > 0 else None
+        self.vision_head = self.text_head = self.loss = None
+        if self.contrastive_weight > 0:
+            embed_dim = model["embed_dim"]
+            image_dim = self.vision.output_dim if self._contrastive_pooler is None else self.caption_head.output_dim
+            self.vision_head = registry.build("head", model["vision_head"], in_dim=image_dim, out_dim=embed_dim)
+            self.text_head = registry.build("head", model["text_head"], in_dim=self.text.output_dim, out_dim=embed_dim)
+            self.loss = registry.build("loss", model["loss"])
+        elif self.caption_head is not None:
+            self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
         if model.get("init_from"):
             from vlm_lab.interop import load_into_module  # towers, projections and logit scale
 
@@ -53,10 +67,11 @@ class VisionLanguageModule(L.LightningModule):
         tower_limit = getattr(self.text, "max_length", None) or math.inf
         self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
+        self._caption_scorer = CaptionScorer()
         self.skipped_nonfinite_steps = 0
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
-            f"loss.{name}" for name in self.loss.no_weight_decay()}
+            f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
 
     # ---------------------------------------------------------------------------------------------
     # Encoding (the public API for notebooks and evaluation)
@@ -68,14 +83,41 @@ class VisionLanguageModule(L.LightningModule):
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """``[B, 3, H, W]`` normalised pixels -> ``[B, embed_dim]`` image embeddings."""
-        features = self.vision_head(self.vision_tower_output(pixel_values).pooled)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self._image_embedding(self.vision_tower_output(pixel_values), normalize)
 
     def encode_batch_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A batch's image embeddings, from its pixels or from the locked tower's cached outputs."""
-        if "vision_pooled" in batch:  # served by the embedding cache (vlm_lab/embedding_cache.py)
-            return F.normalize(self.vision_head(batch["vision_pooled"]), dim=-1)
-        return self.encode_image(batch["pixel_values"])
+        return self._image_embedding(self.batch_vision_output(batch))
+
+    def batch_vision_output(self, batch: dict[str, torch.Tensor]) -> TowerOutput:
+        """The vision tower's output for a batch: computed, or served by the embedding cache
+        (vlm_lab/embedding_cache.py; ``tokens`` is None there unless the cache stores them)."""
+        if "vision_pooled" in batch:
+            if self.caption_head is not None and "vision_tokens" not in batch:
+                raise ConfigError("the embedding cache served no image tokens, which the caption head needs; "
+                                  "set embedding_cache.tokens=true")
+            return TowerOutput(pooled=batch["vision_pooled"], tokens=batch.get("vision_tokens"))
+        return self.vision_tower_output(batch["pixel_values"])
+
+    def _image_embedding(self, vision: TowerOutput, normalize: bool = True) -> torch.Tensor:
+        # CoCa pools the image tokens with a 1-query attentional pooler; CLIP uses the tower's pooled output.
+        pooled = vision.pooled if self._contrastive_pooler is None else self.caption_head.pool_contrastive(vision.tokens)
+        features = self.vision_head(pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    @property
+    def _contrastive_pooler(self) -> torch.nn.Module | None:
+        return None if self.caption_head is None else self.caption_head.contrastive_pooler
+
+    @property
+    def needs_vision_tokens(self) -> bool:
+        """Whether training reads the vision tower's tokens (the embedding cache must store them)."""
+        return self.caption_head is not None
+
+    def generate(self, images: torch.Tensor, **settings: Any) -> list[str]:
+        """Captions for ``[B, 3, H, W]`` normalised images; ``settings`` override ``model.generation``
+        (see ``vlm_lab.generation.GenerationSettings``: num_beams, do_sample, top_k, top_p, ...)."""
+        return generate_captions(self, self.vision_tower_output(images.to(self.device)).tokens, **settings)
 
     def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
@@ -119,24 +161,46 @@ class VisionLanguageModule(L.LightningModule):
                 parts.apply_eval_mode()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        image_features = self.encode_batch_images(batch)
-        text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
-        loss = self.loss(image_features, text_features)
+        losses = self.losses(batch)
+        loss, size = losses["loss"], len(batch["image_ids"])
         if not torch.isfinite(loss):
             return self._nonfinite(loss)
         # Under DDP each rank's loss covers its share of the global batch and their mean is the loss
         # of the whole batch (what one process would log), so log that mean rather than rank 0's share.
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(image_features), sync_dist=True)
-        self.log("train/logit_scale", self.loss.logit_scale_value(), batch_size=len(image_features))
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=size, sync_dist=True)
+        if self.loss is not None:
+            self.log("train/logit_scale", self.loss.logit_scale_value(), batch_size=size)
         return loss
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss`` (the weighted sum) and, with both heads built, ``contrastive_loss`` and ``caption_loss``.
+
+        The batch holds one caption per image (training). The text tower runs once: its pooled output
+        feeds the contrastive loss and its token states the caption decoder.
+        """
+        vision = self.batch_vision_output(batch)
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
+            text = self.text(input_ids, attention_mask)
+        terms: dict[str, torch.Tensor] = {}
+        if self.loss is not None:
+            text_features = F.normalize(self.text_head(text.pooled), dim=-1)
+            terms["contrastive_loss"] = self.loss(self._image_embedding(vision), text_features)
+        if self.caption_head is not None:
+            logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
+            terms["caption_loss"] = self.caption_head.caption_loss(logits, input_ids, attention_mask)
+        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
 
     def _nonfinite(self, loss: torch.Tensor) -> None:
         """A NaN/Inf loss: stop with a clear message, or skip the step (``optim.nonfinite_loss``)."""
         step = self.trainer.global_step if self._trainer is not None else -1
         if self.hparams.optim.get("nonfinite_loss", "error") == "error":
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {step} (logit scale "
-                f"{float(self.loss.logit_scale_value()):.3g}); lower optim.lr, check the data, or set "
+                f"the training loss is {loss.item()} at step {step}{self._logit_scale_note()}; lower optim.lr, "
+                f"check the data, or set "
                 f"optim.nonfinite_loss=skip to skip such steps"
             )
         self.skipped_nonfinite_steps += 1
@@ -144,6 +208,9 @@ class VisionLanguageModule(L.LightningModule):
         # Returning None makes Lightning skip backward and the optimizer step for this batch. Under
         # DDP every rank must agree, so skipping is meant for single-process runs.
         return None
+
+    def _logit_scale_note(self) -> str:
+        return "" if self.loss is None else f" (logit scale {float(self.loss.logit_scale_value()):.3g})"
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.hparams.optim
@@ -178,7 +245,12 @@ class VisionLanguageModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        image_features = self.encode_batch_images(batch)
+        vision = self.batch_vision_output(batch)
+        if self.caption_head is not None:
+            self._score_captions(batch, vision)
+        if self.loss is None:
+            return
+        image_features = self._image_embedding(vision)
         text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
         owners = batch["text_image_index"]
         first_caption = _first_caption_positions(owners, len(image_features))
@@ -196,6 +268,8 @@ class VisionLanguageModule(L.LightningModule):
         outputs = {k: torch.cat([o[k] for o in self._eval_outputs]) for k in self._eval_outputs[0]} \
             if self._eval_outputs else None
         self._eval_outputs.clear()
+        if self.caption_head is not None:
+            self._log_caption_metrics(stage)
         if outputs is None or self.trainer.sanity_checking:
             return
         outputs = _gather_and_deduplicate(outputs)
@@ -207,6 +281,28 @@ class VisionLanguageModule(L.LightningModule):
             self.log(f"{stage}/{key}", value, prog_bar=key.endswith("R@1"), sync_dist=True)
         for key, value in chance.items():
             self.log(f"{stage}/chance_{key}", value, sync_dist=True)
+
+
+    # ---------------------------------------------------------------------------------------------
+    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/captioning.py)
+
+    def _score_captions(self, batch: dict[str, Any], vision: TowerOutput) -> None:
+        limit = (self.hparams.model.get("generation") or {}).get("max_images")
+        keep = len(batch["image_ids"]) if limit is None else max(0, limit - len(self._caption_scorer))
+        if keep == 0:
+            return
+        captions = generate_captions(self, vision.tokens[:keep])
+        references = batch_references(batch, self.tokenizer)[:keep]
+        self._caption_scorer.add(batch["image_ids"][:keep].tolist(), captions, references)
+
+    def _log_caption_metrics(self, stage: str) -> None:
+        metrics, rows = self._caption_scorer.compute()
+        if self.trainer.sanity_checking or not metrics:
+            return
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key == "cider", sync_dist=True)
+        examples = int((self.hparams.model.get("generation") or {}).get("log_examples", 5))
+        log_caption_examples(self, stage, rows[:examples])
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -1,0 +1,298 @@
+"""CoCa's captioning half: attentional poolers and the multimodal text decoder, with a KV cache.
+
+CoCa (Yu et al., 2022) trains one model with two losses::
+
+    image ─vision tower─▶ tokens ─┬─ contrastive pooler (1 query) ──▶ vision_head ─▶ contrastive loss
+                                  └─ caption pooler (N queries) ──┐
+    caption ─text tower (causal)─▶ token states ─────────────────▶ multimodal decoder ─▶ next-token logits
+
+The text tower is the "unimodal decoder": it encodes the caption for the contrastive loss, and its
+token states are the input of the multimodal decoder, which adds causal self-attention and
+cross-attention to the pooled image tokens. Because the text tower is causal, state ``i`` only sees
+tokens ``<= i``, so teacher-forced training never peeks at the token it predicts.
+
+:class:`CocaCaptionHead` (registered as the head ``coca_decoder``) holds both poolers and the
+decoder. For generation (``vlm_lab/generation.py``) it runs incrementally: :class:`DecodingCache`
+keeps every self-attention layer's keys and values (of the text tower and of the decoder) and the
+cross-attention keys and values, which are computed once per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlm_lab.errors import ConfigError
+from vlm_lab import registry
+from vlm_lab.registry import register_head
+from vlm_lab.towers.clip_text import ClipTextTower
+from vlm_lab.towers.clip_vit import ClipAttention, ClipMLP
+
+# --------------------------------------------------------------------------------------------------
+# Attention with an optional cache (shared by the text tower's incremental run and the decoder)
+
+
+@dataclass
+class KeyValues:
+    """One attention layer's cached keys and values, ``[batch, heads, seq, head_dim]`` each."""
+
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, seq, width = x.shape
+    return x.view(batch, seq, heads, width // heads).transpose(1, 2)
+
+
+def self_attention(attn: ClipAttention, x: torch.Tensor, cache: KeyValues | None = None) -> torch.Tensor:
+    """Causal self-attention of ``x`` (the new positions) over the cached positions and themselves.
+
+    Without a cache ``x`` is the whole sequence. With one, the new keys and values are appended to it,
+    and new position ``t`` sees every cached position and the new positions up to ``t``.
+    """
+    batch, seq, width = x.shape
+    q, k, v = (_heads(proj(x), attn.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    past = 0
+    if cache is not None:
+        if cache.keys is not None:
+            past = cache.keys.shape[2]
+            k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
+        cache.keys, cache.values = k, v
+    mask = None
+    if seq > 1:  # a single new position may see everything before it: no mask needed
+        mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
+
+
+def cross_attention(attn: ClipAttention, x: torch.Tensor, context: torch.Tensor,
+                    cache: KeyValues | None = None) -> torch.Tensor:
+    """``x`` attends to every ``context`` position; with a cache, the context's keys/values are computed once."""
+    batch, seq, width = x.shape
+    if cache is not None and cache.keys is not None:
+        k, v = cache.keys, cache.values
+    else:
+        k, v = _heads(attn.k_proj(context), attn.heads), _heads(attn.v_proj(context), attn.heads)
+        if cache is not None:
+            cache.keys, cache.values = k, v
+    q = _heads(attn.q_proj(x), attn.heads)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return attn.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
+
+
+# --------------------------------------------------------------------------------------------------
+# Attentional pooler
+
+
+class AttentionalPooler(nn.Module):
+    """Learned queries cross-attend over a tower's tokens: ``[B, seq, context_dim] -> [B, queries, width]``.
+
+    CoCa uses one pooler with a single query for the contrastive embedding and one with N queries
+    (256 in the paper) for the decoder, so each task gets the image summary it needs.
+    """
+
+    def __init__(self, width: int, context_dim: int, num_queries: int, heads: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
+        self.context_norm = nn.LayerNorm(context_dim)
+        self.query_norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        context = self.context_norm(tokens)
+        queries = self.query_norm(self.queries).unsqueeze(0).expand(len(tokens), -1, -1)
+        return self.attn(queries, context, context, need_weights=False)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Multimodal decoder
+
+
+class MultimodalDecoderLayer(nn.Module):
+    """Pre-LN block: causal self-attention, cross-attention to the pooled image tokens, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.self_attn = ClipAttention(width, heads)
+        self.cross_attn = ClipAttention(width, heads)
+        self.mlp = ClipMLP(width, int(width * mlp_ratio), quick_gelu=False)
+        self.norm_self = nn.LayerNorm(width)
+        self.norm_cross = nn.LayerNorm(width)
+        self.norm_mlp = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor, self_cache: KeyValues | None = None,
+                cross_cache: KeyValues | None = None) -> torch.Tensor:
+        x = x + self_attention(self.self_attn, self.norm_self(x), self_cache)
+        x = x + cross_attention(self.cross_attn, self.norm_cross(x), image, cross_cache)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+@dataclass
+class DecodingCache:
+    """Everything incremental decoding keeps between steps (one entry per attention layer)."""
+
+    text: list[KeyValues] = field(default_factory=list)
+    decoder_self: list[KeyValues] = field(default_factory=list)
+    decoder_cross: list[KeyValues] = field(default_factory=list)
+    length: int = 0  # positions already encoded
+
+    @classmethod
+    def empty(cls, text_layers: int, decoder_layers: int) -> "DecodingCache":
+        return cls([KeyValues() for _ in range(text_layers)], [KeyValues() for _ in range(decoder_layers)],
+                   [KeyValues() for _ in range(decoder_layers)])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
+        for entry in (*self.text, *self.decoder_self, *self.decoder_cross):
+            entry.reorder(index)
+
+
+@register_head("coca_decoder")
+class CocaCaptionHead(nn.Module):
+    """CoCa's attentional poolers and multimodal text decoder.
+
+    Args (``in_dim``, ``out_dim`` and ``text_dim`` are supplied by vlm-lab):
+        in_dim: the vision tower's token width.
+        out_dim: the vocabulary size (the tokenizer's).
+        text_dim: the text tower's token width.
+        width: the decoder's width (default: ``text_dim``); text states are projected to it if needed.
+        layers, heads, mlp_ratio: the decoder's depth, attention heads and MLP expansion.
+        image_queries: the caption pooler's number of queries (CoCa: 256).
+        contrastive_pooler: pool the image for the contrastive loss with a 1-query attentional pooler
+            (CoCa); false keeps the vision tower's own pooled output.
+        tie_embedding: share the output projection with the text tower's token embedding (needs
+            ``width == text_dim``); false gives the decoder its own output embedding.
+        label_smoothing: of the caption cross-entropy.
+        grad_checkpointing: recompute each decoder layer's activations in backward.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        text_dim: int,
+        width: int | None = None,
+        layers: int = 2,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        image_queries: int = 64,
+        contrastive_pooler: bool = True,
+        tie_embedding: bool = False,
+        label_smoothing: float = 0.0,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        width = text_dim if width is None else width
+        for key, value in (("width", width), ("layers", layers), ("heads", heads), ("image_queries", image_queries)):
+            if value <= 0:
+                raise ConfigError(f"coca_decoder: {key} must be a positive integer, got {value}")
+        if not 0 <= label_smoothing < 1:
+            raise ConfigError(f"coca_decoder: label_smoothing must be in [0, 1), got {label_smoothing}")
+        if tie_embedding and width != text_dim:
+            raise ConfigError(f"coca_decoder: tie_embedding needs width == the text tower's width ({text_dim}), "
+                              f"got width={width}")
+        self.width, self.vocab_size, self.tie_embedding = width, out_dim, tie_embedding
+        self.label_smoothing = label_smoothing
+        self.grad_checkpointing = grad_checkpointing
+        self.caption_pooler = AttentionalPooler(width, in_dim, image_queries, heads)
+        self.contrastive_pooler = AttentionalPooler(width, in_dim, 1, heads) if contrastive_pooler else None
+        self.text_proj = nn.Linear(text_dim, width) if text_dim != width else nn.Identity()
+        self.layers = nn.ModuleList([MultimodalDecoderLayer(width, heads, mlp_ratio) for _ in range(layers)])
+        self.final_norm = nn.LayerNorm(width)
+        self.output = nn.Linear(width, out_dim, bias=False)
+        nn.init.normal_(self.output.weight, std=width**-0.5)
+
+    @property
+    def output_dim(self) -> int:
+        """The width of the contrastive image embedding (what the vision head maps)."""
+        return self.width
+
+    def tie_output_to(self, embedding: nn.Embedding) -> None:
+        """Share the output projection with the text tower's token embedding (``tie_embedding``)."""
+        if tuple(embedding.weight.shape) != (self.vocab_size, self.width):
+            raise ConfigError(f"coca_decoder: cannot tie a {tuple(embedding.weight.shape)} token embedding to a "
+                              f"({self.vocab_size}, {self.width}) output; set tie_embedding: false")
+        self.output.weight = embedding.weight
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def pool_contrastive(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, seq, in_dim]`` -> ``[B, width]``: the image's contrastive embedding (before the head)."""
+        return self.contrastive_pooler(image_tokens)[:, 0]
+
+    def pool_caption(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, seq, in_dim]`` -> ``[B, image_queries, width]``: what the decoder cross-attends to."""
+        return self.caption_pooler(image_tokens)
+
+    def decode(self, text_states: torch.Tensor, image: torch.Tensor, cache: DecodingCache | None = None) -> torch.Tensor:
+        """Next-token logits ``[B, seq, vocab]`` for text states ``[B, seq, text_dim]`` (only the new
+        positions when ``cache`` holds the earlier ones) and pooled image tokens ``[B, queries, width]``."""
+        x = self.text_proj(text_states)
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for i, layer in enumerate(self.layers):
+            if recompute:
+                x = checkpoint(layer, x, image, use_reentrant=False)
+            elif cache is not None:
+                x = layer(x, image, cache.decoder_self[i], cache.decoder_cross[i])
+            else:
+                x = layer(x, image)
+        return self.output(self.final_norm(x))
+
+    def caption_loss(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each position's logits against the next token; padding is ignored."""
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                               ignore_index=-100, label_smoothing=self.label_smoothing)
+
+
+# --------------------------------------------------------------------------------------------------
+# The text tower, run incrementally
+
+
+def check_causal_text_tower(text: nn.Module) -> None:
+    """CoCa's decoder reads the text tower's token states, so the tower must be causal (``clip_text``)."""
+    if not isinstance(text, ClipTextTower):
+        raise ConfigError(f"model.caption_head: a caption head needs a causal text tower (clip_text or one of its "
+                          f"cards), got {type(text).__name__}; a bidirectional tower would show each position "
+                          f"the token it must predict")
+
+
+def text_states(text: ClipTextTower, input_ids: torch.Tensor, cache: DecodingCache | None = None) -> torch.Tensor:
+    """The text tower's token states for ``input_ids`` (the new positions when ``cache`` holds the rest).
+
+    Equal to ``text(input_ids).tokens`` for unpadded input; with a cache, each step costs one
+    position per layer instead of the whole prefix.
+    """
+    if cache is None:
+        return text(input_ids).tokens
+    start = cache.length
+    if start + input_ids.shape[1] > text.max_length:
+        raise ValueError(f"clip_text: decoding past the tower's context_length {text.max_length}")
+    embeddings = text.embeddings
+    x = embeddings.token_embedding(input_ids) + embeddings.position_embedding.weight[start:start + input_ids.shape[1]]
+    for layer, entry in zip(text.encoder.layers, cache.text):
+        x = x + self_attention(layer.self_attn, layer.layer_norm1(x), entry)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    cache.length = start + input_ids.shape[1]
+    return text.final_layer_norm(x)
+
+
+def build_caption_head(spec: dict, vision: nn.Module, text: nn.Module) -> CocaCaptionHead:
+    """The ``model.caption_head`` spec built for these towers (widths and vocabulary supplied)."""
+    check_causal_text_tower(text)
+    head = registry.build("head", spec, in_dim=vision.token_dim, out_dim=text.vocab_size, text_dim=text.token_dim)
+    if not isinstance(head, CocaCaptionHead):
+        raise ConfigError(f"model.caption_head: {spec['name']!r} is not a caption head; use coca_decoder")
+    if head.tie_embedding:
+        head.tie_output_to(text.embeddings.token_embedding)
+    return head
