@@ -68,4 +68,5 @@ class ImageTextCollate:
             "attention_mask": tokens["attention_mask"],
             "text_image_index": torch.tensor(owners, dtype=torch.long),
             "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+            "captions": captions,  # the raw strings: caption metrics score against them, not the tokens
         }
