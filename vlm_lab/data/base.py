@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vlm_lab.data.collate import ImageTextCollate
+from vlm_lab.data.collate import ImageTextCollate, caption_loader
 from vlm_lab.data.health import BadSampleCounter, attach_report
 from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
@@ -120,23 +120,15 @@ class CaptionDataModule(L.LightningDataModule):
         if isinstance(dataset, CaptionedImages):
             dataset.embeddings = self.embedding_caches.get(split)
             self._served[split] = dataset
-        persistent = self.num_workers > 0
         training = split == "train"
         if isinstance(dataset, ShardStream):
-            loader = StreamLoader(dataset, num_workers=self.num_workers, persistent_workers=persistent,
+            loader = StreamLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                   epoch=self._next_epoch if training else lambda: 0)
             if training:
                 self._train_stream = loader
             return loader
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if training else self.eval_batch_size,
-            shuffle=training,
-            drop_last=training,  # contrastive batches must keep their size (and one sample has no signal)
-            num_workers=self.num_workers,
-            persistent_workers=persistent,
-            collate_fn=self.collate(split),
-        )
+        return caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
+                              self.num_workers, self.collate(split))
 
     def _next_epoch(self) -> int:
         # A resumed run creates its first training iterator before Lightning restores its epoch

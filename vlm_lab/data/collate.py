@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from vlm_lab.towers.base import ImageConfig
 
@@ -70,3 +70,21 @@ class ImageTextCollate:
             "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "captions": captions,  # the raw strings: caption metrics score against them, not the tokens
         }
+
+
+def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_workers: int,
+                   collate_fn: ImageTextCollate) -> DataLoader:
+    """The DataLoader of a map-style image-caption dataset: the one policy every data module uses.
+
+    Training shuffles and drops the last partial batch (contrastive batches must keep their size,
+    and one sample carries no signal); evaluation keeps every sample, in order.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=training,
+        drop_last=training,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
+    )

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from vlm_lab.data.collate import ImageTextCollate, image_to_tensor
+from vlm_lab.data.collate import ImageTextCollate, caption_loader, image_to_tensor
 from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -274,15 +274,8 @@ class SyntheticShapesDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         training = split == "train"
         dataset = self._datasets[split] = self.dataset(split)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=training,
-            drop_last=training,  # contrastive batches of one sample carry no signal
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=ImageTextCollate(self.tokenizer, self.max_length, training),
-        )
+        return caption_loader(dataset, training, self.batch_size, self.num_workers,
+                              ImageTextCollate(self.tokenizer, self.max_length, training))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
