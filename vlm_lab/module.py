@@ -287,6 +287,8 @@ class VisionLanguageModule(L.LightningModule):
     # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/captioning.py)
 
     def _score_captions(self, batch: dict[str, Any], vision: TowerOutput) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return  # decoding is the slow part of evaluation, and sanity-check metrics are discarded
         limit = (self.hparams.model.get("generation") or {}).get("max_images")
         keep = len(batch["image_ids"]) if limit is None else max(0, limit - len(self._caption_scorer))
         if keep == 0:
