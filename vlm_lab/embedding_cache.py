@@ -295,14 +295,17 @@ class LockedTowerCache(Callback):
             return
         tower_hash = tower_fingerprint(pl_module.vision)
         for split in self.SPLITS:
+            if split == "val" and not trainer.limit_val_batches:
+                continue  # validation is off: nothing would read that cache
             images = datamodule.cacheable_images(split)
             if images is None:
                 log.info("embedding cache: the %s images are not deterministic (augmentation?); not cached", split)
                 continue
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             cache, encoded = self._prepare(trainer, pl_module, images, tower_hash)
             datamodule.use_embedding_cache(split, cache)
-            self.report[split] = {"encoded": encoded, "seconds": time.perf_counter() - start, **cache.counts()}
+            self.report[split] = {"encoded": encoded, "seconds": time.perf_counter() - start,
+                                  "cpu_seconds": time.process_time() - cpu_start, **cache.counts()}
             log.info("embedding cache (%s, %s): %d rows, %d encoded now, %.1f s", split, self.settings.storage,
                      cache.rows, encoded, self.report[split]["seconds"])
 
