@@ -82,7 +82,7 @@ def test_zeroshot_errors_are_one_line(colour_folder, tmp_path):
         ZeroShotSettings.from_config({"root": str(colour_folder), "templates": "cifr"})
     with pytest.raises(ConfigError, match=r"needs \{\} where the class name goes"):
         ZeroShotSettings.from_config({"templates": ["a photo"]})
-    with pytest.raises(ConfigError, match=r"unknown key zeroshot.'every_n_epoch'.*Did you mean 'every_n_epochs'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'zeroshot.every_n_epoch'.*Did you mean 'every_n_epochs'"):
         ZeroShotSettings.from_config({"every_n_epoch": 2})
     (tmp_path / "names.txt").write_text("only one\n")
     with pytest.raises(ConfigError, match=r"1 names for 3 class folders"):

@@ -15,9 +15,10 @@ registry specs are checked against their constructors before anything is built.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vlm_lab import registry
 from vlm_lab.errors import ConfigError, did_you_mean
+
+T = TypeVar("T")
 
 DEFAULTS: dict[str, Any] = {
     "name": None,
@@ -305,6 +308,20 @@ def _type_names(expected: type | tuple[type, ...]) -> str:
     types = expected if isinstance(expected, tuple) else (expected,)
     words = {int: "an integer", float: "a number", str: "a string", list: "a list", type(None): "null"}
     return " or ".join(words.get(t, t.__name__) for t in types)
+
+
+def dataclass_from_section(cls: type[T], section: Mapping[str, Any] | None, where: str) -> T:
+    """A settings dataclass (``TowerLock``, ``ZeroShotSettings``...) from its config section.
+
+    An unknown key fails with the closest valid one; a missing section (``None``, as in a checkpoint
+    written before the section existed) gives the defaults.
+    """
+    section = dict(section or {})
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key in section:
+        if key not in valid:
+            raise ConfigError(f"unknown key '{where}.{key}'.{did_you_mean(key, valid)} Valid keys: {', '.join(valid)}")
+    return cls(**section)
 
 
 def to_yaml(config: DictConfig | Mapping[str, Any]) -> str:

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
@@ -41,6 +41,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
+from vlm_lab.config import dataclass_from_section
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.towers.base import TowerOutput
 
@@ -87,13 +88,7 @@ class CacheSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> "CacheSettings":
-        section = dict(section or {})
-        valid = [f.name for f in fields(cls)]
-        for key in section:
-            if key not in valid:
-                raise ConfigError(f"unknown key embedding_cache.{key!r}.{did_you_mean(key, valid)} "
-                                  f"Valid keys: {', '.join(valid)}")
-        settings = cls(**section)
+        settings = dataclass_from_section(cls, section, "embedding_cache")
         if settings.storage not in ("memory", "disk"):
             raise ConfigError(f"embedding_cache.storage={settings.storage!r} is not one of 'memory', 'disk'"
                               f"{did_you_mean(settings.storage, ('memory', 'disk'))}")

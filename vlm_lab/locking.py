@@ -18,13 +18,14 @@ outputs may be cached (``vlm_lab/embedding_cache.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.config import dataclass_from_section
+from vlm_lab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -49,12 +50,7 @@ class TowerLock:
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None, where: str) -> "TowerLock":
         """Build from a config section; a missing section (an older checkpoint) means unlocked."""
-        section = dict(section or {})
-        valid = [f.name for f in fields(cls)]
-        for key in section:
-            if key not in valid:
-                raise ConfigError(f"unknown key {where}.{key!r}.{did_you_mean(key, valid)} Valid keys: {', '.join(valid)}")
-        lock = cls(**section)
+        lock = dataclass_from_section(cls, section, where)
         if lock.unlocked_groups < 0:
             raise ConfigError(f"{where}.unlocked_groups={lock.unlocked_groups} should be 0 or more")
         if lock.unlocked_groups and not lock.lock:

@@ -21,7 +21,7 @@ During fit the results are logged as ``val/zeroshot_top1`` and ``val/zeroshot_to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.transforms import build_transform, decode_size, open_image
+from vlm_lab.config import dataclass_from_section
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.eval.templates import TEMPLATE_SETS
 
@@ -53,14 +54,7 @@ class ZeroShotSettings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any] | None) -> "ZeroShotSettings":
-        section = dict(section or {})
-        valid = [f.name for f in fields(cls)]
-        for key in section:
-            if key not in valid:
-                raise ConfigError(f"unknown key zeroshot.{key!r}.{did_you_mean(key, valid)} Valid keys: {', '.join(valid)}")
-        if isinstance(section.get("templates"), (list, tuple)):
-            section["templates"] = list(section["templates"])
-        settings = cls(**section)
+        settings = dataclass_from_section(cls, section, "zeroshot")
         resolve_templates(settings.templates)  # fail now, not after an epoch of training
         return settings
 
