@@ -1,7 +1,7 @@
 """Images per second through each data module, against a plain PIL decode loop over the same files.
 
-    python benchmarks/data_throughput.py                 # all datasets, 0/1/2 workers, 224 px
-    python benchmarks/data_throughput.py --images 1024 --size 224 --workers 0 1 2 4
+    python benchmarks/data_throughput.py                 # all datasets, 0/1/2 workers, 224 and 64 px
+    python benchmarks/data_throughput.py --images 1024 --sizes 224 --workers 0 1 2 4
 
 For each dataset it times (after the first batch, so worker start-up is not counted):
 
@@ -9,8 +9,8 @@ For each dataset it times (after the first batch, so worker start-up is not coun
   streaming module), in one process: the cost of decoding alone;
 - the data module's training loader at each worker count: decode, the tower's transform (resize,
   crop, normalise) and tokenisation of the captions, batched; and the CPU time it took per image,
-  summed over the main process and the workers, which other processes on the machine do not
-  inflate (2 idle cores give at most 2000 / that many images/s).
+  summed over the main process and the workers. Busy neighbours slow the first down but hardly the
+  second, so the last column projects the 2-worker speed-up on two idle cores from it.
 
 Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, each
 listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from vlm_lab.data.cc3m import CC3MDataModule  # noqa: E402
 from vlm_lab.data.coco import CocoCaptionsDataModule  # noqa: E402
@@ -50,28 +51,35 @@ from vlm_lab.towers.base import ImageConfig  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def images_per_second(loader: Iterable[dict], images: int) -> tuple[float, int]:
-    """Rate over ``images`` images, epoch after epoch, timed from the end of the first batch.
+def measure(loader: DataLoader, images: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over ``images`` images, epoch after epoch.
 
-    Also returns how many images were loaded in all, the first batch included.
+    Both are taken from the end of the first batch, so starting the workers is not counted; the CPU
+    time is the main process's plus every worker's, read from /proc.
     """
-    start, count, total = None, 0, 0
+    start, count, cpu_start = None, 0, 0.0
     while count < images:
         for batch in loader:  # persistent workers: later epochs reuse them
-            total += len(batch["image_ids"])
             if start is None:
-                start = time.perf_counter()
+                # DataLoader keeps the iterator of persistent workers; its processes are private API.
+                workers = [w.pid for w in loader._iterator._workers] if loader.num_workers else []
+                start, cpu_start = time.perf_counter(), cpu_seconds(workers)
                 continue
             count += len(batch["image_ids"])
             if count >= images:
                 break
-    return count / (time.perf_counter() - start), total
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(workers) - cpu_start
+    return count / elapsed, 1000 * cpu / count
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the loader workers, once stopped)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process and of the given ones (user + system)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 def pil_rate(sources: Callable[[], Iterable[bytes | str]], images: int) -> float:
@@ -110,7 +118,7 @@ def repeated_coco_captions(root: Path, out: Path, times: int) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=768, help="images timed per measurement")
-    parser.add_argument("--size", type=int, default=224, help="the tower's input size")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 64], help="tower input sizes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
@@ -123,56 +131,59 @@ def main() -> int:
     # are busy. A training process sets its own thread count for the model.
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(None)
-    # OpenAI CLIP's preprocessing at the chosen size: bicubic, short side resize + centre crop.
-    image_config = ImageConfig(size=(args.size, args.size), mean=(0.4815, 0.4578, 0.4082),
-                               std=(0.2686, 0.2613, 0.2758), interpolation="bicubic")
-    common = dict(tokenizer=tokenizer, image_config=image_config, max_length=32, batch_size=args.batch_size)
     flickr = dict(train_ann=str(DATA / "flickr8k" / "annotations" / "captions_train.json"),
                   train_images=str(DATA / "flickr8k" / "images"))
+    rows = []
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         coco = dict(train_ann=repeated_coco_captions(DATA / "coco-mini", Path(tmp), times=10),
                     train_images=str(DATA / "coco-mini" / "train2017"))
         shards = coco_to_shards(flickr["train_ann"], flickr["train_images"], Path(tmp) / "shards", per="image",
                                 shard_size=1000).shards
-        datasets = {
-            "COCO (coco_captions, coco-mini x10)": (
-                lambda w: CocoCaptionsDataModule(**common, **coco, num_workers=w),
-                lambda dm: [r.path for r in dm.records("train")]),
-            "Flickr8k (coco_captions)": (
-                lambda w: CocoCaptionsDataModule(**common, **flickr, num_workers=w),
-                lambda dm: [r.path for r in dm.records("train")]),
-            "Flickr8k shards (cc3m, webdataset)": (
-                lambda w: CC3MDataModule(**common, train_shards=[str(s) for s in shards], num_workers=w),
-                lambda dm: shard_images(shards)),
-        }
-        rows = []
-        for name, (make, files) in datasets.items():
-            reference = make(0)
-            pil = pil_rate(lambda: files(reference), args.images)
-            rates, costs = {}, {}
-            for workers in args.workers:
-                cpu = cpu_seconds()
-                loader = make(workers).train_dataloader()
-                rates[workers], loaded = images_per_second(loader, args.images)
-                del loader
-                gc.collect()  # stops this loader's workers (and counts their CPU time) before the next forks
-                costs[workers] = 1000 * (cpu_seconds() - cpu) / loaded
-                print(f"{name}: {workers} worker(s): {rates[workers]:.0f} images/s, "
-                      f"{costs[workers]:.2f} CPU ms/image", file=sys.stderr)
-            rows.append((name, pil, rates, costs))
+        for size in args.sizes:
+            # OpenAI CLIP's preprocessing at this size: bicubic short-side resize, centre crop.
+            image_config = ImageConfig(size=(size, size), mean=(0.4815, 0.4578, 0.4082),
+                                       std=(0.2686, 0.2613, 0.2758), interpolation="bicubic")
+            common = dict(tokenizer=tokenizer, image_config=image_config, max_length=32, batch_size=args.batch_size)
+            datasets = {
+                "COCO (coco_captions, coco-mini x10)": (
+                    lambda w: CocoCaptionsDataModule(**common, **coco, num_workers=w),
+                    lambda dm: [r.path for r in dm.records("train")]),
+                "Flickr8k (coco_captions)": (
+                    lambda w: CocoCaptionsDataModule(**common, **flickr, num_workers=w),
+                    lambda dm: [r.path for r in dm.records("train")]),
+                "Flickr8k shards (cc3m, webdataset)": (
+                    lambda w: CC3MDataModule(**common, train_shards=[str(s) for s in shards], num_workers=w),
+                    lambda dm: shard_images(shards)),
+            }
+            for name, (make, files) in datasets.items():
+                reference = make(0)
+                pil = pil_rate(lambda: files(reference), args.images)
+                rates, costs = {}, {}
+                for workers in args.workers:
+                    loader = make(workers).train_dataloader()
+                    rates[workers], costs[workers] = measure(loader, args.images)
+                    del loader
+                    gc.collect()  # stops this loader's workers before the next one forks its own
+                    print(f"{size}px {name}: {workers} worker(s): {rates[workers]:.0f} images/s, "
+                          f"{costs[workers]:.2f} CPU ms/image", file=sys.stderr)
+                rows.append((size, name, pil, rates, costs))
+                loads.append(os.getloadavg()[0])
 
-    print(f"\n{args.size}px, batch {args.batch_size}, {args.images} images per measurement, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print("images/s (CPU ms per image, all processes):\n")
-    columns = ["data module", "PIL decode only", *(f"{w} workers" for w in args.workers)]
-    if 0 in args.workers and 2 in args.workers:
-        columns.append("2 vs 0 workers")
+    print(f"\nbatch {args.batch_size}, {args.images} images per measurement, {os.cpu_count()} CPUs, "
+          f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
+    print("images/s (CPU ms per image, main process and workers together):\n")
+    columns = ["size", "data module", "PIL decode only", *(f"{w} workers" for w in args.workers)]
+    compare = 0 in args.workers and 2 in args.workers
+    if compare:
+        columns += ["2 vs 0 workers", "2 vs 0 from CPU ms (idle cores)"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for name, pil, rates, costs in rows:
-        cells = [name, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.1f})" for w in args.workers)]
-        if 0 in rates and 2 in rates:
-            cells.append(f"{rates[2] / rates[0]:.2f}x")
+    for size, name, pil, rates, costs in rows:
+        cells = [f"{size}px", name, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.1f})" for w in args.workers)]
+        if compare:
+            # On two idle cores, two workers can at best do 2 cores / (CPU per image with workers).
+            cells += [f"{rates[2] / rates[0]:.2f}x", f"{2 * costs[0] / costs[2]:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     return 0
 
