@@ -62,7 +62,16 @@ def _batch(dtype: str) -> dict[str, torch.Tensor]:
         "pixel_values": torch.randn(BATCH, 3, 32, 32, generator=gen, dtype=DTYPES[dtype]),
         "input_ids": torch.randint(1000, 2000, (BATCH, 12), generator=gen) * mask,
         "attention_mask": mask,
+        "text_image_index": torch.arange(BATCH),
+        "image_ids": torch.arange(BATCH),
     }
+
+
+def _shard(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """This rank's half of the batch, as a distributed sampler and the collate function would give it."""
+    shard = {k: v.chunk(WORLD_SIZE)[rank] for k, v in batch.items()}
+    shard["text_image_index"] = torch.arange(len(shard["image_ids"]))  # positions within the shard
+    return shard
 
 
 class _TrainingStep(torch.nn.Module):
@@ -93,7 +102,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     results = {}
     for (case, (loss_spec, _)), dtype in itertools.product(CASES.items(), DTYPES):
-        shard = {k: v.chunk(WORLD_SIZE)[rank] for k, v in _batch(dtype).items()}
+        shard = _shard(_batch(dtype), rank)
         module = _module(loss_spec, dtype)
         ddp = DistributedDataParallel(_TrainingStep(module))  # must outlive backward: it holds the hooks
         loss = ddp(shard)
