@@ -211,6 +211,8 @@ def test_bad_configs_say_what_is_wrong(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match=r"1 of 2 shard file\(s\) do not exist, e\.g\. .*00001\.tar"):
         write_shard(tmp_path / "00000.tar", good_samples(0, 2))
         datamodule(tokenizer, train_shards=str(tmp_path / "{00000..00001}.tar"))
+    with pytest.raises(ConfigError, match="data.train_images is the folder of data.train_table, which is not set"):
+        datamodule(tokenizer, train_shards=str(tmp_path / "00000.tar"), train_images=str(tmp_path))
     with pytest.raises(ConfigError, match="both set"):
         datamodule(tokenizer, train_shards=str(tmp_path / "00000.tar"), train_table="x.tsv")
     with pytest.raises(ConfigError, match="needs data.train_shards or data.train_table"):

@@ -7,7 +7,7 @@ Two layouts, per split:
 - a caption table, ``filepath<TAB>caption`` (``.tsv``) or ``filepath,caption`` (``.csv``), with the
   image folder its paths are relative to (``data.train_table`` + ``data.train_images``).
 
-The validation split may use either layout, whichever the training split uses.
+Each split picks its layout on its own: shards for training and a table for validation is fine.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class CC3MDataModule(CaptionDataModule):
                                              ("val", val_shards, val_table, val_images)):
             if shards is not None and table is not None:
                 raise ConfigError(f"data.{split}_shards and data.{split}_table are both set; give one layout per split")
+            if images is not None and table is None:
+                raise ConfigError(f"data.{split}_images is the folder of data.{split}_table, which is not set")
             if shards is not None:
                 self.urls[split] = expand_shards(shards, f"{split}_shards")
             elif table is not None:
