@@ -3,12 +3,14 @@
 Checkpointing must be active (each trainable block runs twice: forward, then again in backward), give
 the gradients of the plain tower, and cope with frozen parameters: no "none of the inputs require
 grad" failure or warning (the reentrant variant's trap), and frozen blocks are neither recomputed nor
-backpropagated through. Towers are frozen with the LiT lock (``vlm_lab.locking``) and by hand.
+backpropagated through. Towers are frozen with the LiT lock (``vlm_lab.locking``) and by hand; the
+last tests run the whole model, the CoCa caption decoder included, with locked towers.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,52 @@ def _parameters_before(tower: nn.Module, blocks: nn.Module) -> list[nn.Parameter
             break
         before.append(parameter)
     return before
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole model: towers and the caption decoder checkpointed, with locked towers
+
+
+TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+COCA = ["model.caption_weight=1.0", "model.caption_head.name=coca_decoder", "model.caption_head.layers=2",
+        "model.caption_head.heads=2", "model.caption_head.image_queries=4",
+        "model.vision.layers=2", "model.text.layers=2"]
+LOCKS = {
+    "fully locked towers": ["model.vision_lock.lock=true", "model.text_lock.lock=true"],
+    "partly locked towers": ["model.vision_lock.lock=true", "model.vision_lock.unlocked_groups=1",
+                             "model.text_lock.lock=true", "model.text_lock.unlocked_groups=1"],
+}
+
+
+def _module_gradients(overrides: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
+    import vlm_lab
+
+    torch.manual_seed(0)
+    module = vlm_lab.build_module(vlm_lab.load_config(TINY_CONFIG, overrides=overrides)).train()
+    layers = module.caption_head.layers
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        first_linear = next(m for m in layer.modules() if isinstance(m, nn.Linear))
+        first_linear.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    gen = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32, generator=gen),
+             "input_ids": torch.randint(1000, 2000, (4, 10), generator=gen),
+             "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "text_image_index": torch.arange(4), "image_ids": torch.arange(4)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. "None of the inputs have requires_grad=True"
+        module.losses(batch)["loss"].backward()
+    return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}, calls
+
+
+@pytest.mark.parametrize("locks", list(LOCKS))
+def test_model_with_checkpointed_towers_and_decoder_and_locked_towers(locks):
+    expected, plain_calls = _module_gradients(COCA + LOCKS[locks])
+    on = ["model.vision.grad_checkpointing=true", "model.text.grad_checkpointing=true",
+          "model.caption_head.grad_checkpointing=true"]
+    got, calls = _module_gradients(COCA + LOCKS[locks] + on)
+    assert plain_calls == [1, 1] and calls == [2, 2]  # the decoder's layers were recomputed
+    assert set(got) == set(expected) and any(n.startswith("caption_head.") for n in got)
+    assert any(n.startswith("vision.") for n in got) == (locks == "partly locked towers")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
