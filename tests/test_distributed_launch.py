@@ -31,14 +31,19 @@ LAUNCHES = {
     "lightning": [sys.executable, "-m", "vlm_lab.cli", "fit", str(TINY_CONFIG),
                   "trainer.devices=2", "trainer.strategy=ddp"],
 }
-LAUNCHER_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID",
-                      "SLURM_NTASKS", "SLURM_NNODES", "SLURM_JOB_ID", "SLURM_NTASKS_PER_NODE", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NAME", "SLURM_PROCID", RUN_DIR_ENV)
+# What launchers set; the tests start from an environment without any (even when run under SLURM).
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID", RUN_DIR_ENV)
+
+
+def _is_launcher_variable(name: str) -> bool:
+    return name in LAUNCHER_VARIABLES or name.startswith("SLURM_")
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Run both launches at once (each in its own working directory); {name: its runs/tiny folder}."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if not _is_launcher_variable(k)}
     env["PYTHONPATH"] = os.pathsep.join([str(TINY_CONFIG.parents[2]), env.get("PYTHONPATH", "")])
     procs, folders = {}, {}
     for name, command in LAUNCHES.items():
@@ -82,8 +87,8 @@ def test_two_process_fit_is_consistent_with_one_process(launched, launcher, tmp_
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if _is_launcher_variable(n)]:
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
