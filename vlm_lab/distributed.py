@@ -1,9 +1,9 @@
 """Everything about running on several processes, kept in one place.
 
 Contrastive losses get better with more negatives, so under data parallelism every rank scores its
-batch against the features of all ranks. The losses call :func:`gather_features`,
-:func:`neighbour_exchange`, :func:`scale_gradient` and :func:`world_info` and contain no other
-distributed code; on one process all of them are no-ops.
+batch against the features of all ranks. The losses call :func:`gather_features` /
+:func:`all_gather_batch`, :func:`neighbour_exchange`, :func:`scale_gradient` and :func:`world_info`
+and contain no other distributed code; on one process all of them are no-ops.
 
 The rest of the file reads what a launcher (torchrun, SLURM, Lightning's own) tells its processes,
 so that the same YAML runs on one laptop core or on many nodes: :func:`launcher_layout` (how many
