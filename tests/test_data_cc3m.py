@@ -154,7 +154,9 @@ class RecordOrder(L.Callback):
 def test_resumed_run_continues_the_epoch_order(tokenizer, tmp_path):
     shard = str(CC12M_SHARD)
     data = dict(train_shards=shard, val_shards=shard, batch_size=8, shuffle_buffer=16)
-    overrides = ["data.name=cc3m", *(f"data.{k}={v}" for k, v in data.items()), "trainer.limit_val_batches=1"]
+    # limit_train_batches: an epoch Lightning cuts short still counts as done.
+    overrides = ["data.name=cc3m", *(f"data.{k}={v}" for k, v in data.items()), "trainer.limit_val_batches=1",
+                 "trainer.limit_train_batches=3"]
 
     def run(max_epochs, resume):
         cfg = vlm_lab.load_config(TINY, overrides=overrides + [f"trainer.max_epochs={max_epochs}"])
@@ -169,7 +171,7 @@ def test_resumed_run_continues_the_epoch_order(tokenizer, tmp_path):
     first = run(1, resume=False)
     resumed = run(2, resume=True)
     assert list(first) == [0] and list(resumed) == [1]  # the resumed run trained the second epoch only...
-    expected = {epoch: ids_of(read_epoch(datamodule(tokenizer, **data), "train", 1, epoch)[0]) for epoch in (0, 1)}
+    expected = {epoch: ids_of(read_epoch(datamodule(tokenizer, **data), "train", 1, epoch)[0])[:24] for epoch in (0, 1)}
     assert first[0] == expected[0]
     assert resumed[1] == expected[1] != expected[0]  # ...in the second epoch's order, not the first's again
 

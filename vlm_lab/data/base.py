@@ -97,7 +97,9 @@ class CaptionDataModule(L.LightningDataModule):
         if loader is None or loader.progress is None:
             return {}
         epoch, batches = loader.progress
-        return {"next_epoch": epoch + 1 if batches >= len(loader) else epoch}
+        # The pass is over once it yielded every batch Lightning runs (fewer with limit_train_batches).
+        wanted = len(loader) if self.trainer is None else min(len(loader), self.trainer.num_training_batches)
+        return {"next_epoch": epoch + 1 if batches >= wanted else epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_epoch = state_dict.get("next_epoch")
