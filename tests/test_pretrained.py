@@ -56,6 +56,8 @@ def test_minilm_l6_mean_pooled_sentences_are_closer_when_they_mean_the_same():
         "model.vision.name=clip_vit", "model.vision.image_size=32", "model.vision.patch_size=16",
         "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.text.name=minilm_l6"]))
     assert module.text.pooling == "mean" and module.text.output_dim == 384
+    assert all(m.training for m in module.text.modules())  # loaded in train mode, as any tower is built
+    module.eval()
     tokens = module.tokenize(["a dog runs across the grass", "a puppy running through a field",
                               "quarterly earnings of the bank fell sharply"])
     with torch.no_grad():

@@ -47,9 +47,12 @@ def load_hf_model(tower: str, path: str | None, config: dict[str, Any] | None) -
         if not Path(path).is_dir():
             raise ConfigError(f"{tower}: no model directory at {path}")
         try:
-            return AutoModel.from_pretrained(path, local_files_only=True)
+            loaded = AutoModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as error:  # no config.json, no weights, unknown architecture
             raise ConfigError(f"{tower}: cannot load a model from {path}: {error}") from error
+        # from_pretrained hands back a model in eval mode; a tower starts in train mode like any
+        # module (dropout on when it trains), and the LightningModule switches modes from there.
+        return loaded.train()
 
     assert config is not None
     arguments = dict(config)
