@@ -32,3 +32,14 @@ def tiny_config():
 @pytest.fixture
 def tiny_module(tiny_config):
     return vlm_lab.build_module(tiny_config)
+
+
+@pytest.fixture(autouse=True)
+def restore_rank_zero():
+    """Lightning keeps the process rank in a global (``rank_zero_only.rank``) that a Trainer built under
+    simulated launcher variables (RANK=1) overwrites; restore it so later tests still log as rank 0."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    saved = getattr(rank_zero_only, "rank", 0)
+    yield
+    rank_zero_only.rank = saved
