@@ -144,8 +144,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_locked_towers_do_not_trip_ddp_unused_parameter_checks(tiny_config):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+def test_locked_towers_do_not_trip_ddp_unused_parameter_checks(tiny_config, monkeypatch):
+    # monkeypatch: the rendezvous variables must not leak into later tests' subprocesses.
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         def three_steps(module):
