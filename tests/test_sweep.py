@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 import vlm_lab
 from vlm_lab import sweep
@@ -10,6 +11,10 @@ from vlm_lab.cli import main
 from vlm_lab.errors import ConfigError
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+LIT = ROOT / "experiments" / "lit"
+LIT_VARIANTS = ["locked_both_floor", "locked_image_scratch_text", "locked_image_pretrained_text",
+                "tuned_image_scratch_text", "tuned_image_tuned_text", "scratch_both"]
 
 
 def write_sweep(tmp_path, text, name="sweep.yaml"):
@@ -55,12 +60,61 @@ def test_runs_alone(tmp_path):
     assert [r.name for r in sweep.expand(file)] == ["seed=1", "seed=2,lr=0.01"]
 
 
+def test_runs_layer_their_own_config_files_and_are_named_after_them(tmp_path):
+    (tmp_path / "wide.yaml").write_text("model: {embed_dim: 32}\n")
+    (tmp_path / "deep.yaml").write_text("model: {vision: {layers: 2}}\n")
+    file = write_sweep(tmp_path, """
+base: [TINY]
+runs:
+  - {configs: [wide.yaml]}
+  - {configs: [wide.yaml, deep.yaml], overrides: [optim.lr=0.01]}
+  - [optim.lr=0.02]
+grid: {seed: [1, 2]}
+""")
+    runs = sweep.expand(file)
+    assert [r.name for r in runs] == ["wide,seed=1", "wide,seed=2", "wide+deep,lr=0.01,seed=1",
+                                      "wide+deep,lr=0.01,seed=2", "lr=0.02,seed=1", "lr=0.02,seed=2"]
+    assert runs[2].configs == (str(tmp_path / "wide.yaml"), str(tmp_path / "deep.yaml"))
+    assert runs[2].overrides == ("optim.lr=0.01", "seed=1") and runs[4].configs == ()
+    assert runs[2].swept == {"configs": "wide+deep", "optim.lr": "0.01", "seed": 1}
+    cfg = runs[2].config()  # base, then the run's files in order, then its overrides
+    assert (cfg.model.embed_dim, cfg.model.vision.layers, cfg.optim.lr, cfg.seed) == (32, 2, 0.01, 1)
+    assert runs[4].config().model.embed_dim == vlm_lab.load_config(TINY).model.embed_dim
+    command = runs[2].command(tmp_path / "run", resume=False)
+    assert command[command.index("fit") + 1:][:3] == [str(Path(TINY).resolve()), *runs[2].configs]
+
+
+def test_lit_ablation_sweep_is_the_six_variants_on_the_headline_recipe():
+    runs = sweep.expand(ROOT / "experiments" / "sweeps" / "lit_ablation.yaml")
+    assert [r.name for r in runs] == LIT_VARIANTS
+    for r in runs:
+        expected = vlm_lab.load_config(LIT / "flickr8k_lit.yaml", LIT / f"{r.name}.yaml")
+        assert OmegaConf.to_container(r.config()) == OmegaConf.to_container(expected), r.name
+        assert r.config().name == r.name
+    # the variants really differ where the ablation says they do
+    locked = {r.name: (r.config().model.vision_lock.lock, r.config().model.text_lock.lock) for r in runs}
+    assert locked["locked_both_floor"] == (True, True) and locked["tuned_image_tuned_text"] == (False, False)
+
+
+def test_lit_ablation_dry_run_from_the_command_line(capsys):
+    file = ROOT / "experiments" / "sweeps" / "lit_ablation.yaml"
+    assert main(["sweep", str(file), "--out", str(ROOT / "runs" / "no-such-sweep"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for name in LIT_VARIANTS:
+        assert f"{name}  [to run]" in printed
+        assert f"flickr8k_lit.yaml {LIT / name}.yaml" in printed
+    assert not (ROOT / "runs" / "no-such-sweep").exists()
+
+
 @pytest.mark.parametrize("text, message", [
     ("base: [TINY]\ngrd: {seed: [1]}\n", "unknown sweep key 'grd'. Did you mean 'grid'"),
     ("grid: {seed: [1]}\n", "'base' must list at least one config file"),
     ("base: [nowhere.yaml]\n", "base config 'nowhere.yaml' not found"),
     ("base: [TINY]\ngrid: {seed: 1}\n", "grid.seed should be a non-empty list"),
     ("base: [TINY]\nruns: [[seed]]\n", "should look like key=value"),
+    ("base: [TINY]\nruns: [{config: [a.yaml]}]\n", "unknown key 'config' in a 'runs' entry. Did you mean 'configs'"),
+    ("base: [TINY]\nruns: [{configs: [nowhere.yaml]}]\n", "runs config 'nowhere.yaml' not found"),
+    ("base: [TINY]\nruns: [{}]\n", "names neither configs nor overrides"),
 ])
 def test_bad_sweep_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -68,20 +122,22 @@ def test_bad_sweep_files(tmp_path, text, message):
 
 
 def test_sweep_runs_records_failures_skips_finished_and_reports(tmp_path, capsys):
+    (tmp_path / "seed_two.yaml").write_text("seed: 2\n")
     file = write_sweep(tmp_path, """
 base: [TINY]
 overrides: [data.train_size=32]
 runs:
   - [seed=1]
-  - [seed=2]
+  - {configs: [seed_two.yaml]}
   - [optim.lr=fast]
 """)
     out = tmp_path / "out"
     assert main(["sweep", str(file), "--out", str(out), "--max-parallel", "2"]) == 1  # one failed run
-    assert (out / "seed=1" / "DONE").is_file() and (out / "seed=2" / "DONE").is_file()
+    assert (out / "seed=1" / "DONE").is_file() and (out / "seed_two" / "DONE").is_file()
+    assert "seed: 2" in (out / "seed_two" / "config.yaml").read_text()  # the run's own file was layered
     failed = (out / "lr=fast" / "FAILED").read_text()
     assert "exit code: 2" in failed and "optim.lr='fast' should be a number" in failed
-    for name in ("seed=1", "seed=2"):
+    for name in ("seed=1", "seed_two"):
         assert (out / name / "config.yaml").is_file() and (out / name / "checkpoints" / "last.ckpt").is_file()
         assert "val/i2t_R@1" in json.loads((out / name / "metrics.json").read_text())
 

@@ -7,11 +7,14 @@ A sweep file::
     grid:                                        # cartesian product of these values
       optim.lr: [1.0e-3, 3.0e-4]
       model.embed_dim: [64, 128]
-    runs:                                        # optional: explicit override sets
-      - [model.loss.name=siglip]
+    runs:                                        # optional: explicit runs
+      - [model.loss.name=siglip]                 # an override set
+      - {configs: [experiments/lit/scratch_both.yaml], overrides: [optim.lr=1e-3]}
 
 gives one run per grid point (``runs`` alone gives one per entry; both together give every run
-entry crossed with the grid). Each run is an ordinary ``vlm-lab fit`` in its own directory
+entry crossed with the grid). A ``runs`` entry is either a list of overrides or a mapping whose
+``configs`` are config files layered after ``base`` (a variant kept in its own file, named after
+the file's stem) and whose ``overrides`` apply after those. Each run is an ordinary ``vlm-lab fit`` in its own directory
 ``OUT/<name>`` (``config.yaml``, ``checkpoints/``, ``logs/``, ``metrics.json``, ``log.txt``), with a
 ``DONE`` marker once it succeeded or a ``FAILED`` file with the error and the tail of its log.
 Running the same sweep again skips finished runs and resumes interrupted ones from their last
@@ -33,25 +36,41 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
+from omegaconf import DictConfig
 
 from vlm_lab.errors import ConfigError, did_you_mean
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs", "slurm")
+RUN_KEYS = ("configs", "overrides")  # the keys of a ``runs`` entry written as a mapping
+CONFIGS = "configs"  # the swept "value" of a run's own config files: their stems, e.g. scratch_both
 DONE, FAILED, LOG = "DONE", "FAILED", "log.txt"
 LOG_TAIL_LINES = 30
 
 
 @dataclass(frozen=True)
 class Run:
-    """One run of a sweep: its directory name and every override it applies after ``base``."""
+    """One run of a sweep: its directory name, its config files (the sweep's ``base``, then the
+    run's own ``configs``) and every override it applies after them."""
 
     name: str
     base: tuple[str, ...]
     overrides: tuple[str, ...]
+    configs: tuple[str, ...] = ()
     swept: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every config file of the run, in merge order."""
+        return self.base + self.configs
+
+    def config(self) -> DictConfig:
+        """The run's resolved config, exactly what its ``vlm-lab fit`` will train (nothing runs)."""
+        from vlm_lab.config import load_config
+
+        return load_config(*self.files, overrides=self.overrides)
+
     def command(self, run_dir: Path, resume: bool) -> list[str]:
-        cmd = [sys.executable, "-m", "vlm_lab.cli", "fit", *self.base, *self.overrides, "--run-dir", str(run_dir)]
+        cmd = [sys.executable, "-m", "vlm_lab.cli", "fit", *self.files, *self.overrides, "--run-dir", str(run_dir)]
         return cmd + ["--resume"] if resume else cmd
 
 
@@ -70,7 +89,7 @@ class Outcome:
 def expand(file: str | Path) -> list[Run]:
     """The runs a sweep file describes, in a stable order, each with a unique name."""
     spec = _read_sweep(Path(file))
-    base = tuple(_resolve_base(entry, Path(file)) for entry in _as_list(spec.get("base"), "base"))
+    base = tuple(_resolve_config_file(entry, Path(file), "base") for entry in _as_list(spec.get("base"), "base"))
     fixed = [_check_override(o, "overrides") for o in _as_list(spec.get("overrides"), "overrides")]
 
     grid = spec.get("grid") or {}
@@ -82,19 +101,38 @@ def expand(file: str | Path) -> list[Run]:
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
     explicit = spec.get("runs")
-    run_sets: list[list[str]] = [[]]
+    entries: list[tuple[tuple[str, ...], list[str]]] = [((), [])]  # (the run's config files, its overrides)
     if explicit is not None:
         if not isinstance(explicit, list) or not explicit:
-            raise ConfigError(f"{file}: 'runs' should be a non-empty list of override lists")
-        run_sets = [[_check_override(o, "runs") for o in _as_list(entry, "runs")] for entry in explicit]
+            raise ConfigError(f"{file}: 'runs' should be a non-empty list of override lists or "
+                              f"{{configs: [...], overrides: [...]}} mappings")
+        entries = [_run_entry(entry, Path(file)) for entry in explicit]
 
     runs: list[Run] = []
-    for run_overrides, point in itertools.product(run_sets, points):
-        swept = {**dict(o.split("=", 1) for o in run_overrides), **{k: v for k, v in point.items()}}
+    for (configs, run_overrides), point in itertools.product(entries, points):
+        swept = {CONFIGS: "+".join(Path(c).stem for c in configs)} if configs else {}
+        swept.update(dict(o.split("=", 1) for o in run_overrides))
+        swept.update(point)
         overrides = (*fixed, *run_overrides, *(f"{k}={_format_value(v)}" for k, v in point.items()))
-        runs.append(Run(name="", base=base, overrides=overrides, swept=swept))
+        runs.append(Run(name="", base=base, overrides=overrides, configs=configs, swept=swept))
     names = _run_names([r.swept for r in runs])
-    return [Run(name=n, base=r.base, overrides=r.overrides, swept=r.swept) for n, r in zip(names, runs)]
+    return [Run(name=n, base=r.base, overrides=r.overrides, configs=r.configs, swept=r.swept)
+            for n, r in zip(names, runs)]
+
+
+def _run_entry(entry: Any, sweep_file: Path) -> tuple[tuple[str, ...], list[str]]:
+    """One ``runs`` entry: an override list, or ``{configs: [FILE, ...], overrides: [...]}``."""
+    if not isinstance(entry, dict):
+        return (), [_check_override(o, "runs") for o in _as_list(entry, "runs")]
+    for key in entry:
+        if key not in RUN_KEYS:
+            raise ConfigError(f"{sweep_file}: unknown key {key!r} in a 'runs' entry.{did_you_mean(key, RUN_KEYS)} "
+                              f"Valid keys: {', '.join(RUN_KEYS)}")
+    configs = tuple(_resolve_config_file(c, sweep_file, "runs") for c in _as_list(entry.get(CONFIGS), "runs.configs"))
+    overrides = [_check_override(o, "runs") for o in _as_list(entry.get("overrides"), "runs.overrides")]
+    if not configs and not overrides:
+        raise ConfigError(f"{sweep_file}: a 'runs' entry {entry!r} names neither configs nor overrides")
+    return configs, overrides
 
 
 def slurm_parameters(file: str | Path) -> dict[str, Any]:
@@ -120,14 +158,16 @@ def _read_sweep(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _resolve_base(entry: str, sweep_file: Path) -> str:
-    """A base config path relative to the working directory, else to the sweep file's folder or
-    one of its parents (so ``experiments/quickstart.yaml`` works from anywhere inside a checkout)."""
+def _resolve_config_file(entry: Any, sweep_file: Path, where: str) -> str:
+    """A config path relative to the working directory, else to the sweep file's folder or one of
+    its parents (so ``experiments/quickstart.yaml`` works from anywhere inside a checkout)."""
+    if not isinstance(entry, str):
+        raise ConfigError(f"{sweep_file}: {where} entry {entry!r} should be a config file path")
     folders = [Path.cwd(), *sweep_file.resolve().parents]
     for folder in folders:
         if (folder / entry).is_file():
             return str((folder / entry).resolve())
-    raise ConfigError(f"{sweep_file}: base config {entry!r} not found in the working directory "
+    raise ConfigError(f"{sweep_file}: {where} config {entry!r} not found in the working directory "
                       f"or beside the sweep file")
 
 
@@ -158,7 +198,8 @@ def _format_value(value: Any) -> str:
 
 
 def _run_names(swept: list[dict[str, Any]]) -> list[str]:
-    """Short, unique, filesystem-safe names from each run's swept values: ``lr=0.001,embed_dim=64``.
+    """Short, unique, filesystem-safe names from each run's swept values: ``lr=0.001,embed_dim=64``;
+    a run's own config files appear as their stems (``scratch_both`` or ``scratch_both,lr=0.001``).
 
     A key is shortened to its last component (``optim.lr`` -> ``lr``) unless another swept key ends
     the same way (``model.vision.layers`` and ``model.text.layers`` keep their full names).
@@ -166,9 +207,12 @@ def _run_names(swept: list[dict[str, Any]]) -> list[str]:
     keys = list(dict.fromkeys(k for values in swept for k in values))
     last = [k.rsplit(".", 1)[-1] for k in keys]
     label = {k: short if last.count(short) == 1 else k for k, short in zip(keys, last)}
+
+    def part(key: str, value: Any) -> str:
+        return str(value) if key == CONFIGS else f"{label[key]}={_format_value(value)}"
+
     names = [
-        re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(f"{label[k]}={_format_value(v)}" for k, v in values.items()))
-        or "run"
+        re.sub(r"[^A-Za-z0-9_.=,+-]+", "_", ",".join(part(k, v) for k, v in values.items())) or "run"
         for values in swept
     ]
     if len(set(names)) < len(names):  # the same overrides twice: number them
@@ -198,7 +242,7 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     if dry_run:
         for r in runs:
             state = "done, skipped" if (out / r.name / DONE).is_file() else "to run"
-            print(f"{r.name}  [{state}]\n  vlm-lab fit {' '.join(r.base + r.overrides)}")
+            print(f"{r.name}  [{state}]\n  vlm-lab fit {' '.join(r.files + r.overrides)}")
         return [Outcome(r.name, "planned") for r in runs]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +313,7 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
             "incomplete" if run_dir.is_dir() else "not started"
         row: dict[str, Any] = {"run": r.name, "status": status, **{k: v for k, v in r.swept.items()}}
         if status == "done":
-            row["seconds"] = round(json.loads((run_dir / DONE).read_text())["seconds"], 1)
+            row["seconds"] = _seconds(run_dir / DONE)
         metrics_file = run_dir / "metrics.json"
         if metrics_file.is_file():
             row.update(json.loads(metrics_file.read_text()))
@@ -293,6 +337,15 @@ def report(out: str | Path, metric: str | None = None) -> list[Path]:
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return [out / "results.csv", out / "results.md", *_plots(out, rows, metric)]
+
+
+def _seconds(done_marker: Path) -> float | None:
+    """The run's duration from its DONE marker; None for a marker written by another tool (an
+    empty one from ``experiments/lit/results.py``, whose run directories a sweep can share)."""
+    try:
+        return round(float(json.loads(done_marker.read_text())["seconds"]), 1)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _cell(value: Any) -> str:
