@@ -3,7 +3,9 @@
 Contrastive losses get better with more negatives, so under data parallelism every rank scores its
 batch against the features of all ranks. The losses call :func:`gather_features` /
 :func:`all_gather_batch`, :func:`neighbour_exchange`, :func:`scale_gradient` and :func:`world_info`
-and contain no other distributed code; on one process all of them are no-ops.
+and contain no other distributed code; on one process all of them are no-ops. :func:`sum_over_ranks`
+gives the caption loss its global token count, and :func:`any_rank` lets every rank take the same
+decision when only one rank's loss is non-finite.
 
 The rest of the file reads what a launcher (torchrun, SLURM, Lightning's own) tells its processes,
 so that the same YAML runs on one laptop core or on many nodes: :func:`launcher_layout` (how many
@@ -38,6 +40,34 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on at least one rank; every rank gets the same answer.
+
+    For decisions that change which collectives a step runs (skipping a step whose loss is
+    non-finite on one rank only): if ranks decided alone, one would wait forever in an all-reduce
+    the others never join. ``device`` must suit the backend (the loss's device: NCCL needs CUDA).
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return bool(flag)
+    votes = torch.tensor(int(bool(flag)), device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over all ranks, as a new tensor outside the autograd graph.
+
+    For normalisers that must be global, such as the number of caption tokens a loss averages over
+    (see :meth:`vlm_lab.captioning.CocaCaptionHead.caption_loss`).
+    """
+    _, world_size = world_info()
+    total = tensor.detach().clone()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return total
 
 
 def gather_features(

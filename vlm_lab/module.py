@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lab import registry
-from vlm_lab.distributed import world_info
+from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
@@ -69,6 +69,7 @@ class VisionLanguageModule(L.LightningModule):
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self._caption_scorer = CaptionScorer()
         self.skipped_nonfinite_steps = 0
+        self._discard_gradients = False  # set when a non-finite loss is skipped (see _nonfinite)
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
             f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
@@ -163,7 +164,9 @@ class VisionLanguageModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch)
         loss, size = losses["loss"], len(batch["image_ids"])
-        if not torch.isfinite(loss):
+        # Decided by all ranks together: a rank that skipped alone would never join the gradient
+        # all-reduce (and the sync_dist logging below) that the other ranks wait in.
+        if any_rank(not torch.isfinite(loss), loss.device):
             return self._nonfinite(loss)
         # Under DDP each rank's loss covers its share of the global batch and their mean is the loss
         # of the whole batch (what one process would log), so log that mean rather than rank 0's share.
@@ -194,20 +197,33 @@ class VisionLanguageModule(L.LightningModule):
         loss = sum(weights[name] * value for name, value in terms.items())
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
 
-    def _nonfinite(self, loss: torch.Tensor) -> None:
-        """A NaN/Inf loss: stop with a clear message, or skip the step (``optim.nonfinite_loss``)."""
+    def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """A NaN/Inf loss on some rank: stop with a clear message, or skip the optimizer step
+        (``optim.nonfinite_loss``). Every rank comes here together (see ``training_step``).
+
+        Skipping returns the loss anyway, so backward runs as usual on every rank: DDP's gradient
+        hooks and all-reduce happen as in any step (Lightning refuses a ``None`` loss under DDP), and
+        ``on_before_optimizer_step`` then throws the gradients away.
+        """
         step = self.trainer.global_step if self._trainer is not None else -1
         if self.hparams.optim.get("nonfinite_loss", "error") == "error":
+            value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {step}{self._logit_scale_note()}; lower optim.lr, "
+                f"the training loss is {value} at step {step}{self._logit_scale_note()}; lower optim.lr, "
                 f"check the data, or set "
                 f"optim.nonfinite_loss=skip to skip such steps"
             )
         self.skipped_nonfinite_steps += 1
         self.log("train/skipped_nonfinite_steps", float(self.skipped_nonfinite_steps), batch_size=1)
-        # Returning None makes Lightning skip backward and the optimizer step for this batch. Under
-        # DDP every rank must agree, so skipping is meant for single-process runs.
-        return None
+        self._discard_gradients = True
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The second half of skipping a non-finite step: with no gradients the optimizer changes neither
+        # the parameters nor its moments (gradient accumulation: the whole accumulated step is skipped).
+        if self._discard_gradients:
+            optimizer.zero_grad(set_to_none=True)
+            self._discard_gradients = False
 
     def _logit_scale_note(self) -> str:
         return "" if self.loss is None else f" (logit scale {float(self.loss.logit_scale_value()):.3g})"
