@@ -29,6 +29,7 @@ from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.module import VisionLanguageModule
+from vlm_lab.seeding import EpochSeeding
 
 RUNS_DIR = Path("runs")
 
@@ -58,9 +59,13 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if options.get("logger", True) is True:
         # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
         options["logger"] = CSVLogger(str(run_dir), name="logs")
+    # Written at the end of every epoch (atomically); --resume continues from last.ckpt, always that
+    # name: without a version counter a fresh fit in the same directory overwrites it, not last-v1.ckpt.
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
-                                  filename="epoch{epoch:03d}", auto_insert_metric_name=False)
-    callbacks: list[Callback] = [MetricsFile(run_dir / "metrics.json")]
+                                  filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                  enable_version_counter=False)
+    # Each epoch's random draws depend on (seed, epoch) only, so a resumed epoch repeats the lost one.
+    callbacks: list[Callback] = [MetricsFile(run_dir / "metrics.json"), EpochSeeding(cfg.seed)]
     cache_settings = CacheSettings.from_config(_plain(cfg.get("embedding_cache")))
     if cfg.model.get("caption_weight", 0) > 0:  # CoCa's poolers read the image tokens: the cache keeps them too
         cache_settings = dataclasses.replace(cache_settings, tokens=True)

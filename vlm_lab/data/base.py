@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, caption_loader
+from vlm_lab.data.epochs import TrainingEpochs
 from vlm_lab.data.health import BadSampleCounter, attach_report
 from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
@@ -29,20 +30,18 @@ class CaptionDataModule(L.LightningDataModule):
     """Base of the image-caption data modules (not registered itself)."""
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int, batch_size: int,
-                 eval_batch_size: int | None, num_workers: int, augment: bool) -> None:
+                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int) -> None:
         super().__init__()
         self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.augment = num_workers, augment
+        self.num_workers, self.augment, self.seed = num_workers, augment, seed
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
-        self._epochs_without_trainer = 0
-        self._train_stream: StreamLoader | None = None
+        self.epochs = TrainingEpochs()
         # The locked-tower embedding cache (vlm_lab/embedding_cache.py): caches by split, and the
         # map-style dataset each split's loader serves (Lightning builds the training loader early).
         self.embedding_caches: dict[str, EmbeddingCache] = {}
         self._served: dict[str, CaptionedImages] = {}
-        self._resumed_epoch: int | None = None
 
     # ---------------------------------------------------------------------------------------------
     # For subclasses
@@ -89,20 +88,14 @@ class CaptionDataModule(L.LightningDataModule):
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the epoch the next training pass shuffles for (plain loops; Lightning sets it itself)."""
-        self._epochs_without_trainer = epoch
+        self.epochs.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the epoch a resumed run's first stream pass uses."""
-        loader = self._train_stream
-        if loader is None or loader.progress is None:
-            return {}
-        epoch, batches = loader.progress
-        # The pass is over once it yielded every batch Lightning runs (fewer with limit_train_batches).
-        wanted = len(loader) if self.trainer is None else min(len(loader), self.trainer.num_training_batches)
-        return {"next_epoch": epoch + 1 if batches >= wanted else epoch}
+        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for."""
+        return self.epochs.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resumed_epoch = state_dict.get("next_epoch")
+        self.epochs.load_state_dict(state_dict)
 
     def cacheable_images(self, split: str) -> CaptionedImages | None:
         """The split's images for the embedding cache: map-style and not augmented, else None."""
@@ -123,23 +116,15 @@ class CaptionDataModule(L.LightningDataModule):
             dataset.embeddings = self.embedding_caches.get(split)
             self._served[split] = dataset
         training = split == "train"
+        epoch = self._next_epoch if training else lambda: 0
         if isinstance(dataset, ShardStream):
-            loader = StreamLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                  epoch=self._next_epoch if training else lambda: 0)
-            if training:
-                self._train_stream = loader
-            return loader
-        return caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
-                              self.num_workers, self.collate(split))
+            loader: DataLoader = StreamLoader(dataset, self.seed, epoch, num_workers=self.num_workers)
+        else:
+            loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
+                                    self.num_workers, self.collate(split), self.seed, epoch)
+        if training:
+            self.epochs.loader = loader
+        return loader
 
     def _next_epoch(self) -> int:
-        # A resumed run creates its first training iterator before Lightning restores its epoch
-        # counter, but after it hands back the datamodule's state: that state decides the first pass.
-        if self._resumed_epoch is not None:
-            epoch, self._resumed_epoch = self._resumed_epoch, None
-            return epoch
-        if self.trainer is not None:
-            return self.trainer.current_epoch
-        epoch = self._epochs_without_trainer
-        self._epochs_without_trainer += 1
-        return epoch
+        return self.epochs.next(self.trainer)

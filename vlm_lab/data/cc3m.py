@@ -48,7 +48,7 @@ class CC3MDataModule(CaptionDataModule):
         num_workers: data loader worker processes.
         shuffle_buffer: samples each training worker shuffles among.
         augment: random crops in training.
-        seed: fixes the shard order and shuffling of every epoch.
+        seed: fixes the shard order, shuffling, crops and caption draws of every epoch.
     """
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int,
@@ -58,8 +58,8 @@ class CC3MDataModule(CaptionDataModule):
                  train_samples: int | None = None, val_samples: int | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
-        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment)
-        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment, seed)
+        self.shuffle_buffer = shuffle_buffer
         self.samples = {"train": train_samples, "val": val_samples}
         self.urls: dict[str, list[str]] = {}
         self.tables: dict[str, list[Record]] = {}

@@ -84,9 +84,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
         num_workers: data loader worker processes.
         augment: random crops in training.
-
-    The order and the caption draws follow the experiment's ``seed`` (Lightning seeds the loader and
-    its workers).
+        seed: fixes each epoch's order and the seeds of its loader workers (caption draws and crops
+            made in workers; those made with ``num_workers: 0`` follow the experiment's ``seed``).
     """
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int,
@@ -96,8 +95,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
                  test_ann: str | None = None, test_images: str | None = None,
                  train_sampling: Literal["image", "caption"] = "image",
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 augment: bool = False) -> None:
-        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment)
+                 augment: bool = False, seed: int = 0) -> None:
+        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment, seed)
         self.train_sampling = train_sampling
         given = {"train": (train_ann, train_images), "val": (val_ann, val_images), "test": (test_ann, test_images)}
         self.sources = {split: _resolve(split, root, ann, images) for split, (ann, images) in given.items()}

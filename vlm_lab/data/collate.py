@@ -18,13 +18,14 @@ are the diagonal. Evaluation batches carry every caption, for multi-caption retr
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.towers.base import ImageConfig
 
 
@@ -73,17 +74,24 @@ class ImageTextCollate:
 
 
 def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_workers: int,
-                   collate_fn: ImageTextCollate) -> DataLoader:
+                   collate_fn: ImageTextCollate, seed: int = 0,
+                   epoch: Callable[[], int] | None = None) -> DataLoader:
     """The DataLoader of a map-style image-caption dataset: the one policy every data module uses.
 
     Training shuffles and drops the last partial batch (contrastive batches must keep their size,
-    and one sample carries no signal); evaluation keeps every sample, in order.
+    and one sample carries no signal), each pass seeded by (``seed``, ``epoch()``) (an
+    :class:`~vlm_lab.data.epochs.EpochLoader`; ``epoch`` is required in training). Evaluation keeps
+    every sample, in order.
     """
+    if training:
+        if epoch is None:
+            raise ValueError("a training loader needs the epoch of each pass (epoch=...)")
+        return EpochLoader(dataset, seed, epoch, batch_size=batch_size, shuffle=True, drop_last=True,
+                           num_workers=num_workers, collate_fn=collate_fn)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=training,
-        drop_last=training,
+        shuffle=False,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,

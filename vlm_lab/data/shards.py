@@ -24,7 +24,8 @@ so the quotas, and ``len()``, are known before reading. With ``samples_per_epoch
 that number split evenly instead, and slots cycle through (or stop early in) their share.
 
 Epochs: the shard-to-slot assignment is fixed; each epoch, a training slot reads its shards in a new
-order through a shuffle buffer, both seeded by (seed, epoch, slot). The epoch comes from
+order through a shuffle buffer, both seeded by (seed, epoch, slot), as are a loader worker's own
+random streams (crops, caption draws). The epoch comes from
 :class:`StreamLoader`, which sets it before the workers start each pass.
 """
 
@@ -44,12 +45,14 @@ from typing import Any, Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.transforms import open_image
 from vlm_lab.errors import ConfigError
+from vlm_lab.seeding import epoch_seed, seed_process
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +242,10 @@ class ShardStream(IterableDataset):
                                f"but is read by {workers}; build its DataLoader with the same num_workers")
         slot, quota = self.slot(self.rank, worker), self.quotas[worker]
         rng = random.Random(f"{self.seed}-{self.split}-{self.epoch}-{slot}")
+        if info is not None and self.train:
+            # A persistent worker carries its random state over epochs; the random crops and caption
+            # draws it makes must depend on the epoch only (vlm_lab/seeding.py).
+            seed_process(epoch_seed(self.seed, self.epoch, slot))
         batch: list[dict[str, Any]] = []
         for sample in itertools.islice(self._passes(slot, rng), quota):
             batch.append(sample)
@@ -349,27 +356,18 @@ def key_to_id(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") >> 1
 
 
-class StreamLoader(DataLoader):
-    """A DataLoader over a :class:`ShardStream` (which batches itself) that sets its epoch per pass.
+class StreamLoader(EpochLoader):
+    """The loader of a :class:`ShardStream` (which batches itself): sets the stream's epoch per pass.
 
-    ``epoch`` is called in the main process just before the workers start a pass, so persistent and
-    fresh workers alike shuffle for the right epoch. ``progress`` is ``(epoch, batches yielded)`` of
-    the latest pass: whether a checkpoint was taken after the pass ended (see ``base.state_dict``).
+    The epoch is set in the main process just before the workers start a pass, so persistent and
+    fresh workers alike shuffle for the right epoch; the stream seeds each worker from it too, so its
+    workers can stay alive between epochs. ``progress`` (see ``EpochLoader``) says whether a checkpoint
+    was taken after the pass ended (see ``epochs.TrainingEpochs``).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, persistent_workers: bool,
-                 epoch: Callable[[], int]) -> None:
-        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=persistent_workers)
-        self._epoch_source = epoch
-        self.progress: tuple[int, int] | None = None
+    def __init__(self, stream: ShardStream, seed: int, epoch: Callable[[], int], num_workers: int) -> None:
+        super().__init__(stream, seed, epoch, batch_size=None, num_workers=num_workers,
+                         persistent_workers=num_workers > 0)
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        epoch = self._epoch_source()
+    def start_pass(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
-        return self._counted(super().__iter__(), epoch)
-
-    def _counted(self, batches: Iterator[dict[str, torch.Tensor]], epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        self.progress = (epoch, 0)
-        for count, batch in enumerate(batches, 1):
-            self.progress = (epoch, count)
-            yield batch

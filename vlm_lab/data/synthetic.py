@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, caption_loader, image_to_tensor
+from vlm_lab.data.epochs import TrainingEpochs
 from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -233,7 +234,7 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         test_size: test images, distinct held-out compositions disjoint from validation.
         batch_size: images per batch.
         num_workers: data loader worker processes.
-        seed: fixes every image and caption.
+        seed: fixes every image and caption, and each epoch's order.
         holdout_fraction: share of compositions kept out of training.
         paraphrases: give each image its caption and the relation-reversed paraphrase.
     """
@@ -249,6 +250,7 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         self.holdout_fraction, self.paraphrases = holdout_fraction, paraphrases
         self.embedding_caches: dict[str, EmbeddingCache] = {}
         self._datasets: dict[str, _Transformed] = {}
+        self.epochs = TrainingEpochs()
 
     def cacheable_images(self, split: str) -> _Transformed:
         """Every split is deterministic (no augmentation), so every split can be cached."""
@@ -274,8 +276,19 @@ class SyntheticShapesDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         training = split == "train"
         dataset = self._datasets[split] = self.dataset(split)
-        return caption_loader(dataset, training, self.batch_size, self.num_workers,
-                              ImageTextCollate(self.tokenizer, self.max_length, training))
+        loader = caption_loader(dataset, training, self.batch_size, self.num_workers,
+                                ImageTextCollate(self.tokenizer, self.max_length, training), self.seed,
+                                lambda: self.epochs.next(self.trainer))
+        if training:
+            self.epochs.loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for."""
+        return self.epochs.state_dict(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs.load_state_dict(state_dict)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
