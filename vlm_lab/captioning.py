@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_lab.distributed import sum_over_ranks, world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab import registry
 from vlm_lab.registry import register_head
@@ -249,10 +250,24 @@ class CocaCaptionHead(nn.Module):
         return self.output(self.final_norm(x))
 
     def caption_loss(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of each position's logits against the next token; padding is ignored."""
+        """Cross-entropy of each position's logits against the next token, averaged over the
+        non-padding tokens of the *global* batch; padding is ignored.
+
+        Under DDP each rank holds captions of other lengths, so a per-rank token average would weigh
+        a token of a rank with few tokens more than one of a rank with many. The loss of the whole
+        batch is ``S / N``: the sum of every rank's per-token losses over the number ``N`` of tokens
+        on all ranks. Each rank returns ``W * S_r / N`` (``S_r`` its own sum, ``W`` the world size):
+        the mean over ranks, which is what ``train/caption_loss`` logs, is then ``S / N``, and DDP's
+        averaging of the gradients (a division by ``W``) leaves exactly the gradient of ``S / N``.
+        On one process this is the plain token average. Checked against one process in
+        ``tests/test_distributed.py``.
+        """
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                               ignore_index=-100, label_smoothing=self.label_smoothing)
+        summed = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                 label_smoothing=self.label_smoothing, reduction="sum")
+        _, world_size = world_info()
+        tokens = sum_over_ranks((targets != -100).sum()).clamp_min(1)
+        return summed * world_size / tokens
 
 
 # --------------------------------------------------------------------------------------------------

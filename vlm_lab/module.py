@@ -195,6 +195,11 @@ class VisionLanguageModule(L.LightningModule):
             terms["caption_loss"] = self.caption_head.caption_loss(logits, input_ids, attention_mask)
         weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
+        if self.caption_head is not None and (self._contrastive_pooler is not None or self.loss is None):
+            # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
+            # only the pooled output (clip_vit's post_layernorm) would get no gradient, which DDP
+            # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
+            loss = loss + 0.0 * vision.pooled.sum()
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
 
     def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
