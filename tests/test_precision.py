@@ -94,3 +94,15 @@ def test_losses_take_bf16_features_and_compute_in_fp32(loss_class, loss_function
         value = loss(features.bfloat16(), features.bfloat16())
     assert value.dtype == torch.float32 and loss.logit_scale_value().dtype == torch.float32
     assert spy.inputs and set(spy.inputs) == set(spy.outputs) == {torch.float32}
+
+
+@pytest.mark.parametrize("value, hint", [("17", None), ("bf16-mix", "Did you mean 'bf16-mixed'")])
+def test_an_invalid_precision_is_one_line_with_exit_status_2(value, hint, capsys):
+    from vlm_lab.cli import main
+
+    assert main(["check", str(TINY_CONFIG), f"trainer.precision={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith(f"vlm-lab: error: trainer.precision={value if hint else int(value)!r} is not")
+    assert "valid: 64, 32, 16," in err and "bf16-mixed" in err
+    assert hint is None or hint in err

@@ -257,6 +257,21 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
                 f"unknown config key 'trainer.{key}' (not a lightning.Trainer argument)."
                 f"{did_you_mean(key, valid)}"
             )
+    if trainer.get("precision") is not None:
+        _check_precision(trainer["precision"])
+
+
+def _check_precision(value: Any) -> None:
+    """``trainer.precision`` must be one Lightning accepts (else Lightning fails late, with a traceback)."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    choices = [choice for literal in get_args(_PRECISION_INPUT) for choice in get_args(literal)]
+    if isinstance(value, bool) or value not in choices:
+        words = list(dict.fromkeys(str(choice) for choice in choices))
+        raise ConfigError(f"trainer.precision={value!r} is not a Lightning precision (tested here: 32, bf16-mixed); "
+                          f"valid: {', '.join(words)}.{did_you_mean(value, words)}")
 
 
 def _read_yaml(file: str | Path) -> dict[str, Any]:
