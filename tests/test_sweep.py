@@ -106,6 +106,22 @@ def test_lit_ablation_dry_run_from_the_command_line(capsys):
     assert not (ROOT / "runs" / "no-such-sweep").exists()
 
 
+def test_a_report_reads_run_directories_that_results_py_wrote(tmp_path, monkeypatch):
+    # experiments/lit/results.py marks a finished variant with an empty DONE; the sweep shares its folders
+    monkeypatch.chdir(ROOT)  # the copied sweep.yaml's paths resolve from the working directory
+    out = tmp_path / "lit"
+    (out / "scratch_both").mkdir(parents=True)
+    (out / "sweep.yaml").write_text((ROOT / "experiments" / "sweeps" / "lit_ablation.yaml").read_text())
+    (out / "scratch_both" / "DONE").write_text("")
+    (out / "scratch_both" / "metrics.json").write_text('{"val/i2t_R@1": 12.5}')
+    rows = {row["run"]: row for row in sweep.collect(out)}
+    assert rows["scratch_both"]["status"] == "done" and rows["scratch_both"]["seconds"] is None
+    assert rows["scratch_both"]["configs"] == "scratch_both" and rows["scratch_both"]["val/i2t_R@1"] == 12.5
+    assert rows["locked_both_floor"]["status"] == "not started"
+    sweep.report(out)
+    assert "| scratch_both | done | scratch_both |  | 12.50 |" in (out / "results.md").read_text()
+
+
 @pytest.mark.parametrize("text, message", [
     ("base: [TINY]\ngrd: {seed: [1]}\n", "unknown sweep key 'grd'. Did you mean 'grid'"),
     ("grid: {seed: [1]}\n", "'base' must list at least one config file"),
