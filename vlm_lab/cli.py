@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         if args.debug:
             raise
-        print(f"vlm-lab: error: {e}", file=sys.stderr)
+        print(f"vlm-lab: error: {_user_error_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("vlm-lab: interrupted", file=sys.stderr)
@@ -54,6 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlm-lab: error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _user_error_line(error: ConfigError) -> str:
+    """A user error's one line. One raised in a DataLoader worker (a shard's schema error) reaches the
+    main process re-raised with the worker's traceback in its message: keep the original line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split("ConfigError: ", 1)[-1]
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:

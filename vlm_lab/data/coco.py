@@ -31,11 +31,16 @@ def read_coco_captions(ann_file: str | Path, images_dir: str | Path) -> list[Rec
     """One record per image with at least one caption, in the file's image order.
 
     Captions keep the file's annotation order. Raises ``ConfigError`` naming the file and the field
-    when the JSON is not a captions file.
+    when the JSON is not a captions file (a field missing or of the wrong type). Dirty entries are
+    kept, to be skipped and counted when drawn: an image entry whose ``id`` an earlier one has (the
+    first wins), captions that are empty or not UTF-8. Annotations with the same ``id`` are all kept
+    (they are told apart by their captions, and COCO's annotation ids are not used); very long captions
+    are kept and cut by the tokenizer at ``model.tokenizer.max_length``.
     """
     ann_file = Path(ann_file)
     try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
+        # Bytes that are not UTF-8 spoil only the captions they sit in (records.caption_problem).
+        data = json.loads(ann_file.read_bytes().decode("utf-8", errors="surrogateescape"))
     except ValueError as error:
         raise ConfigError(f"{ann_file} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
@@ -46,23 +51,32 @@ def read_coco_captions(ann_file: str | Path, images_dir: str | Path) -> list[Rec
             raise ConfigError(f"{ann_file} {problem} '{field}' field; a COCO captions file has 'images' and 'annotations'")
     captions: dict[int, list[str]] = {}
     for i, annotation in enumerate(data["annotations"]):
-        _require(annotation, ("image_id", "caption"), ann_file, f"annotations[{i}]")
-        captions.setdefault(annotation["image_id"], []).append(str(annotation["caption"]).strip())
-    records = []
+        _require(annotation, {"image_id": int, "caption": str}, ann_file, f"annotations[{i}]")
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
+    records, seen = [], set()
     for i, image in enumerate(data["images"]):
-        _require(image, ("id", "file_name"), ann_file, f"images[{i}]")
+        _require(image, {"id": int, "file_name": str}, ann_file, f"images[{i}]")
         if image["id"] in captions:
             records.append(Record(str(Path(images_dir) / image["file_name"]), tuple(captions[image["id"]]),
-                                  int(image["id"])))
+                                  image["id"], duplicate=image["id"] in seen))
+            seen.add(image["id"])
     if not records:
         raise ConfigError(f"{ann_file}: no image has a caption (no 'annotations' entry matches an 'images' id)")
     return records
 
 
-def _require(entry: Any, fields: tuple[str, ...], ann_file: Path, where: str) -> None:
-    missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-    if missing:
-        raise ConfigError(f"{ann_file}: {where} has no '{missing[0]}' field")
+def _require(entry: Any, fields: dict[str, type], ann_file: Path, where: str) -> None:
+    """``entry`` is a JSON object with each of ``fields`` of its type, else a one-line ConfigError."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{ann_file}: {where} should be an object with {', '.join(map(repr, fields))}, "
+                          f"not {json.dumps(entry)[:60]}")
+    for field, kind in fields.items():
+        if field not in entry:
+            raise ConfigError(f"{ann_file}: {where} has no '{field}' field")
+        value = entry[field]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            name = {int: "an integer", str: "a string"}[kind]
+            raise ConfigError(f"{ann_file}: {where}.{field} should be {name}, not {json.dumps(value)[:60]}")
 
 
 @register_datamodule("coco_captions")

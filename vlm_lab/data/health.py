@@ -29,6 +29,8 @@ REASONS = (
     "undecodable image",
     "missing caption",
     "empty caption",
+    "undecodable caption",  # bytes that are not UTF-8
+    "duplicate id",  # a later image entry with an id already taken (the first one is used)
     "unreadable shard data",
 )
 

@@ -28,11 +28,29 @@ from vlm_lab.errors import ConfigError
 
 @dataclass(frozen=True)
 class Record:
-    """One image file, all its captions, and its id (unique within the dataset)."""
+    """One image file, all its captions, and its id (unique within the dataset).
+
+    ``duplicate`` marks a later entry with an id already taken: it stays in the list, so that every
+    epoch counts it as a bad sample when drawn, but it is never used.
+    """
 
     path: str
     captions: tuple[str, ...]
     image_id: int
+    duplicate: bool = False
+
+
+def caption_problem(caption: str) -> str | None:
+    """Why a caption cannot be used (a bad-sample reason), or None.
+
+    Files are decoded with ``errors="surrogateescape"``, so bytes that are not UTF-8 survive as lone
+    surrogates: such a caption is "undecodable caption" rather than a guess at what it said.
+    """
+    if not caption.strip():
+        return "empty caption"
+    if any("\udc80" <= character <= "\udcff" for character in caption):
+        return "undecodable caption"
+    return None
 
 
 @dataclass(frozen=True)
@@ -82,12 +100,14 @@ class CaptionedImages(Dataset):
     def _load(self, index: int, count_bad: bool) -> dict[str, Any] | None:
         record_index, caption_index = self.entries[index]
         record = self.records[record_index]
-        captions = [c for c in record.captions if c.strip()]
-        if caption_index is not None:
-            captions = [record.captions[caption_index]] if record.captions[caption_index].strip() else []
+        offered = record.captions if caption_index is None else record.captions[caption_index:caption_index + 1]
+        # An image keeps its usable captions; it is a bad sample only when none is left.
+        captions = [c for c in offered if caption_problem(c) is None]
         problem, image = None, None
-        if not captions:
-            problem = "empty caption" if record.captions else "missing caption"
+        if record.duplicate:
+            problem = "duplicate id"
+        elif not captions:
+            problem = caption_problem(offered[0]) if offered else "missing caption"
         elif self.embeddings is not None:  # the locked tower's cached outputs stand in for the image
             cached = self.embeddings.lookup(record_index)
             if cached is not None:
@@ -104,7 +124,8 @@ class CaptionedImages(Dataset):
                 problem, where = "undecodable image", f"{record.path} ({type(error).__name__}: {error})"
         if problem is not None:
             if count_bad:
-                self.bad.record(problem, where if problem == "undecodable image" else record.path)
+                where = where if problem == "undecodable image" else f"{record.path} (id {record.image_id})"
+                self.bad.record(problem, where)
             return None
         return {"pixel_values": self.transform(image), "captions": captions, "image_id": record.image_id}
 
@@ -141,8 +162,9 @@ def read_caption_table(table: str, images: str | None, field: str) -> list[Recor
 
     Relative paths are relative to ``images`` (default: the table's folder). An optional header row is
     recognised by its first column's name (``filepath``, ``path``, ``image``...). A row without a
-    caption becomes a record with none, skipped and counted as a bad sample when read. Ids are the
-    row numbers (header excluded).
+    caption becomes a record with none, skipped and counted as a bad sample when read, as is a caption
+    that is not UTF-8. Ids are the row numbers (header excluded), so they cannot repeat; two rows may
+    name one image with two captions.
     """
     path = Path(table)
     if not path.is_file():
@@ -150,7 +172,8 @@ def read_caption_table(table: str, images: str | None, field: str) -> list[Recor
     folder = Path(images) if images is not None else path.parent
     if not folder.is_dir():
         raise ConfigError(f"data.{field.replace('table', 'images')}: no image folder at {folder}")
-    with open(path, newline="", encoding="utf-8") as f:
+    # Bytes that are not UTF-8 spoil their row's caption only (caption_problem), not the table.
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         if path.suffix.lower() == ".csv":
             rows = [row for row in csv.reader(f) if row]
         else:  # captions may contain commas and quotes; only the first tab separates

@@ -95,11 +95,22 @@ def shard_sample_count(url: str) -> int | None:
         return None
     stats = stats_path(url)
     if stats.is_file():
-        try:
-            return int(json.loads(stats.read_text())["successes"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"{stats}: not an img2dataset stats file (needs an integer 'successes'): {error}") from None
+        return stats_successes(stats)
     return count_tar_samples(url)
+
+
+def stats_successes(stats: Path) -> int:
+    """The ``successes`` of an img2dataset stats file; a one-line ConfigError naming file and field."""
+    try:
+        data = json.loads(stats.read_bytes())
+    except ValueError as error:
+        raise ConfigError(f"{stats} is not valid JSON ({error}); img2dataset stats files hold 'successes'") from None
+    if not isinstance(data, dict) or "successes" not in data:
+        raise ConfigError(f"{stats}: 'successes' missing; an img2dataset stats file gives the shard's sample count there")
+    successes = data["successes"]
+    if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
+        raise ConfigError(f"{stats}: 'successes' should be a count (an integer >= 0), not {json.dumps(successes)[:60]}")
+    return successes
 
 
 def count_tar_samples(path: str) -> int:
@@ -316,20 +327,30 @@ def image_member(raw: dict[str, Any]) -> bytes | None:
 def sample_captions(raw: dict[str, Any]) -> list[str] | str:
     """A webdataset sample's captions, or the reason it has none.
 
-    The caption is the ``.txt`` member. A ``.json`` member with a ``captions`` list (written by
-    ``vlm-lab data convert --per image``) gives every caption of the image.
+    The caption is the ``.txt`` member (UTF-8; other bytes make an "undecodable caption"). A ``.json``
+    member with a ``captions`` list (written by ``vlm-lab data convert --per image``) gives every
+    caption of the image; a ``captions`` that is not a list of strings is a schema error
+    (``ConfigError`` naming the shard, the key and the field), while a ``.json`` that is not JSON at
+    all is ignored (img2dataset's metadata is optional).
     """
     if "txt" not in raw:
         return "missing caption"
-    caption = raw["txt"].decode("utf-8", errors="replace").strip()
+    try:
+        caption = raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "undecodable caption"
     if not caption:
         return "empty caption"
     if "json" in raw:
         try:
-            listed = json.loads(raw["json"]).get("captions")
-        except (ValueError, AttributeError):
-            listed = None  # metadata is optional: a broken one does not spoil the sample
-        if isinstance(listed, list) and all(isinstance(c, str) for c in listed):
+            meta = json.loads(raw["json"])
+        except ValueError:
+            meta = None  # metadata is optional: a broken one does not spoil the sample
+        listed = meta.get("captions") if isinstance(meta, dict) else None
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+                raise ConfigError(f"{raw.get('__url__')}: {raw.get('__key__')}.json field 'captions' should be a "
+                                  f"list of strings, not {json.dumps(listed)[:60]}")
             return [c.strip() for c in listed if c.strip()] or [caption]
     return [caption]
 
