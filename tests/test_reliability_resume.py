@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 OVERRIDES = ["trainer.max_epochs=2", "data.train_size=256"]  # two epochs of 16 steps
@@ -98,3 +99,65 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     for key in keys:
         assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-4), key
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch001.ckpt", "last.ckpt"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loader workers: an epoch's shuffle, random crops and caption draws depend on (seed, epoch) only, so
+# a data module that starts at epoch 1 (a resumed run's) gives the batches one that ran epoch 0 first
+# gives its epoch 1, with workers started afresh (map-style) or kept alive (shard streams).
+
+
+def captioned_images(folder: Path, count: int = 16) -> tuple[str, str]:
+    from datasets_on_disk import jpeg_bytes
+
+    folder.mkdir()
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(count)]
+    for i in range(count):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes((15 * i, 100, 200 - 9 * i), size=(48, 40)))
+    annotations = [{"image_id": i, "caption": f"image {i} caption {c}"} for i in range(count) for c in range(4)]
+    (folder / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return str(folder / "captions.json"), str(folder)
+
+
+def caption_shard(folder: Path, count: int = 16) -> str:
+    from datasets_on_disk import jpeg_bytes, write_shard
+
+    folder.mkdir()
+    write_shard(folder / "00000.tar", [
+        {"__key__": f"{i:09d}", "jpg": jpeg_bytes((15 * i, 100, 200 - 9 * i), size=(48, 40)), "txt": f"image {i}",
+         "json": json.dumps({"captions": [f"image {i} caption {c}" for c in range(4)]})} for i in range(count)])
+    return str(folder / "00000.tar")
+
+
+def one_pass(loader) -> list[tuple]:
+    return [(b["image_ids"].tolist(), b["captions"], b["pixel_values"]) for b in loader]
+
+
+@pytest.mark.parametrize("layout", ["coco_captions", "cc3m"])
+def test_loader_workers_draw_by_seed_and_epoch_only(tmp_path, layout):
+    from datasets_on_disk import TINY_IMAGES
+    from vlm_lab import registry
+    from vlm_lab.tokenizer import load_tokenizer
+
+    if layout == "coco_captions":
+        ann, images = captioned_images(tmp_path / "data")
+        spec = {"name": layout, "train_ann": ann, "train_images": images}
+    else:
+        spec = {"name": layout, "train_shards": caption_shard(tmp_path / "data"), "shuffle_buffer": 4}
+    tokenizer = load_tokenizer(None)
+
+    def datamodule(seed=0):
+        return registry.build("datamodule", {**spec, "batch_size": 4, "num_workers": 2, "augment": True, "seed": seed},
+                              tokenizer=tokenizer, image_config=TINY_IMAGES, max_length=32)
+
+    whole_run = datamodule().train_dataloader()
+    first, second = one_pass(whole_run), one_pass(whole_run)  # epochs 0 and 1, the same workers or fresh ones
+    resumed = datamodule()
+    resumed.set_epoch(1)
+    again = one_pass(resumed.train_dataloader())
+    for (ids, captions, pixels), (ids_again, captions_again, pixels_again) in zip(second, again, strict=True):
+        assert ids == ids_again and captions == captions_again
+        assert torch.equal(pixels, pixels_again)
+    assert [b[1] for b in first] != [b[1] for b in second]  # a new epoch draws anew
+    other_seed = one_pass(datamodule(seed=1).train_dataloader())
+    assert [b[1] for b in other_seed] != [b[1] for b in first]
