@@ -39,7 +39,9 @@ DEFAULTS: dict[str, Any] = {
         "text_head": {"name": "linear"},
         "loss": {"name": "clip"},
         "embed_dim": 256,
-        "tokenizer": {"path": None, "max_length": 32},
+        # path: a local Hugging Face tokenizer folder (None: MiniLM's WordPiece). train_from: a captions
+        # file to build a word-level vocabulary from instead (words seen min_count+ times).
+        "tokenizer": {"path": None, "max_length": 32, "train_from": None, "min_count": 5},
         # LiT-style locking per tower (vlm_lab/locking.py): nothing is locked by default.
         "vision_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
         "text_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
@@ -97,6 +99,8 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("model", "embed_dim"): int,
     ("model", "tokenizer", "path"): (str, type(None)),
     ("model", "tokenizer", "max_length"): int,
+    ("model", "tokenizer", "train_from"): (str, type(None)),
+    ("model", "tokenizer", "min_count"): int,
     ("model", "vision_lock", "lock"): bool,
     ("model", "vision_lock", "unlocked_groups"): int,
     ("model", "vision_lock", "freeze_bn_stats"): bool,

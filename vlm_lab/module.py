@@ -23,11 +23,12 @@ import torch.nn.functional as F
 from vlm_lab import registry
 from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
+from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import TowerLock, lock_tower
-from vlm_lab.tokenizer import load_tokenizer
+from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
 
@@ -132,7 +133,15 @@ class VisionLanguageModule(L.LightningModule):
         return F.normalize(features, dim=-1) if normalize else features
 
     def vision_tower_output(self, pixel_values: torch.Tensor) -> TowerOutput:
-        """The vision tower's output; a fully locked tower runs without recording a graph."""
+        """The vision tower's output; a fully locked tower runs without recording a graph.
+
+        ``uint8`` pixels (``build_transform(..., normalize=False)``) are normalised here, on the
+        module's device, to exactly what the float transform gives (``normalize_pixels``).
+        """
+        if pixel_values.dtype == torch.uint8:
+            # In the weights' dtype, as Lightning's precision plugins convert float batches (64-true, bf16-true).
+            weights_dtype = next(self.vision.parameters()).dtype
+            pixel_values = normalize_pixels(pixel_values, self.image_config).to(weights_dtype)
         with torch.no_grad() if self.vision_locked.fully_locked else contextlib.nullcontext():
             return self.vision(pixel_values)
 
@@ -243,7 +252,7 @@ class VisionLanguageModule(L.LightningModule):
             (no_decay if _unwrapped_name(name) in self._no_decay_names else decay).append(parameter)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], fused=_fused_adamw(decay + no_decay),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = cosine_with_warmup(cfg["warmup_steps"], total, cfg["min_lr_ratio"])
@@ -340,6 +349,19 @@ def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
     return multiplier
 
 
+def _fused_adamw(parameters: list[torch.nn.Parameter]) -> bool | None:
+    """True where torch's fused AdamW takes every parameter (plain float tensors on CPU or CUDA), else
+    None (torch's default).
+
+    The unfused update makes a dozen elementwise passes over every parameter: on the CPU, for a CLIP
+    with its 49k-token embedding, that was 10-20% of a training step (benchmarks/vs_open_clip_throughput.py
+    --profile); the fused kernel makes one.
+    """
+    fusable = all(type(p) is torch.nn.Parameter and type(p.data) is torch.Tensor and p.is_floating_point()
+                  and p.device.type in ("cpu", "cuda") for p in parameters)
+    return True if parameters and fusable else None
+
+
 def _unwrapped_name(name: str) -> str:
     """A parameter's name without the module levels that FSDP and activation-checkpoint wrappers add."""
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
@@ -353,9 +375,16 @@ def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, A
     A tower that takes ``vocab_size`` and is not given one is sized to the tokenizer. A tower with a
     vocabulary of its own (a pretrained checkpoint's, via ``init_from`` or ``clip_text_pretrained``)
     uses the checkpoint's tokenizer unless ``model.tokenizer.path`` names one, and no tokenizer may
-    produce ids beyond the tower's vocabulary.
+    produce ids beyond the tower's vocabulary. ``model.tokenizer.train_from`` swaps in a word-level
+    vocabulary built from a captions file (vlm_lab/tokenizer.py).
     """
     spec, path = model["text"], model["tokenizer"]["path"]
+    train_from = model["tokenizer"].get("train_from")
+    if train_from is not None:
+        if path is not None:
+            raise ConfigError("model.tokenizer: set either path (an existing tokenizer) or train_from "
+                              "(build a word vocabulary from captions), not both")
+        path = str(word_tokenizer_dir(train_from, model["tokenizer"].get("min_count", 5)))
     constructor, preset = registry.resolve("text_tower", spec["name"])
     takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
     if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
