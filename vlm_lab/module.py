@@ -84,7 +84,7 @@ class VisionLanguageModule(L.LightningModule):
         return self.vision.image_config
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """``[B, 3, H, W]`` normalised pixels -> ``[B, embed_dim]`` image embeddings."""
+        """``[B, 3, H, W]`` normalised pixels (or ``uint8`` ones) -> ``[B, embed_dim]`` image embeddings."""
         return self._image_embedding(self.vision_tower_output(pixel_values), normalize)
 
     def encode_batch_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

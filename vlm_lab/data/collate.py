@@ -2,7 +2,8 @@
 
 A sample is ``{"pixel_values": Tensor[3, H, W], "captions": list[str], "image_id": int}``. A batch is::
 
-    pixel_values       [B, 3, H, W]
+    pixel_values       [B, 3, H, W]   normalised float32, or uint8 from a transform built with
+                                      normalize=False (the model normalises those on its device)
     input_ids          [T, L]   tokenised captions, padded to the longest in the batch
     attention_mask     [T, L]
     text_image_index   [T]      which image of the batch each caption describes

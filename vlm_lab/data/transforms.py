@@ -25,21 +25,38 @@ from vlm_lab.towers.base import ImageConfig
 AUGMENT_SCALE = (0.9, 1.0)
 
 
-def build_transform(image_config: ImageConfig, augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised ``[3, H, W]`` tensor, as the tower expects.
+def build_transform(image_config: ImageConfig, augment: bool = False,
+                    normalize: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised ``[3, H, W]`` float tensor, as the tower expects.
 
     Without ``augment``: resize the short side to ``size / crop_pct`` and centre-crop ``size`` (timm's
     evaluation transform). With ``augment``: a random crop of 90-100% of the area, resized to ``size``.
+    ``normalize=False`` stops before the float conversion and gives the ``uint8`` pixels, a quarter of
+    the bytes for loader workers to hand over; :func:`normalize_pixels` then finishes the job where
+    the batch arrives (the model accepts ``uint8`` pixels and does it on its device).
     """
     common = dict(
         input_size=(3, *image_config.size),
         interpolation=image_config.interpolation,
         mean=tuple(image_config.mean),
         std=tuple(image_config.std),
+        normalize=normalize,
     )
     if augment:
         return create_transform(is_training=True, scale=AUGMENT_SCALE, hflip=0.0, color_jitter=0.0, **common)
     return create_transform(is_training=False, crop_pct=image_config.crop_pct, **common)
+
+
+def normalize_pixels(pixels: torch.Tensor, image_config: ImageConfig) -> torch.Tensor:
+    """``uint8`` pixels ``[..., 3, H, W]`` -> the normalised float pixels ``build_transform`` gives.
+
+    The same operations, in the same order, as timm's ``ToTensor`` and ``Normalize``, so on the CPU the
+    result is bit for bit that of ``build_transform(..., normalize=True)`` (on a GPU it may differ in
+    the last bit: CUDA divides by the constant 255 as a multiplication by its reciprocal).
+    """
+    mean = torch.tensor(image_config.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(image_config.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 def decode_size(image_config: ImageConfig) -> tuple[int, int]:
