@@ -7,6 +7,7 @@ import torch
 import vlm_lab
 from vlm_lab.data.collate import ImageTextCollate, image_to_tensor
 from vlm_lab.data.synthetic import SyntheticShapes
+from vlm_lab.errors import ConfigError
 from vlm_lab.eval.retrieval import retrieval_metrics
 from vlm_lab.module import VisionLanguageModule, cosine_with_warmup
 
@@ -70,6 +71,23 @@ def test_weight_decay_spares_biases_norms_and_temperature(tiny_module):
     assert all(tiny_module.get_parameter(names[i]).ndim >= 2 for i in decayed)
     assert id(tiny_module.loss.logit_scale) not in decayed
     assert any(names[i].endswith("q_proj.weight") for i in decayed)
+
+
+def test_lr_scale_sets_each_towers_learning_rate(tiny_config):
+    class FakeTrainer:
+        estimated_stepping_batches = 10
+
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["optim.lr=1e-3", "optim.lr_scale.text=0.1"])
+    module = vlm_lab.build_module(cfg)
+    module.trainer = FakeTrainer()
+    optimizer = module.configure_optimizers()["optimizer"]
+    lr_of = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, parameter in module.named_parameters():
+        expected = 1e-4 if name.startswith("text.") else 1e-3
+        assert lr_of[id(parameter)] == pytest.approx(expected), name
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.parameters()))
+    with pytest.raises(ConfigError, match="lr_scale"):
+        vlm_lab.load_config(TINY_CONFIG, overrides=["optim.lr_scale.txt=0.1"])
 
 
 def test_cosine_schedule_with_warmup():

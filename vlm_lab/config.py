@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
         "eps": 1.0e-6,
         "warmup_steps": 100,
         "min_lr_ratio": 0.0,
+        # Multiplies optim.lr for a tower's parameters: tune a pretrained tower gently (e.g. 0.1)
+        # while its new projection head learns at the full rate. Heads, poolers, decoder: optim.lr.
+        "lr_scale": {"vision": 1.0, "text": 1.0},
         "nonfinite_loss": "error",
     },
     # Zero-shot classification on an image folder (vlm_lab/eval/zeroshot.py); off while root is null.
@@ -138,6 +141,8 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("optim", "eps"): float,
     ("optim", "warmup_steps"): int,
     ("optim", "min_lr_ratio"): float,
+    ("optim", "lr_scale", "vision"): float,
+    ("optim", "lr_scale", "text"): float,
     ("optim", "nonfinite_loss"): str,
 }
 

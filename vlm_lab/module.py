@@ -244,15 +244,21 @@ class VisionLanguageModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.hparams.optim
-        decay, no_decay = [], []
+        scale = {**{"vision": 1.0, "text": 1.0}, **cfg.get("lr_scale", {})}
+        groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
+            tower = _unwrapped_name(name).split(".", 1)[0]
             # Biases, norm gains, embeddings of rank < 2 and temperatures must not shrink towards 0.
-            (no_decay if _unwrapped_name(name) in self._no_decay_names else decay).append(parameter)
+            decays = _unwrapped_name(name) not in self._no_decay_names
+            groups.setdefault((scale.get(tower, 1.0), decays), []).append(parameter)
+        # Decaying groups first. LambdaLR scales each group's own initial lr, so lr_scale holds throughout.
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"], fused=_fused_adamw(decay + no_decay),
+            [{"params": params, "lr": cfg["lr"] * lr_scale, "weight_decay": cfg["weight_decay"] if decays else 0.0}
+             for (lr_scale, decays), params in sorted(groups.items(), key=lambda g: (not g[0][1], g[0][0]))],
+            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+            fused=_fused_adamw([p for params in groups.values() for p in params]),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = cosine_with_warmup(cfg["warmup_steps"], total, cfg["min_lr_ratio"])
