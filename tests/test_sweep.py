@@ -87,13 +87,15 @@ grid: {seed: [1, 2]}
 def test_lit_ablation_sweep_is_the_six_variants_on_the_headline_recipe():
     runs = sweep.expand(ROOT / "experiments" / "sweeps" / "lit_ablation.yaml")
     assert [r.name for r in runs] == LIT_VARIANTS
-    for r in runs:
-        expected = vlm_lab.load_config(LIT / "flickr8k_lit.yaml", LIT / f"{r.name}.yaml")
-        assert OmegaConf.to_container(r.config()) == OmegaConf.to_container(expected), r.name
-        assert r.config().name == r.name
+    configs = {r.name: r.config() for r in runs}
+    for name, cfg in configs.items():
+        expected = vlm_lab.load_config(LIT / "flickr8k_lit.yaml", LIT / f"{name}.yaml")
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(expected), name
+        assert cfg.name == name
     # the variants really differ where the ablation says they do
-    locked = {r.name: (r.config().model.vision_lock.lock, r.config().model.text_lock.lock) for r in runs}
+    locked = {name: (cfg.model.vision_lock.lock, cfg.model.text_lock.lock) for name, cfg in configs.items()}
     assert locked["locked_both_floor"] == (True, True) and locked["tuned_image_tuned_text"] == (False, False)
+    assert configs["scratch_both"].model.text.name == "clip_text"
 
 
 def test_lit_ablation_dry_run_from_the_command_line(capsys):
