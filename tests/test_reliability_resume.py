@@ -18,13 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets_on_disk import TINY_IMAGES, jpeg_bytes, write_shard
+from vlm_lab import registry
+from vlm_lab.tokenizer import load_tokenizer
+
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
-OVERRIDES = ["trainer.max_epochs=2", "data.train_size=256"]  # two epochs of 16 steps
-STEPS_PER_EPOCH = 16
+OVERRIDES = ["trainer.max_epochs=2", "data.train_size=128", "optim.lr=0.002"]  # two epochs of 8 steps
+STEPS_PER_EPOCH = 8
+TIMEOUT = 900  # seconds; a few on an idle machine, minutes on one busy with other training runs
 
 # The run to kill is `vlm-lab fit` whose training step, once it reaches step KILL_AT of the second
 # epoch, says so in a file and waits: the kill then lands mid-epoch however fast the machine is.
-KILL_AT = 5
+KILL_AT = 3
 PAUSING_FIT = """
 import sys, time
 from pathlib import Path
@@ -53,14 +58,18 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def fit(run_dir: Path, *extra: str) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-m", "vlm_lab.cli", *fit_arguments(run_dir, *extra)],
-                          capture_output=True, text=True, env=child_env(), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+def start_fit(run_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlm_lab.cli", *fit_arguments(run_dir, *extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+def finish_fit(child: subprocess.Popen, run_dir: Path) -> dict[str, float]:
+    _, err = child.communicate(timeout=TIMEOUT)
+    assert child.returncode == 0, err[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def fit_and_kill_mid_epoch(run_dir: Path, timeout: float = 300) -> int:
+def fit_and_kill_mid_epoch(run_dir: Path, timeout: float = TIMEOUT) -> int:
     """Start a fit, SIGKILL it at step KILL_AT of its second epoch; return the global step it was at."""
     marker = run_dir.parent / f"{run_dir.name}.paused"
     child = subprocess.Popen([sys.executable, "-c", PAUSING_FIT, str(marker), *fit_arguments(run_dir)],
@@ -84,16 +93,24 @@ def fit_and_kill_mid_epoch(run_dir: Path, timeout: float = 300) -> int:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
-    uninterrupted = fit(tmp_path / "uninterrupted")
+    uninterrupted_run = start_fit(tmp_path / "uninterrupted")  # side by side with the one to kill
+    resumed_run = None
+    try:
+        killed = tmp_path / "killed"
+        step = fit_and_kill_mid_epoch(killed)
+        assert step == STEPS_PER_EPOCH + KILL_AT  # three steps into the second epoch
+        checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
+        assert checkpoints == ["epoch000.ckpt", "last.ckpt"], checkpoints  # only the first epoch's
 
-    killed = tmp_path / "killed"
-    step = fit_and_kill_mid_epoch(killed)
-    assert step == STEPS_PER_EPOCH + KILL_AT  # five steps into the second epoch
-    checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
-    assert checkpoints == ["epoch000.ckpt", "last.ckpt"], checkpoints  # only the first epoch's
-
-    resumed = fit(killed, "--resume")
-    assert (resumed["epoch"], resumed["step"]) == (uninterrupted["epoch"], uninterrupted["step"]) == (1, 32)
+        resumed_run = start_fit(killed, "--resume")
+        uninterrupted = finish_fit(uninterrupted_run, tmp_path / "uninterrupted")
+        resumed = finish_fit(resumed_run, killed)
+    finally:
+        for child in (uninterrupted_run, resumed_run):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+    assert (resumed["epoch"], resumed["step"]) == (uninterrupted["epoch"], uninterrupted["step"]) == (1, 16)
     keys = sorted(k for k in uninterrupted if k.startswith("val/"))
     assert "val/loss" in keys and "val/i2t_R@1" in keys
     for key in keys:
@@ -108,8 +125,6 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
 
 
 def captioned_images(folder: Path, count: int = 16) -> tuple[str, str]:
-    from datasets_on_disk import jpeg_bytes
-
     folder.mkdir()
     images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(count)]
     for i in range(count):
@@ -120,8 +135,6 @@ def captioned_images(folder: Path, count: int = 16) -> tuple[str, str]:
 
 
 def caption_shard(folder: Path, count: int = 16) -> str:
-    from datasets_on_disk import jpeg_bytes, write_shard
-
     folder.mkdir()
     write_shard(folder / "00000.tar", [
         {"__key__": f"{i:09d}", "jpg": jpeg_bytes((15 * i, 100, 200 - 9 * i), size=(48, 40)), "txt": f"image {i}",
@@ -135,10 +148,6 @@ def one_pass(loader) -> list[tuple]:
 
 @pytest.mark.parametrize("layout", ["coco_captions", "cc3m"])
 def test_loader_workers_draw_by_seed_and_epoch_only(tmp_path, layout):
-    from datasets_on_disk import TINY_IMAGES
-    from vlm_lab import registry
-    from vlm_lab.tokenizer import load_tokenizer
-
     if layout == "coco_captions":
         ann, images = captioned_images(tmp_path / "data")
         spec = {"name": layout, "train_ann": ann, "train_images": images}
