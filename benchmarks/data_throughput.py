@@ -11,6 +11,12 @@ For each dataset it times (after the first batch, so worker start-up is not coun
   crop, normalise) and tokenisation of the captions, batched; and the CPU time it took per image,
   summed over the main process and the workers. Busy neighbours slow the first down but hardly the
   second, so the last column projects the 2-worker speed-up on two idle cores from it.
+- each loader with three ways of handing pixels over (``--pixels``): ``float``, normalised float32
+  from the workers (what the data modules do by default); ``uint8``, the transform stopped before
+  normalising (``build_transform(..., normalize=False)``, a quarter of the bytes) and the batch
+  normalised in the main process as it arrives (``normalize_pixels``: what the model does on a CPU
+  machine); ``uint8-device``, the same without that last step, which on a GPU machine the model
+  does on the GPU, off the CPU.
 
 Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, each
 listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
@@ -45,40 +51,49 @@ from torch.utils.data import DataLoader  # noqa: E402
 from vlm_lab.data.cc3m import CC3MDataModule  # noqa: E402
 from vlm_lab.data.coco import CocoCaptionsDataModule  # noqa: E402
 from vlm_lab.data.convert import coco_to_shards  # noqa: E402
+from vlm_lab.data.transforms import build_transform, normalize_pixels  # noqa: E402
 from vlm_lab.tokenizer import load_tokenizer  # noqa: E402
 from vlm_lab.towers.base import ImageConfig  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def measure(loader: DataLoader, images: int) -> tuple[float, float]:
+def measure(loader: DataLoader, images: int, image_config: ImageConfig | None = None) -> tuple[float, float]:
     """(images/s, CPU ms per image) over ``images`` images, epoch after epoch.
 
     Both are taken from the end of the first batch, so starting the workers is not counted; the CPU
-    time is the main process's plus every worker's, read from /proc.
+    time is the main process's plus every worker's (see ``cpu_seconds``). With ``image_config``,
+    ``uint8`` pixels are normalised in the main process, inside the timing.
     """
     start, count, cpu_start = None, 0, 0.0
     while count < images:
-        for batch in loader:  # persistent workers: later epochs reuse them
+        for batch in loader:  # a new pass (and new workers) when an epoch ends first
             if start is None:
-                # DataLoader keeps the iterator of persistent workers; its processes are private API.
-                workers = [w.pid for w in loader._iterator._workers] if loader.num_workers else []
-                start, cpu_start = time.perf_counter(), cpu_seconds(workers)
+                start, cpu_start = time.perf_counter(), cpu_seconds()
                 continue
+            if image_config is not None and batch["pixel_values"].dtype == torch.uint8:
+                normalize_pixels(batch["pixel_values"], image_config)
             count += len(batch["image_ids"])
             if count >= images:
                 break
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds(workers) - cpu_start
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     return count / elapsed, 1000 * cpu / count
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time of this process and of the given ones (user + system)."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    total = own.ru_utime + own.ru_stime
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its children: the loader workers, running (read
+    from /proc) or finished and reaped (``RUSAGE_CHILDREN``), as workers restart every epoch."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():  # ppid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
     return total
 
 
@@ -115,12 +130,26 @@ def repeated_coco_captions(root: Path, out: Path, times: int) -> str:
     return str(path)
 
 
+def with_uint8_pixels(data_module: type) -> type:
+    """``data_module`` whose loaders hand over ``uint8`` pixels (the transform stops before normalising)."""
+
+    class Uint8Pixels(data_module):
+        def transform(self, split: str):
+            return build_transform(self.image_config, augment=self.augment and split == "train", normalize=False)
+
+    return Uint8Pixels
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=768, help="images timed per measurement")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 64], help="tower input sizes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pixels", nargs="+", choices=["float", "uint8", "uint8-device"],
+                        default=["float", "uint8", "uint8-device"], help="how loader workers hand pixels over")
+    parser.add_argument("--datasets", nargs="+", choices=["coco", "flickr8k", "shards"],
+                        default=["coco", "flickr8k", "shards"])
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"needs the real data at {DATA}", file=sys.stderr)
@@ -146,41 +175,41 @@ def main() -> int:
                                        std=(0.2686, 0.2613, 0.2758), interpolation="bicubic")
             common = dict(tokenizer=tokenizer, image_config=image_config, max_length=32, batch_size=args.batch_size)
             datasets = {
-                "COCO (coco_captions, coco-mini x10)": (
-                    lambda w: CocoCaptionsDataModule(**common, **coco, num_workers=w),
-                    lambda dm: [r.path for r in dm.records("train")]),
-                "Flickr8k (coco_captions)": (
-                    lambda w: CocoCaptionsDataModule(**common, **flickr, num_workers=w),
-                    lambda dm: [r.path for r in dm.records("train")]),
-                "Flickr8k shards (cc3m, webdataset)": (
-                    lambda w: CC3MDataModule(**common, train_shards=[str(s) for s in shards], num_workers=w),
-                    lambda dm: shard_images(shards)),
+                "coco": ("COCO (coco_captions, coco-mini x10)", CocoCaptionsDataModule, coco,
+                         lambda dm: [r.path for r in dm.records("train")]),
+                "flickr8k": ("Flickr8k (coco_captions)", CocoCaptionsDataModule, flickr,
+                             lambda dm: [r.path for r in dm.records("train")]),
+                "shards": ("Flickr8k shards (cc3m, webdataset)", CC3MDataModule,
+                           dict(train_shards=[str(s) for s in shards]), lambda dm: shard_images(shards)),
             }
-            for name, (make, files) in datasets.items():
-                reference = make(0)
-                pil = pil_rate(lambda: files(reference), args.images)
-                rates, costs = {}, {}
-                for workers in args.workers:
-                    loader = make(workers).train_dataloader()
-                    rates[workers], costs[workers] = measure(loader, args.images)
-                    del loader
-                    gc.collect()  # stops this loader's workers before the next one forks its own
-                    print(f"{size}px {name}: {workers} worker(s): {rates[workers]:.0f} images/s, "
-                          f"{costs[workers]:.2f} CPU ms/image", file=sys.stderr)
-                rows.append((size, name, pil, rates, costs))
-                loads.append(os.getloadavg()[0])
+            for key in args.datasets:
+                name, data_module, paths, files = datasets[key]
+                pil = pil_rate(lambda: files(data_module(**common, **paths)), args.images)
+                for pixels in args.pixels:
+                    make = data_module if pixels == "float" else with_uint8_pixels(data_module)
+                    normalized_by = image_config if pixels == "uint8" else None
+                    rates, costs = {}, {}
+                    for workers in args.workers:
+                        loader = make(**common, **paths, num_workers=workers).train_dataloader()
+                        rates[workers], costs[workers] = measure(loader, args.images, normalized_by)
+                        del loader
+                        gc.collect()  # stops this loader's workers before the next one forks its own
+                        print(f"{size}px {name}, {pixels} pixels: {workers} worker(s): {rates[workers]:.0f} "
+                              f"images/s, {costs[workers]:.2f} CPU ms/image", file=sys.stderr)
+                    rows.append((size, name, pixels, pil, rates, costs))
+                    loads.append(os.getloadavg()[0])
 
     print(f"\nbatch {args.batch_size}, {args.images} images per measurement, {os.cpu_count()} CPUs, "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
     print("images/s (CPU ms per image, main process and workers together):\n")
-    columns = ["size", "data module", "PIL decode only", *(f"{w} workers" for w in args.workers)]
+    columns = ["size", "data module", "pixels", "PIL decode only", *(f"{w} workers" for w in args.workers)]
     compare = 0 in args.workers and 2 in args.workers
     if compare:
         columns += ["2 vs 0 workers", "2 vs 0 from CPU ms (idle cores)"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for size, name, pil, rates, costs in rows:
-        cells = [f"{size}px", name, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.1f})" for w in args.workers)]
+    for size, name, pixels, pil, rates, costs in rows:
+        cells = [f"{size}px", name, pixels, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.2f})" for w in args.workers)]
         if compare:
             # On two idle cores, two workers can at best do 2 cores / (CPU per image with workers).
             cells += [f"{rates[2] / rates[0]:.2f}x", f"{2 * costs[0] / costs[2]:.2f}x"]
