@@ -9,14 +9,17 @@ whose JSON has the wrong shape stops the run at once with one line naming the fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from datasets_on_disk import TINY_IMAGES, jpeg_bytes, truncated_jpeg, write_shard
 from vlm_lab.cli import main
+from vlm_lab.data.cc3m import CC3MDataModule
 from vlm_lab.data.coco import CocoCaptionsDataModule
 from vlm_lab.tokenizer import load_tokenizer
 
@@ -225,3 +228,21 @@ def test_wrong_per_sample_json_names_shard_key_and_field(tmp_path, capsys, worke
     # Read in a loader worker, the error reaches the command line as the same one line.
     assert line == (f"vlm-lab: error: {tmp_path / '00000.tar'}: 000000005.json field 'captions' should be a "
                     f"list of strings, not \"picture 5\"")
+
+
+def test_a_member_repeated_in_a_shard_is_counted_and_the_first_kept(tmp_path):
+    # A tar appended to twice can hold one sample's .txt twice in a row: webdataset refuses the second.
+    members = []
+    for i in range(4):
+        members += [(f"{i:09d}.jpg", jpeg_bytes(colour(i))), (f"{i:09d}.txt", f"picture {i}".encode())]
+    members.insert(4, ("000000001.txt", b"the same key and extension again"))
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    dm = CC3MDataModule(load_tokenizer(None), TINY_IMAGES, 32, val_shards=str(tmp_path / "00000.tar"), batch_size=4)
+    batches = list(dm.val_dataloader())
+    assert [i for b in batches for i in b["image_ids"].tolist()] == [0, 1, 2, 3]
+    assert [c for b in batches for c in b["captions"]][1] == "picture 1"
+    assert dm.bad_samples["val"].take() == {"unreadable shard data": 1}
