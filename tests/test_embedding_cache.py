@@ -67,6 +67,16 @@ def test_cached_and_uncached_runs_give_identical_losses_and_the_cache_skips_imag
     assert plain_forwards == 8 + 1 + 2 and cached_forwards == 2 + 2
 
 
+def test_loader_workers_get_the_cache_from_the_first_epoch(tmp_path, monkeypatch):
+    # Lightning forks the first epoch's loader workers before on_fit_start; the cache must be
+    # attached before that, or epoch 0 silently runs the locked tower on every batch.
+    cached, report, _, forwards, _ = run(tmp_path, "workers", ["model.vision_lock.lock=true", "data.num_workers=2",
+                                                              "trainer.max_epochs=1"], monkeypatch)
+    assert report["train"]["encoded"] == 64
+    assert "vision_pooled" in cached.batch_keys and "pixel_values" not in cached.batch_keys
+    assert forwards == 2 + 2  # only the fills and probes: no training batch ran the tower
+
+
 def test_disk_cache_is_reused_by_the_next_run_and_stores_tokens(tmp_path, monkeypatch):
     overrides = ["model.vision_lock.lock=true", "embedding_cache.storage=disk",
                  f"embedding_cache.dir={tmp_path / 'cache'}", "embedding_cache.tokens=true"]

@@ -266,7 +266,7 @@ def open_cache(images: CacheableImages, tower: torch.nn.Module, output: TowerOut
 
 
 class LockedTowerCache(Callback):
-    """Fills and attaches the embedding cache when a fit starts (see the module docstring).
+    """Fills and attaches the embedding cache when a fit is set up (see the module docstring).
 
     It does nothing when the vision tower is not fully locked, and skips (with a log line) splits
     whose images are not deterministic or data modules without the interface. Under DDP with disk
@@ -279,7 +279,12 @@ class LockedTowerCache(Callback):
         self.settings = settings
         self.report: dict[str, dict[str, float]] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Not on_fit_start: Lightning creates the first training iterator (and forks its loader
+        # workers, each with a copy of the data set) before on_fit_start, so a cache attached then
+        # would reach the workers only from the second epoch on. setup runs before any loader exists.
+        if stage != "fit":
+            return
         locked = getattr(pl_module, "vision_locked", None)
         datamodule = trainer.datamodule
         if locked is None or not locked.fully_locked:
@@ -313,10 +318,13 @@ class LockedTowerCache(Callback):
 
         was_training = pl_module.vision.training
         pl_module.vision.eval()
+        # The strategy moves the module to its device only after setup; the tower goes there now.
+        device = trainer.strategy.root_device
+        pl_module.vision.to(device)
         try:
-            probe = encode(_first_usable_pixels(images)[None].to(pl_module.device))
+            probe = encode(_first_usable_pixels(images)[None].to(device))
             cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
-            settings, device = self.settings, pl_module.device
+            settings = self.settings
             if cache.folder is None:
                 return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
             encoded = 0
