@@ -148,10 +148,13 @@ class CaptionedImages(Dataset):
 
 
 def raw_samples(records: list[Record]) -> Iterator[RawSample]:
-    """The records as :class:`RawSample` (images decoded only when asked), for inspection."""
+    """The records as :class:`RawSample` (images decoded only when asked), for inspection.
+
+    Bytes of a caption that are not UTF-8 show as U+FFFD, printable and tokenisable.
+    """
     for record in records:
-        yield RawSample(record.captions, record.image_id, record.path,
-                        lambda path=record.path: open_image(path))
+        captions = tuple(c.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for c in record.captions)
+        yield RawSample(captions, record.image_id, record.path, lambda path=record.path: open_image(path))
 
 
 TABLE_HEADERS = {"filepath", "file_path", "path", "file", "filename", "file_name", "image", "image_path"}
