@@ -210,6 +210,10 @@ def test_fit_test_and_caption_from_the_command_line(tmp_path, capsys):
     tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
     assert 0 <= tested["test/bleu4"] <= 1 and tested["test/cider"] >= 0
     assert "test/bleu4" in capsys.readouterr().out
+    # decoding settings come from the config evaluated with, not from the checkpoint
+    evaluated = vlm_lab.api._module_to_evaluate(
+        vlm_lab.load_config(TINY_CONFIG, overrides=[*COCA, "model.generation.num_beams=3"]), str(ckpt))
+    assert evaluated.hparams.model["generation"]["num_beams"] == 3
 
     paths = []
     for i in range(3):

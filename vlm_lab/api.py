@@ -147,7 +147,11 @@ def _module_to_evaluate(cfg: DictConfig, ckpt_path: str | None) -> VisionLanguag
         return build_module(cfg)
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path: no checkpoint file at {ckpt_path}")
-    return VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # Decoding is an evaluation choice, not part of the weights: the config evaluated with sets it
+    # (e.g. `vlm-lab test ... ckpt_path=CKPT model.generation.num_beams=3`).
+    module.hparams.model["generation"] = _plain(cfg.model.generation)
+    return module
 
 
 class MetricsFile(Callback):
