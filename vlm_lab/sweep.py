@@ -334,7 +334,8 @@ def report(out: str | Path, metric: str | None = None) -> list[Path]:
         writer.writerows(rows)
     shown = [c for c in columns if c not in ("epoch", "step") and not c.startswith(("val/chance", "test/chance"))]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in shown) + " |" for row in rows]
+    swept = {k for r in expand(out / "sweep.yaml") for k in r.swept}
+    lines += ["| " + " | ".join(_cell(row.get(c), c in swept) for c in shown) + " |" for row in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return [out / "results.csv", out / "results.md", *_plots(out, rows, metric)]
 
@@ -348,10 +349,11 @@ def _seconds(done_marker: Path) -> float | None:
         return None
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, swept: bool) -> str:
     if value is None:
         return ""
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    # a swept value as given (a learning rate of 0.0003 is not "0.00"); metrics to two decimals
+    return f"{value:.2f}" if isinstance(value, float) and not swept else _format_value(value)
 
 
 def _plots(out: Path, rows: list[dict[str, Any]], metric: str | None) -> list[Path]:
