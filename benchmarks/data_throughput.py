@@ -19,8 +19,10 @@ For each dataset it times (after the first batch, so worker start-up is not coun
   does on the GPU, off the CPU.
 
 Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, each
-listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), and the streaming module on Flickr8k written as
-img2dataset shards by ``vlm-lab data convert`` (into a temporary folder).
+listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), the streaming module on the
+real CC12M shard (32 img2dataset samples, resized to at most 512 px on the long side as img2dataset
+does, copied into 24 shards), and the streaming module on Flickr8k written as img2dataset shards by
+``vlm-lab data convert`` (into a temporary folder).
 
 The main process runs torch with one thread, as loader workers do (see ``main``). Timings
 depend on what else runs on the machine: check ``uptime`` first.
@@ -130,6 +132,27 @@ def repeated_coco_captions(root: Path, out: Path, times: int) -> str:
     return str(path)
 
 
+def repeated_shard(shard: Path, out: Path, copies: int) -> list[Path]:
+    """``copies`` copies of one shard, with their samples renamed apart (img2dataset keys are unique).
+
+    32 samples make an epoch of one batch; copies give the streaming loader epochs long enough to
+    time loading rather than start-up, over the same real images.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with tarfile.open(shard) as source:
+        members = [(member, source.extractfile(member).read()) for member in source if member.isfile()]
+    for copy in range(copies):
+        path = out / f"{copy:05d}.tar"
+        with tarfile.open(path, "w") as target:
+            for member, data in members:
+                renamed = tarfile.TarInfo(f"{copy:02d}{member.name}")
+                renamed.size = len(data)
+                target.addfile(renamed, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
 def with_uint8_pixels(data_module: type) -> type:
     """``data_module`` whose loaders hand over ``uint8`` pixels (the transform stops before normalising)."""
 
@@ -148,8 +171,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pixels", nargs="+", choices=["float", "uint8", "uint8-device"],
                         default=["float", "uint8", "uint8-device"], help="how loader workers hand pixels over")
-    parser.add_argument("--datasets", nargs="+", choices=["coco", "flickr8k", "shards"],
-                        default=["coco", "flickr8k", "shards"])
+    parser.add_argument("--datasets", nargs="+", choices=["coco", "flickr8k", "cc12m", "shards"],
+                        default=["coco", "flickr8k", "cc12m", "shards"])
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"needs the real data at {DATA}", file=sys.stderr)
@@ -167,6 +190,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         coco = dict(train_ann=repeated_coco_captions(DATA / "coco-mini", Path(tmp), times=10),
                     train_images=str(DATA / "coco-mini" / "train2017"))
+        cc12m = repeated_shard(DATA / "cc12m-shard" / "cc12m-train-0000.tar", Path(tmp) / "cc12m", copies=24)
         shards = coco_to_shards(flickr["train_ann"], flickr["train_images"], Path(tmp) / "shards", per="image",
                                 shard_size=1000).shards
         for size in args.sizes:
@@ -179,6 +203,8 @@ def main() -> int:
                          lambda dm: [r.path for r in dm.records("train")]),
                 "flickr8k": ("Flickr8k (coco_captions)", CocoCaptionsDataModule, flickr,
                              lambda dm: [r.path for r in dm.records("train")]),
+                "cc12m": ("CC12M shard x24 (cc3m, webdataset)", CC3MDataModule,
+                          dict(train_shards=[str(s) for s in cc12m]), lambda dm: shard_images(cc12m)),
                 "shards": ("Flickr8k shards (cc3m, webdataset)", CC3MDataModule,
                            dict(train_shards=[str(s) for s in shards]), lambda dm: shard_images(shards)),
             }

@@ -49,6 +49,18 @@ def test_same_captions_same_folder_and_reload(tmp_path):
     assert read_captions(text_file) == read_captions(source) == CAPTIONS
 
 
+def test_tokenizers_and_embeddings_share_one_cache_root(tmp_path, monkeypatch):
+    from vlm_lab.embedding_cache import CacheSettings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    built = word_tokenizer_dir(write_coco(tmp_path / "captions.json", CAPTIONS), 1)
+    assert built.parent == tmp_path / "xdg" / "vlm-lab" / "tokenizers"
+    assert CacheSettings().directory() == tmp_path / "xdg" / "vlm-lab" / "embeddings"
+    assert not list(built.parent.glob("*.partial-*"))  # the temporary folder was moved into place
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # unset or empty: ~/.cache
+    assert CacheSettings().directory() == Path.home() / ".cache" / "vlm-lab" / "embeddings"
+
+
 def test_bad_sources_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="no file at"):
         read_captions(tmp_path / "missing.json")

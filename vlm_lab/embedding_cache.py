@@ -29,7 +29,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.config import dataclass_from_section
 from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.paths import cache_root
 from vlm_lab.towers.base import TowerOutput
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class CacheSettings:
     def directory(self) -> Path:
         if self.dir is not None:
             return Path(self.dir)
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        return Path(base) / "vlm-lab" / "embeddings"
+        return cache_root() / "embeddings"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from vlm_lab import registry
 from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
+from vlm_lab.config import DEFAULTS
 from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
@@ -244,7 +245,8 @@ class VisionLanguageModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.hparams.optim
-        scale = {**{"vision": 1.0, "text": 1.0}, **cfg.get("lr_scale", {})}
+        # A checkpoint saved before optim.lr_scale existed has none: the defaults fill it in.
+        scale = {**DEFAULTS["optim"]["lr_scale"], **cfg.get("lr_scale", {})}
         groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:

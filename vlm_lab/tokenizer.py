@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from vlm_lab.errors import ConfigError
+from vlm_lab.paths import cache_root
 
 
 def default_tokenizer_dir() -> Path:
@@ -88,11 +89,14 @@ def word_tokenizer_dir(source: str | Path, min_count: int = 5, cache_dir: str | 
     """The folder of the word tokenizer for ``source``'s captions, building it on first use."""
     captions = read_captions(source)
     digest = hashlib.sha1("\n".join(captions).encode("utf-8", "surrogatepass") + f"|{min_count}".encode())
-    base = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlm-lab"
+    base = Path(cache_dir) if cache_dir else cache_root()
     directory = base / "tokenizers" / f"words-{digest.hexdigest()[:16]}"
     if not (directory / "tokenizer.json").is_file():
         tokenizer = build_word_tokenizer(captions, min_count)
         partial = directory.with_name(directory.name + f".partial-{os.getpid()}")
         tokenizer.save_pretrained(str(partial))
-        partial.replace(directory) if not directory.exists() else shutil.rmtree(partial)
+        if directory.exists():  # another process built the same vocabulary meanwhile
+            shutil.rmtree(partial)
+        else:
+            partial.replace(directory)
     return directory
