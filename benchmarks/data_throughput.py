@@ -60,26 +60,27 @@ from vlm_lab.towers.base import ImageConfig  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def measure(loader: DataLoader, images: int, image_config: ImageConfig | None = None) -> tuple[float, float]:
-    """(images/s, CPU ms per image) over ``images`` images, epoch after epoch.
+def measure(loader: DataLoader, images: int,
+            image_config: ImageConfig | None = None) -> tuple[float, float, float]:
+    """(images/s, CPU ms per image, of which the main process's) over ``images`` images, epoch after epoch.
 
-    Both are taken from the end of the first batch, so starting the workers is not counted; the CPU
+    All are taken from the end of the first batch, so starting the workers is not counted; the CPU
     time is the main process's plus every worker's (see ``cpu_seconds``). With ``image_config``,
     ``uint8`` pixels are normalised in the main process, inside the timing.
     """
-    start, count, cpu_start = None, 0, 0.0
+    start, count, cpu_start, main_start = None, 0, 0.0, 0.0
     while count < images:
         for batch in loader:  # a new pass (and new workers) when an epoch ends first
             if start is None:
-                start, cpu_start = time.perf_counter(), cpu_seconds()
+                start, cpu_start, main_start = time.perf_counter(), cpu_seconds(), time.process_time()
                 continue
             if image_config is not None and batch["pixel_values"].dtype == torch.uint8:
                 normalize_pixels(batch["pixel_values"], image_config)
             count += len(batch["image_ids"])
             if count >= images:
                 break
-    elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    return count / elapsed, 1000 * cpu / count
+    elapsed, cpu, main = time.perf_counter() - start, cpu_seconds() - cpu_start, time.process_time() - main_start
+    return count / elapsed, 1000 * cpu / count, 1000 * main / count
 
 
 def cpu_seconds() -> float:
@@ -214,28 +215,34 @@ def main() -> int:
                 for pixels in args.pixels:
                     make = data_module if pixels == "float" else with_uint8_pixels(data_module)
                     normalized_by = image_config if pixels == "uint8" else None
-                    rates, costs = {}, {}
+                    rates, costs, main_costs = {}, {}, {}
                     for workers in args.workers:
                         loader = make(**common, **paths, num_workers=workers).train_dataloader()
-                        rates[workers], costs[workers] = measure(loader, args.images, normalized_by)
+                        rates[workers], costs[workers], main_costs[workers] = measure(loader, args.images, normalized_by)
                         del loader
                         gc.collect()  # stops this loader's workers before the next one forks its own
                         print(f"{size}px {name}, {pixels} pixels: {workers} worker(s): {rates[workers]:.0f} "
                               f"images/s, {costs[workers]:.2f} CPU ms/image", file=sys.stderr)
-                    rows.append((size, name, pixels, pil, rates, costs))
+                    rows.append((size, name, pixels, pil, rates, costs, main_costs))
                     loads.append(os.getloadavg()[0])
 
     print(f"\nbatch {args.batch_size}, {args.images} images per measurement, {os.cpu_count()} CPUs, "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
     print("images/s (CPU ms per image, main process and workers together):\n")
     columns = ["size", "data module", "pixels", "PIL decode only", *(f"{w} workers" for w in args.workers)]
+    if 2 in args.workers:
+        columns.append("2 workers: CPU ms main / workers")
     compare = 0 in args.workers and 2 in args.workers
     if compare:
         columns += ["2 vs 0 workers", "2 vs 0 from CPU ms (idle cores)"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for size, name, pixels, pil, rates, costs in rows:
+    for size, name, pixels, pil, rates, costs, main_costs in rows:
         cells = [f"{size}px", name, pixels, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.2f})" for w in args.workers)]
+        if 2 in args.workers:
+            # Where the 2-worker CPU goes: the main process receives batches, the workers load and
+            # hand them over (compare with the 0-worker cost: the difference is the hand-over).
+            cells.append(f"{main_costs[2]:.2f} / {costs[2] - main_costs[2]:.2f}")
         if compare:
             # On two idle cores, two workers can at best do 2 cores / (CPU per image with workers).
             cells += [f"{rates[2] / rates[0]:.2f}x", f"{2 * costs[0] / costs[2]:.2f}x"]
