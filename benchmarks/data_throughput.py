@@ -100,6 +100,31 @@ def cpu_seconds() -> float:
     return total
 
 
+def _decode_files(files: list[str]) -> None:
+    for path in files:
+        Image.open(path).convert("RGB")
+
+
+def parallel_decode_speedup(files: list[str]) -> float:
+    """How much faster two processes decode ``files`` (each its own copy) than one process does.
+
+    About 2.0 on two free cores; well below that, the machine's second core is not a whole core
+    (busy, or a hyperthread), and no loader can reach 2x there.
+    """
+    import multiprocessing
+
+    def timed(processes: int) -> float:
+        workers = [multiprocessing.Process(target=_decode_files, args=(files,)) for _ in range(processes)]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return processes * len(files) / (time.perf_counter() - start)
+
+    return timed(2) / timed(1)
+
+
 def pil_rate(sources: Callable[[], Iterable[bytes | str]], images: int) -> float:
     start, count = time.perf_counter(), 0
     while count < images:
@@ -188,6 +213,7 @@ def main() -> int:
                   train_images=str(DATA / "flickr8k" / "images"))
     rows = []
     loads = [os.getloadavg()[0]]
+    decode_check = parallel_decode_speedup(sorted(str(p) for p in (DATA / "coco-mini" / "train2017").glob("*.jpg")) * 3)
     with tempfile.TemporaryDirectory() as tmp:
         coco = dict(train_ann=repeated_coco_captions(DATA / "coco-mini", Path(tmp), times=10),
                     train_images=str(DATA / "coco-mini" / "train2017"))
@@ -228,6 +254,7 @@ def main() -> int:
 
     print(f"\nbatch {args.batch_size}, {args.images} images per measurement, {os.cpu_count()} CPUs, "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
+    print(f"the same JPEG decode loop in two processes at once: {decode_check:.2f}x one process\n")
     print("images/s (CPU ms per image, main process and workers together):\n")
     columns = ["size", "data module", "pixels", "PIL decode only", *(f"{w} workers" for w in args.workers)]
     if 2 in args.workers:
