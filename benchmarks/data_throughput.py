@@ -213,7 +213,7 @@ def main() -> int:
                   train_images=str(DATA / "flickr8k" / "images"))
     rows = []
     loads = [os.getloadavg()[0]]
-    decode_check = parallel_decode_speedup(sorted(str(p) for p in (DATA / "coco-mini" / "train2017").glob("*.jpg")) * 3)
+    decode_check = parallel_decode_speedup(sorted(str(p) for p in (DATA / "coco-mini" / "train2017").glob("*.jpg")) * 10)
     with tempfile.TemporaryDirectory() as tmp:
         coco = dict(train_ann=repeated_coco_captions(DATA / "coco-mini", Path(tmp), times=10),
                     train_images=str(DATA / "coco-mini" / "train2017"))
