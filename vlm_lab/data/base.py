@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, caption_loader
 from vlm_lab.data.epochs import TrainingEpochs
+from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter, attach_report
 from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
 from vlm_lab.data.transforms import build_transform, decode_size
 from vlm_lab.embedding_cache import EmbeddingCache
+from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig
 
 SPLITS = ("train", "val", "test")
@@ -30,12 +32,17 @@ class CaptionDataModule(L.LightningDataModule):
     """Base of the image-caption data modules (not registered itself)."""
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int, batch_size: int,
-                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int) -> None:
+                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int,
+                 worker_slots: int) -> None:
         super().__init__()
+        if worker_slots < 0:
+            raise ConfigError(f"data.worker_slots must be 0 (PyTorch's hand-off) or more, not {worker_slots}")
         self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.augment, self.seed = num_workers, augment, seed
+        self.worker_slots = worker_slots
+        self._slots: dict[str, WorkerSlots | None] = {}
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
         self.epochs = TrainingEpochs()
         # The locked-tower embedding cache (vlm_lab/embedding_cache.py): caches by split, and the
@@ -64,7 +71,16 @@ class CaptionDataModule(L.LightningDataModule):
 
     def collate(self, split: str) -> ImageTextCollate:
         """Tokenises in the loader workers, padding each batch to its longest caption."""
-        return ImageTextCollate(self.tokenizer, self.max_length, train=split == "train")
+        return ImageTextCollate(self.tokenizer, self.max_length, train=split == "train", slots=self.slots(split))
+
+    def slots(self, split: str) -> WorkerSlots | None:
+        """The shared-memory slots the split's loader workers hand pixels over in (``handoff.py``);
+        None without workers or with ``worker_slots: 0``."""
+        if split not in self._slots:
+            batch_size = self.batch_size if split == "train" else self.eval_batch_size
+            self._slots[split] = WorkerSlots.for_pixels(self.num_workers, batch_size, self.image_config.size,
+                                                        per_worker=self.worker_slots)
+        return self._slots[split]
 
     @property
     def decode_size(self) -> tuple[int, int]:
@@ -118,7 +134,8 @@ class CaptionDataModule(L.LightningDataModule):
         training = split == "train"
         epoch = self._next_epoch if training else lambda: 0
         if isinstance(dataset, ShardStream):
-            loader: DataLoader = StreamLoader(dataset, self.seed, epoch, num_workers=self.num_workers)
+            loader: DataLoader = StreamLoader(dataset, self.seed, epoch, num_workers=self.num_workers,
+                                              slots=self.slots(split))
         else:
             loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
                                     self.num_workers, self.collate(split), self.seed, epoch)

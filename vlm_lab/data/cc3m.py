@@ -46,6 +46,8 @@ class CC3MDataModule(CaptionDataModule):
         batch_size: training images per batch.
         eval_batch_size: validation images per batch (default: ``batch_size``).
         num_workers: data loader worker processes.
+        worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
+            hand-off, fresh shared memory per batch; see ``vlm_lab/data/handoff.py``).
         shuffle_buffer: samples each training worker shuffles among.
         augment: random crops in training.
         seed: fixes the shard order, shuffling, crops and caption draws of every epoch.
@@ -57,8 +59,10 @@ class CC3MDataModule(CaptionDataModule):
                  train_images: str | None = None, val_images: str | None = None,
                  train_samples: int | None = None, val_samples: int | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
+                 worker_slots: int = 4,
                  shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
-        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment, seed)
+        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
+                         seed, worker_slots)
         self.shuffle_buffer = shuffle_buffer
         self.samples = {"train": train_samples, "val": val_samples}
         self.urls: dict[str, list[str]] = {}

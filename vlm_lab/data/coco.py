@@ -97,6 +97,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
         batch_size: training images per batch.
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
         num_workers: data loader worker processes.
+        worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
+            hand-off, fresh shared memory per batch; see ``vlm_lab/data/handoff.py``).
         augment: random crops in training.
         seed: fixes each epoch's order and the seeds of its loader workers (caption draws and crops
             made in workers; those made with ``num_workers: 0`` follow the experiment's ``seed``).
@@ -109,8 +111,10 @@ class CocoCaptionsDataModule(CaptionDataModule):
                  test_ann: str | None = None, test_images: str | None = None,
                  train_sampling: Literal["image", "caption"] = "image",
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
+                 worker_slots: int = 4,
                  augment: bool = False, seed: int = 0) -> None:
-        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment, seed)
+        super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
+                         seed, worker_slots)
         self.train_sampling = train_sampling
         given = {"train": (train_ann, train_images), "val": (val_ann, val_images), "test": (test_ann, test_images)}
         self.sources = {split: _resolve(split, root, ann, images) for split, (ann, images) in given.items()}

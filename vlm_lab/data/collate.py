@@ -24,9 +24,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from vlm_lab.data.epochs import EpochLoader
+from vlm_lab.data.handoff import SlotLoader, WorkerSlots
 from vlm_lab.towers.base import ImageConfig
 
 
@@ -48,10 +49,13 @@ IMAGE_KEYS = ("pixel_values", "vision_pooled", "vision_tokens")
 
 
 class ImageTextCollate:
-    """Stack images and tokenise captions with dynamic padding (see the module docstring)."""
+    """Stack images and tokenise captions with dynamic padding (see the module docstring).
 
-    def __init__(self, tokenizer: Any, max_length: int, train: bool) -> None:
-        self.tokenizer, self.max_length, self.train = tokenizer, max_length, train
+    With ``slots``, loader workers stack the pixels into reused shared memory (``handoff.py``).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, train: bool, slots: WorkerSlots | None = None) -> None:
+        self.tokenizer, self.max_length, self.train, self.slots = tokenizer, max_length, train, slots
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         captions: list[str] = []
@@ -62,38 +66,43 @@ class ImageTextCollate:
             owners += [i] * len(chosen)
         tokens = self.tokenizer(captions, padding=True, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
-        return {
+        batch = {
             # default_collate stacks straight into shared memory inside a loader worker, saving the
             # copy that sending a normal tensor to the main process makes (1 ms per 224 px image).
-            **{key: default_collate([s[key] for s in samples]) for key in IMAGE_KEYS if key in samples[0]},
+            **{key: default_collate([s[key] for s in samples]) for key in IMAGE_KEYS
+               if key in samples[0] and not (self.slots is not None and key == "pixel_values")},
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "text_image_index": torch.tensor(owners, dtype=torch.long),
             "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "captions": captions,  # the raw strings: caption metrics score against them, not the tokens
         }
+        if self.slots is not None and "pixel_values" in samples[0]:
+            return self.slots.pack(batch, [s["pixel_values"] for s in samples])
+        return batch
 
 
 def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_workers: int,
                    collate_fn: ImageTextCollate, seed: int = 0,
-                   epoch: Callable[[], int] | None = None) -> DataLoader:
+                   epoch: Callable[[], int] | None = None) -> SlotLoader:
     """The DataLoader of a map-style image-caption dataset: the one policy every data module uses.
 
     Training shuffles and drops the last partial batch (contrastive batches must keep their size,
     and one sample carries no signal), each pass seeded by (``seed``, ``epoch()``) (an
     :class:`~vlm_lab.data.epochs.EpochLoader`; ``epoch`` is required in training). Evaluation keeps
-    every sample, in order.
+    every sample, in order. The loader receives the pixels ``collate_fn.slots`` hands over.
     """
     if training:
         if epoch is None:
             raise ValueError("a training loader needs the epoch of each pass (epoch=...)")
         return EpochLoader(dataset, seed, epoch, batch_size=batch_size, shuffle=True, drop_last=True,
-                           num_workers=num_workers, collate_fn=collate_fn)
-    return DataLoader(
+                           num_workers=num_workers, collate_fn=collate_fn, slots=collate_fn.slots)
+    return SlotLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         collate_fn=collate_fn,
+        slots=collate_fn.slots,
     )

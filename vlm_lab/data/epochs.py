@@ -15,12 +15,13 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
+from vlm_lab.data.handoff import SlotLoader, WorkerSlots
 from vlm_lab.seeding import epoch_seed
 
 
-class EpochLoader(DataLoader):
+class EpochLoader(SlotLoader):
     """A training DataLoader whose passes are seeded by (``seed``, epoch) and counted.
 
     Before each pass it calls ``epoch()``, reseeds its generator from ``epoch_seed(seed, epoch)`` (the
@@ -30,16 +31,19 @@ class EpochLoader(DataLoader):
     do), so each epoch's workers draw from that epoch's seeds.
 
     The DataLoader-style arguments let Lightning rebuild it with a ``DistributedSampler`` under DDP
-    (that sampler shuffles by its own seed and the epoch Lightning gives it).
+    (that sampler shuffles by its own seed and the epoch Lightning gives it). ``slots``: see
+    :class:`~vlm_lab.data.handoff.SlotLoader`.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: Callable[[], int], batch_size: int | None = 1,
                  shuffle: bool | None = None, sampler: Sampler | None = None, batch_sampler: Sampler | None = None,
                  num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 drop_last: bool = False, persistent_workers: bool = False) -> None:
+                 drop_last: bool = False, persistent_workers: bool = False,
+                 slots: WorkerSlots | None = None) -> None:
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                         drop_last=drop_last, generator=torch.Generator(), persistent_workers=persistent_workers)
+                         drop_last=drop_last, generator=torch.Generator(), persistent_workers=persistent_workers,
+                         slots=slots)
         self.seed, self._epoch_source = seed, epoch
         self.progress: tuple[int, int] | None = None
 

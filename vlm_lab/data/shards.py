@@ -49,6 +49,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from vlm_lab.data.epochs import EpochLoader
+from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.transforms import open_image
 from vlm_lab.errors import ConfigError
@@ -383,12 +384,14 @@ class StreamLoader(EpochLoader):
     The epoch is set in the main process just before the workers start a pass, so persistent and
     fresh workers alike shuffle for the right epoch; the stream seeds each worker from it too, so its
     workers can stay alive between epochs. ``progress`` (see ``EpochLoader``) says whether a checkpoint
-    was taken after the pass ended (see ``epochs.TrainingEpochs``).
+    was taken after the pass ended (see ``epochs.TrainingEpochs``). ``slots``: the ones the stream's
+    collate stacks pixels into (``handoff.py``).
     """
 
-    def __init__(self, stream: ShardStream, seed: int, epoch: Callable[[], int], num_workers: int) -> None:
+    def __init__(self, stream: ShardStream, seed: int, epoch: Callable[[], int], num_workers: int,
+                 slots: WorkerSlots | None = None) -> None:
         super().__init__(stream, seed, epoch, batch_size=None, num_workers=num_workers,
-                         persistent_workers=num_workers > 0)
+                         persistent_workers=num_workers > 0, slots=slots)
 
     def start_pass(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

@@ -1,0 +1,245 @@
+"""Loader workers hand pixels over in reused shared-memory slots (``vlm_lab/data/handoff.py``).
+
+What must hold: batches are exactly those of PyTorch's own hand-off, whatever the caller keeps; a slot
+is reused only once no tensor uses its memory; abandoned passes do not use the slots up; the small
+tensors travel by value; and the real data modules give the same batches with and without slots.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets_on_disk import CC12M_SHARD, COCO_MINI, TINY_IMAGES, needs_shared
+from vlm_lab.data.cc3m import CC3MDataModule
+from vlm_lab.data.coco import CocoCaptionsDataModule
+from vlm_lab.data.handoff import SlotLoader, SlotPool, WorkerSlots
+from vlm_lab.errors import ConfigError
+from vlm_lab.tokenizer import load_tokenizer
+
+BATCH = 4
+
+
+class Numbered(Dataset):
+    """Image ``i`` is filled with ``i``; its id is ``i``."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((3, 8, 8), float(index))
+
+
+class PackingCollate:
+    def __init__(self, slots: WorkerSlots | None) -> None:
+        self.slots = slots
+
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([int(image[0, 0, 0]) for image in images])
+        if self.slots is None:
+            return {"pixel_values": torch.stack(images), "image_ids": ids}
+        return self.slots.pack({"image_ids": ids}, images)
+
+
+def loader(slots: WorkerSlots | None, persistent: bool = False) -> SlotLoader:
+    return SlotLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=PackingCollate(slots),
+                      persistent_workers=persistent, slots=slots)
+
+
+def slots(per_worker: int = 2, slot_bytes: int = BATCH * 3 * 8 * 8 * 4) -> WorkerSlots:
+    return WorkerSlots(num_workers=2, slot_bytes=slot_bytes, per_worker=per_worker)
+
+
+def in_slot(tensor: torch.Tensor, pool: SlotPool) -> bool:
+    start = pool.memory.data_ptr()
+    return start <= tensor.untyped_storage().data_ptr() < start + pool.memory.numel()
+
+
+def check(batch: dict[str, torch.Tensor], first: int) -> None:
+    """The batch holds images first .. first + BATCH - 1, in order."""
+    expected = torch.arange(first, first + BATCH)
+    assert batch["image_ids"].tolist() == expected.tolist()
+    assert torch.equal(batch["pixel_values"][:, 0, 0, 0], expected.float())
+    assert torch.equal(batch["pixel_values"], batch["pixel_values"][:, :1, :1, :1].expand(-1, 3, 8, 8))
+
+
+def test_kept_batches_stay_intact_and_equal_pytorchs():
+    handoff = slots(per_worker=2)
+    kept = list(loader(handoff))  # keeps every batch: 4 slots for 10 batches, the rest go PyTorch's way
+    pool = handoff.pool
+    assert [torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(kept, loader(None))] == [True] * 10
+    for number, batch in enumerate(kept):
+        check(batch, BATCH * number)
+    assert sum(in_slot(batch["pixel_values"], pool) for batch in kept) == 4
+    assert pool.held == {0, 1, 2, 3}
+    del kept, batch
+    gc.collect()
+    assert pool.held == set() and int(pool.leases.sum()) == 0
+
+
+def test_a_slot_is_reused_only_when_no_tensor_uses_it():
+    handoff = slots(per_worker=2)
+    batches = iter(loader(handoff))
+    first = next(batches)
+    pool = handoff.pool
+    assert in_slot(first["pixel_values"], pool)
+    view = first["pixel_values"][1:]  # a view outlives the batch and keeps its slot
+    slot = next(iter(pool.held))
+    del first
+    gc.collect()
+    assert slot in pool.held
+    rest = [batch["image_ids"].tolist() for batch in batches]  # the workers go on with their other slots
+    assert len(rest) == 9
+    assert torch.equal(view[:, 0, 0, 0], torch.tensor([1.0, 2.0, 3.0]))  # not overwritten
+    del view
+    gc.collect()
+    assert slot not in pool.held and int(pool.leases[slot]) == 0
+
+
+def test_slots_are_reused_across_a_pass():
+    handoff = slots(per_worker=2)
+    used = 0
+    for number, batch in enumerate(loader(handoff)):  # each batch is dropped before the next
+        check(batch, BATCH * number)
+        used += in_slot(batch["pixel_values"], handoff.pool)
+    assert used >= 8  # nearly every batch found a free slot (prefetched ones may have to fall back)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_abandoned_passes_do_not_use_the_slots_up(persistent):
+    handoff = slots(per_worker=4)
+    data = loader(handoff, persistent=persistent)
+    for _ in range(3):
+        for batch in data:  # leaves prefetched batches unreceived
+            break
+    del batch
+    for _ in range(2):  # the first may find slots still leased by batches the abandoned pass dropped
+        used = 0
+        for number, batch in enumerate(data):
+            check(batch, BATCH * number)
+            used += in_slot(batch["pixel_values"], handoff.pool)
+    assert used >= 9
+    del batch
+    gc.collect()
+    assert int(handoff.pool.leases.sum()) == 0
+
+
+def test_fresh_workers_get_a_new_pool_and_persistent_ones_keep_theirs():
+    for persistent, same in ((False, False), (True, True)):
+        handoff = slots()
+        data = loader(handoff, persistent=persistent)
+        next(iter(data))
+        first = handoff.pool
+        list(data)
+        assert (handoff.pool is first) == same
+
+
+def test_a_batch_too_big_for_its_slot_goes_pytorchs_way():
+    handoff = slots(slot_bytes=100)
+    for number, batch in enumerate(loader(handoff)):
+        check(batch, BATCH * number)
+        assert not in_slot(batch["pixel_values"], handoff.pool)
+        assert batch["pixel_values"].is_shared()
+
+
+def test_small_tensors_travel_by_value():
+    batch = next(iter(loader(slots())))
+    assert not batch["image_ids"].is_shared()  # no shared memory, no file descriptor sent
+    plain = next(iter(loader(None)))
+    assert plain["image_ids"].is_shared()
+
+
+def test_without_workers_nothing_changes():
+    handoff = slots()
+    data = SlotLoader(Numbered(), batch_size=BATCH, collate_fn=PackingCollate(handoff), slots=handoff)
+    for number, batch in enumerate(data):
+        check(batch, BATCH * number)
+    assert handoff.pool is None
+    assert WorkerSlots.for_pixels(0, 64, (224, 224)) is None
+    assert WorkerSlots.for_pixels(2, 64, (224, 224), per_worker=0) is None
+
+
+def test_too_little_shared_memory_falls_back(monkeypatch):
+    monkeypatch.setattr("vlm_lab.data.handoff._free_shared_memory", lambda: 1000)
+    handoff = slots()
+    for number, batch in enumerate(loader(handoff)):
+        check(batch, BATCH * number)
+    assert handoff.pool is None
+
+
+# -------------------------------------------------------------------------------------------------
+# The real data modules
+
+
+def _batches(data_module, split: str, passes: int) -> list[dict]:
+    loader = data_module.train_dataloader() if split == "train" else data_module.val_dataloader()
+    return [batch for _ in range(passes) for batch in loader]
+
+
+def _same(with_slots: list[dict], without: list[dict]) -> None:
+    assert len(with_slots) == len(without) > 0
+    for a, b in zip(with_slots, without):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+@needs_shared
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_batches_are_the_same_with_and_without_slots(split):
+    tokenizer = load_tokenizer(None)
+    made = {}
+    for worker_slots in (4, 0):
+        data_module = CocoCaptionsDataModule(tokenizer, TINY_IMAGES, 32, root=str(COCO_MINI), batch_size=16,
+                                             num_workers=2, worker_slots=worker_slots)
+        made[worker_slots] = _batches(data_module, split, passes=2)
+        assert (data_module.slots(split) is None) == (worker_slots == 0)
+    _same(made[4], made[0])
+
+
+@needs_shared
+def test_cc3m_stream_batches_are_the_same_with_and_without_slots():
+    tokenizer = load_tokenizer(None)
+    made = {}
+    for worker_slots in (4, 0):
+        data_module = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_shards=[str(CC12M_SHARD)] * 2,
+                                     batch_size=8, num_workers=2, worker_slots=worker_slots)
+        made[worker_slots] = _batches(data_module, "train", passes=2)
+    _same(made[4], made[0])
+
+
+def test_worker_slots_must_not_be_negative():
+    with pytest.raises(ConfigError, match="worker_slots"):
+        CC3MDataModule(None, TINY_IMAGES, 32, train_shards=["a.tar"], worker_slots=-1)
+
+
+def test_plain_dataloader_is_untouched():
+    batch = next(iter(DataLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=PackingCollate(None))))
+    check(batch, 0)
+
+
+def test_another_loader_over_the_same_collate_gets_plain_batches():
+    handoff = slots()
+    list(loader(handoff))  # the slots have a pool now
+    plain = DataLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=PackingCollate(handoff))
+    for number, batch in enumerate(plain):
+        check(batch, BATCH * number)
+        assert batch["pixel_values"].is_shared() and batch["image_ids"].is_shared()
+
+
+def test_spawned_workers_use_the_slots_too():
+    """macOS and Windows start loader workers with spawn: the slots travel pickled."""
+    handoff = slots()
+    data = loader(handoff)
+    data.multiprocessing_context = "spawn"
+    used = 0
+    for number, batch in enumerate(data):
+        check(batch, BATCH * number)
+        used += in_slot(batch["pixel_values"], handoff.pool)
+    assert used >= 8
