@@ -11,12 +11,15 @@ For each dataset it times (after the first batch, so worker start-up is not coun
   crop, normalise) and tokenisation of the captions, batched; and the CPU time it took per image,
   summed over the main process and the workers. Busy neighbours slow the first down but hardly the
   second, so the last column projects the 2-worker speed-up on two idle cores from it.
-- each loader with three ways of handing pixels over (``--pixels``): ``float``, normalised float32
-  from the workers (what the data modules do by default); ``uint8``, the transform stopped before
+- each loader with three kinds of pixels (``--pixels``): ``float``, normalised float32 from the
+  workers (what the data modules do by default); ``uint8``, the transform stopped before
   normalising (``build_transform(..., normalize=False)``, a quarter of the bytes) and the batch
   normalised in the main process as it arrives (``normalize_pixels``: what the model does on a CPU
   machine); ``uint8-device``, the same without that last step, which on a GPU machine the model
-  does on the GPU, off the CPU.
+  does on the GPU, off the CPU;
+- and two ways of handing batches over from the workers (``--handoff``): ``slots``, reused
+  shared-memory slots (``data.worker_slots: 4``, the default; ``vlm_lab/data/handoff.py``), and
+  ``pytorch``, PyTorch's own (``data.worker_slots: 0``: fresh shared memory for every tensor).
 
 Datasets (from ``../shared/data``): COCO (coco-mini train2017, 80 photos of about 640x480, each
 listed 10 times in a captions file), Flickr8k (train, 224x224 JPEGs), the streaming module on the
@@ -196,7 +199,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pixels", nargs="+", choices=["float", "uint8", "uint8-device"],
-                        default=["float", "uint8", "uint8-device"], help="how loader workers hand pixels over")
+                        default=["float", "uint8-device"], help="the pixels loader workers hand over")
+    parser.add_argument("--handoff", nargs="+", choices=["slots", "pytorch"], default=["slots", "pytorch"],
+                        help="how loader workers hand batches over (data.worker_slots 4 or 0)")
     parser.add_argument("--datasets", nargs="+", choices=["coco", "flickr8k", "cc12m", "shards"],
                         default=["coco", "flickr8k", "cc12m", "shards"])
     args = parser.parse_args()
@@ -241,22 +246,26 @@ def main() -> int:
                 for pixels in args.pixels:
                     make = data_module if pixels == "float" else with_uint8_pixels(data_module)
                     normalized_by = image_config if pixels == "uint8" else None
-                    rates, costs, main_costs = {}, {}, {}
-                    for workers in args.workers:
-                        loader = make(**common, **paths, num_workers=workers).train_dataloader()
-                        rates[workers], costs[workers], main_costs[workers] = measure(loader, args.images, normalized_by)
-                        del loader
-                        gc.collect()  # stops this loader's workers before the next one forks its own
-                        print(f"{size}px {name}, {pixels} pixels: {workers} worker(s): {rates[workers]:.0f} "
-                              f"images/s, {costs[workers]:.2f} CPU ms/image", file=sys.stderr)
-                    rows.append((size, name, pixels, pil, rates, costs, main_costs))
-                    loads.append(os.getloadavg()[0])
+                    for handoff in args.handoff:
+                        worker_slots = 4 if handoff == "slots" else 0
+                        rates, costs, main_costs = {}, {}, {}
+                        for workers in args.workers:
+                            loader = make(**common, **paths, num_workers=workers,
+                                          worker_slots=worker_slots).train_dataloader()
+                            rates[workers], costs[workers], main_costs[workers] = measure(loader, args.images,
+                                                                                          normalized_by)
+                            del loader
+                            gc.collect()  # stops this loader's workers before the next one forks its own
+                            print(f"{size}px {name}, {pixels} pixels, {handoff}: {workers} worker(s): "
+                                  f"{rates[workers]:.0f} images/s, {costs[workers]:.2f} CPU ms/image", file=sys.stderr)
+                        rows.append((size, name, pixels, handoff, pil, rates, costs, main_costs))
+                        loads.append(os.getloadavg()[0])
 
     print(f"\nbatch {args.batch_size}, {args.images} images per measurement, {os.cpu_count()} CPUs, "
           f"1-minute load average {min(loads):.1f} to {max(loads):.1f}\n")
     print(f"the same JPEG decode loop in two processes at once: {decode_check:.2f}x one process\n")
     print("images/s (CPU ms per image, main process and workers together):\n")
-    columns = ["size", "data module", "pixels", "PIL decode only", *(f"{w} workers" for w in args.workers)]
+    columns = ["size", "data module", "pixels", "hand-off", "PIL decode only", *(f"{w} workers" for w in args.workers)]
     if 2 in args.workers:
         columns.append("2 workers: CPU ms main / workers")
     compare = 0 in args.workers and 2 in args.workers
@@ -264,8 +273,9 @@ def main() -> int:
         columns += ["2 vs 0 workers", "2 vs 0 from CPU ms (idle cores)"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
-    for size, name, pixels, pil, rates, costs, main_costs in rows:
-        cells = [f"{size}px", name, pixels, f"{pil:.0f}", *(f"{rates[w]:.0f} ({costs[w]:.2f})" for w in args.workers)]
+    for size, name, pixels, handoff, pil, rates, costs, main_costs in rows:
+        cells = [f"{size}px", name, pixels, handoff, f"{pil:.0f}",
+                 *(f"{rates[w]:.0f} ({costs[w]:.2f})" for w in args.workers)]
         if 2 in args.workers:
             # Where the 2-worker CPU goes: the main process receives batches, the workers load and
             # hand them over (compare with the 0-worker cost: the difference is the hand-over).

@@ -8,6 +8,7 @@ tensors travel by value; and the real data modules give the same batches with an
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,21 @@ def test_spawned_workers_use_the_slots_too():
         check(batch, BATCH * number)
         used += in_slot(batch["pixel_values"], handoff.pool)
     assert used >= 8
+
+
+@needs_shared
+@pytest.mark.parametrize("worker_slots", [2, 0])
+def test_worker_slots_from_an_experiment_config(monkeypatch, worker_slots):
+    import vlm_lab
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the experiment's paths are relative to the root
+    cfg = vlm_lab.load_config("experiments/flickr8k.yaml", overrides=[
+        "data.num_workers=2", "data.batch_size=4", f"data.worker_slots={worker_slots}"])
+    data_module = vlm_lab.build_datamodule(cfg, vlm_lab.build_module(cfg))
+    batch = next(iter(data_module.val_dataloader()))
+    assert batch["pixel_values"].shape == (4, 3, 64, 64)
+    handoff = data_module.slots("val")
+    if worker_slots:
+        assert handoff.per_worker == 2 and in_slot(batch["pixel_values"], handoff.pool)
+    else:
+        assert handoff is None
