@@ -262,3 +262,33 @@ def test_worker_slots_from_an_experiment_config(monkeypatch, worker_slots):
         assert handoff.per_worker == 2 and in_slot(batch["pixel_values"], handoff.pool)
     else:
         assert handoff is None
+
+
+def test_a_pass_started_under_inference_mode():
+    """Lightning's validate and test loops start passes under torch.inference_mode()."""
+    handoff = slots()
+    with torch.inference_mode():
+        kept = list(loader(handoff))
+    for number, batch in enumerate(kept):
+        check(batch, BATCH * number)
+    assert sum(in_slot(batch["pixel_values"], handoff.pool) for batch in kept) == 4  # all 4 slots, then PyTorch's way
+    del kept, batch
+    gc.collect()  # the slots are freed outside inference mode
+    assert int(handoff.pool.leases.sum()) == 0
+
+
+@needs_shared
+def test_a_fit_with_slots_matches_one_without(monkeypatch, tmp_path):
+    """Lightning end to end, 2 workers: training passes cut short (limit_train_batches abandons
+    prefetched batches) and validation under inference mode; the metrics agree to the bit."""
+    import vlm_lab
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    metrics = {}
+    for worker_slots in (4, 0):
+        cfg = vlm_lab.load_config("experiments/flickr8k.yaml", overrides=[
+            "data.batch_size=16", "data.eval_batch_size=16", f"data.worker_slots={worker_slots}",
+            "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+            "trainer.enable_checkpointing=false"])
+        metrics[worker_slots] = vlm_lab.fit(cfg, run_dir=tmp_path / str(worker_slots))
+    assert metrics[4] == metrics[0] and "val/i2t_R@1" in metrics[4]

@@ -80,8 +80,11 @@ class SlotPool:
 
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
-        self.memory = _shared_bytes(slots * slot_bytes)
-        self.leases = torch.zeros(slots, dtype=torch.int64).share_memory_()
+        # Lightning starts evaluation passes under inference mode; tensors made there could not be
+        # written outside it (by the workers, and by the finalizers that free slots).
+        with torch.inference_mode(False):
+            self.memory = _shared_bytes(slots * slot_bytes)
+            self.leases = torch.zeros(slots, dtype=torch.int64).share_memory_()
         self.held: set[int] = set()  # main process: slots a live tensor uses
 
     def view(self, ticket: SlotTicket) -> torch.Tensor:
@@ -128,9 +131,11 @@ class WorkerSlots:
                              f"not num_workers={num_workers}, per_worker={per_worker}")
         self.num_workers, self.slot_bytes, self.per_worker = num_workers, slot_bytes, per_worker
         self.pool: SlotPool | None = None
-        self._pass = torch.zeros(1, dtype=torch.int64).share_memory_()  # the workers stamp leases with it
+        with torch.inference_mode(False):  # see SlotPool
+            self._pass = torch.zeros(1, dtype=torch.int64).share_memory_()  # the workers stamp leases with it
         # True in the workers a SlotLoader starts (they inherit it, forked or pickled): see SlotLoader.
         self.armed = False
+        self._warned = False
 
     @classmethod
     def for_pixels(cls, num_workers: int, batch_size: int, image_size: tuple[int, int],
@@ -155,7 +160,7 @@ class WorkerSlots:
         self._pass += 1
         if fresh_workers or self.pool is None:
             self.pool = self._new_pool()
-        elif self.pool is not None:
+        else:
             self.pool.free_unheld(before_pass=int(self._pass))
         return self.pool
 
@@ -175,8 +180,10 @@ class WorkerSlots:
         wanted = slots * self.slot_bytes
         free = _free_shared_memory()
         if free is not None and wanted > MAX_SHARED_MEMORY_SHARE * free:
-            log.warning("loader workers hand batches over as PyTorch does: %d slots of %.0f MB would take over "
-                        "half the free shared memory (%.0f MB)", slots, self.slot_bytes / 2**20, free / 2**20)
+            if not self._warned:
+                self._warned = True
+                log.warning("loader workers hand batches over as PyTorch does: %d slots of %.0f MB would take over "
+                            "half the free shared memory (%.0f MB)", slots, self.slot_bytes / 2**20, free / 2**20)
             return None
         return SlotPool(slots, self.slot_bytes)
 
