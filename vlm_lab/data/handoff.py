@@ -26,8 +26,9 @@ allocation of their own, glibc gives the few hundred KB each image's tensors tak
 after every image and faults it in again for the next, which doubled the cost of ``ToTensor``.
 
 The batch's small tensors (token ids, masks, indices) travel by value, as numpy arrays pickled into
-the worker's result pipe: PyTorch would give each its own shared memory and pass its file descriptor
-over a socket, about 0.3 ms of CPU per tensor (more than a 224 px image takes to decode).
+the worker's result pipe: PyTorch would give each its own shared memory, whose file descriptor the
+main process fetches over a socket. With the pixels' fresh shared memory, PyTorch's hand-off costs
+the main process 0.13-0.15 ms of CPU per image, this one 0.02 (``benchmarks/data_throughput.py``).
 
 Leases: a worker marks the slot it fills with the loader's pass number, and the main process clears
 it. A batch that is never received (its pass abandoned by ``break`` or ``limit_train_batches``) would
