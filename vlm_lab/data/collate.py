@@ -66,19 +66,20 @@ class ImageTextCollate:
             owners += [i] * len(chosen)
         tokens = self.tokenizer(captions, padding=True, truncation=True,
                                 max_length=self.max_length, return_tensors="pt")
+        images = {key: [s[key] for s in samples] for key in IMAGE_KEYS if key in samples[0]}
+        pixels = images.pop("pixel_values") if self.slots is not None and "pixel_values" in images else None
         batch = {
             # default_collate stacks straight into shared memory inside a loader worker, saving the
             # copy that sending a normal tensor to the main process makes (1 ms per 224 px image).
-            **{key: default_collate([s[key] for s in samples]) for key in IMAGE_KEYS
-               if key in samples[0] and not (self.slots is not None and key == "pixel_values")},
+            **{key: default_collate(values) for key, values in images.items()},
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
             "text_image_index": torch.tensor(owners, dtype=torch.long),
             "image_ids": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
             "captions": captions,  # the raw strings: caption metrics score against them, not the tokens
         }
-        if self.slots is not None and "pixel_values" in samples[0]:
-            return self.slots.pack(batch, [s["pixel_values"] for s in samples])
+        if pixels is not None:  # the slots stack them (handoff.py)
+            return self.slots.pack(batch, pixels)
         return batch
 
 

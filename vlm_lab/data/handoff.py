@@ -107,7 +107,7 @@ class SlotPool:
         """A tensor over the ticket's slot that frees the slot when the last tensor using it is gone."""
         # torch.from_numpy keeps this very array alive for as long as any tensor shares its memory,
         # so the array's finalizer runs exactly when the slot is no longer in use.
-        array = self.view(ticket).numpy()[...]
+        array = self.view(ticket).numpy()
         self.held.add(ticket.slot)
         weakref.finalize(array, self._release, ticket.slot)
         return torch.from_numpy(array)
@@ -204,40 +204,34 @@ class WorkerSlots:
     def pack(self, batch: dict[str, Any], pixels: list[torch.Tensor], key: str = "pixel_values") -> dict[str, Any]:
         """``batch`` with ``pixels`` stacked under ``key``, made ready to send to the main process.
 
-        In a loader worker the pixels go into a free slot (:meth:`stack`) and the batch's small
+        In a loader worker the SlotLoader started, the pixels go into a free slot and the batch's small
         tensors become :class:`InlineArray` values; :meth:`receive` turns both back into tensors.
         Outside a worker the batch is returned as is, with the pixels stacked.
         """
-        stacked = self.stack(pixels)
-        if not self._in_armed_worker():
-            return {**batch, key: stacked}
+        info = get_worker_info()
+        if not self.armed or info is None or info.id >= self.num_workers:
+            return {**batch, key: default_collate(pixels)}
         packed = {name: _inline(value) for name, value in batch.items()}
-        return {**packed, key: stacked}
+        return {**packed, key: self._stack(pixels, info.id)}
 
-    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor | SlotTicket:
-        """Stack ``tensors`` into a free slot of this worker and return its ticket; outside a worker,
-        with no slot free or a batch too big, ``default_collate`` them as PyTorch would."""
+    def _stack(self, tensors: list[torch.Tensor], worker: int) -> torch.Tensor | SlotTicket:
+        """In loader worker ``worker``: stack ``tensors`` into a free slot of its own and return the
+        slot's ticket; with no slot free or a batch too big, ``default_collate`` them as PyTorch would."""
         first = tensors[0]
         shape = (len(tensors), *first.shape)
-        if (not self._in_armed_worker() or self.pool is None or first.dtype == torch.bfloat16
-                or _nbytes(first.dtype, shape) > self.slot_bytes):
+        if self.pool is None or first.dtype == torch.bfloat16 or _nbytes(first.dtype, shape) > self.slot_bytes:
             return default_collate(tensors)
         if self._tuned_process != os.getpid():  # once per worker process
             keep_freed_memory()
             self._tuned_process = os.getpid()
-        info = get_worker_info()
         leases = self.pool.leases
-        for slot in range(info.id * self.per_worker, (info.id + 1) * self.per_worker):
+        for slot in range(worker * self.per_worker, (worker + 1) * self.per_worker):
             if int(leases[slot]) == 0:
                 leases[slot] = int(self._pass)
                 ticket = SlotTicket(slot, first.dtype, shape)
                 torch.stack(tensors, out=self.pool.view(ticket))
                 return ticket
         return default_collate(tensors)
-
-    def _in_armed_worker(self) -> bool:
-        info = get_worker_info()
-        return self.armed and info is not None and info.id < self.num_workers
 
 
 class SlotLoader(DataLoader):
@@ -310,7 +304,7 @@ def _unpack(value: Any, pool: SlotPool | None) -> Any:
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return int(np.prod(shape)) * dtype.itemsize
 
 
 def _shared_bytes(nbytes: int) -> torch.Tensor:
