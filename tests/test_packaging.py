@@ -160,7 +160,12 @@ def test_sdist_and_wheel_carry_the_catalog_and_the_wheel_runs_outside_the_clone(
     assert Path(where[1]).name == "catalog" and Path(where[2]).name == "experiments"
 
     vlm_lab_cli = tmp_path / "venv" / "bin" / "vlm-lab"
-    listing = sections(run([vlm_lab_cli, "list"], work).stdout)
+    mine = tmp_path / "my_cards"  # a catalog folder of the user's lists beside the packaged cards
+    (mine / "loss").mkdir(parents=True)
+    (mine / "loss" / "hot_clip.yaml").write_text("builds: clip\nargs: {init_logit_scale: 4.0}\n")
+    env = {**clean_env(work / "home"), "VLM_LAB_CATALOG": str(mine)}
+    listing = sections(run([vlm_lab_cli, "list"], work, env).stdout)
+    assert listing["loss"]["hot_clip"] == ["card", "->", "clip", str(mine)]
     for card in CARDS:
         kind, name = card.removesuffix(".yaml").split("/")
         assert listing[kind].get(name, [])[:4:3] == ["card", "built-in"], (card, listing[kind])
