@@ -50,8 +50,8 @@ def test_the_built_in_catalog_is_the_registry_folder_of_this_clone():
 
 def test_env_var_folders_list_beside_the_built_in_cards_with_their_folder(tmp_path, user_catalogs, monkeypatch,
                                                                          capsys):
-    mine = catalog(tmp_path / "mine", {"loss/hot_clip": HOT_CLIP})
-    lab = catalog(tmp_path / "lab", {"vision_tower/vit_micro": MICRO_VIT})
+    mine = catalog(tmp_path / "mine", {"loss/hot_clip": HOT_CLIP}).resolve()
+    lab = catalog(tmp_path / "lab", {"vision_tower/vit_micro": MICRO_VIT}).resolve()
     monkeypatch.setenv("VLM_LAB_CATALOG", f"{mine}{os.pathsep}{lab}")
 
     assert [(f.origin, str(f.path)) for f in user_catalogs.catalog_folders()[1:]] == [
@@ -110,7 +110,7 @@ def test_two_user_folders_clash_and_a_card_may_not_take_a_constructor_name(tmp_p
     shadow = catalog(tmp_path / "c", {"loss/siglip": "builds: clip\n"})
     vlm_lab.add_catalog(shadow)
     with pytest.raises(ConfigError, match=r"card 'siglip' \(.*/c/loss/siglip.yaml\) has the name of the loss "
-                                          r"registered at .*losses.py:\d+; rename the card"):
+                                          r"registered at .*losses.py:\d+; rename one of them"):
         vlm_lab.build("loss", {"name": "siglip"})
 
 

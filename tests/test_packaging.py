@@ -165,7 +165,7 @@ def test_sdist_and_wheel_carry_the_catalog_and_the_wheel_runs_outside_the_clone(
     (mine / "loss" / "hot_clip.yaml").write_text("builds: clip\nargs: {init_logit_scale: 4.0}\n")
     env = {**clean_env(work / "home"), "VLM_LAB_CATALOG": str(mine)}
     listing = sections(run([vlm_lab_cli, "list"], work, env).stdout)
-    assert listing["loss"]["hot_clip"] == ["card", "->", "clip", str(mine)]
+    assert listing["loss"]["hot_clip"] == ["card", "->", "clip", str(mine.resolve())]
     for card in CARDS:
         kind, name = card.removesuffix(".yaml").split("/")
         assert listing[kind].get(name, [])[:4:3] == ["card", "built-in"], (card, listing[kind])
@@ -197,5 +197,5 @@ def test_an_editable_install_maps_the_data_packages_onto_the_clone_folders(sourc
     found = run([python, "-c", "import importlib.resources as r, vlm_lab; print(vlm_lab.__file__); "
                                "print(r.files('vlm_lab.catalog')); print(r.files('vlm_lab.experiments'))"],
                 work).stdout.split()
-    assert [Path(p).resolve() for p in found] == [
-        (source / "vlm_lab" / "__init__.py").resolve(), (source / "registry").resolve(), (source / "experiments").resolve()]
+    expected = [source / "vlm_lab" / "__init__.py", source / "registry", source / "experiments"]
+    assert [Path(p).resolve() for p in found] == [p.resolve() for p in expected]

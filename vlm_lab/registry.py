@@ -220,7 +220,7 @@ def cards(kind: str) -> dict[str, Card]:
                                   f"{card.path}; rename or remove one")
             if card.name in table:
                 raise ConfigError(f"{kind} card {card.name!r} ({card.path}) has the name of the {kind} "
-                                  f"registered at {_where(table[card.name])}; rename the card")
+                                  f"registered at {_where(table[card.name])}; rename one of them")
             found[card.name] = card
     return found
 
