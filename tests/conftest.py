@@ -5,6 +5,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# ... and read no catalog folder of the user's: the built-in cards only, unless a test adds some.
+os.environ.pop("VLM_LAB_CATALOG", None)
 
 import pytest  # noqa: E402
 
@@ -19,6 +21,14 @@ def clean_registry():
     yield registry
     registry._constructors.clear()
     registry._constructors.update(saved)
+
+
+@pytest.fixture
+def user_catalogs(monkeypatch):
+    """Let a test add catalog folders (``add_catalog``, ``$VLM_LAB_CATALOG``) that later tests never see."""
+    monkeypatch.setattr(registry, "_added_catalogs", [])
+    monkeypatch.delenv(registry.CATALOG_ENV, raising=False)
+    return registry
 
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny.yaml")

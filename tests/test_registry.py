@@ -113,20 +113,20 @@ def test_cards_preset_arguments_and_spec_overrides_win():
     assert len(tower.encoder.layers) == 1  # from the spec
 
 
-def test_cards_are_read_from_the_registry_folder(tmp_path, monkeypatch):
+def test_cards_are_read_from_a_catalog_folder(tmp_path, user_catalogs):
     (tmp_path / "loss").mkdir()
     (tmp_path / "loss" / "hot_clip.yaml").write_text(
         "builds: clip\ndescription: CLIP loss starting hot.\nargs:\n  init_logit_scale: 4.0\n")
-    monkeypatch.setattr(registry, "CARDS_DIR", tmp_path)
+    registry.add_catalog(tmp_path)
     assert "hot_clip" in registry.list_losses("hot*")
     loss = registry.build("loss", {"name": "hot_clip"})
     assert float(loss.logit_scale.detach()) == pytest.approx(4.0)
 
 
-def test_a_card_naming_an_unknown_constructor(tmp_path, monkeypatch):
+def test_a_card_naming_an_unknown_constructor(tmp_path, user_catalogs):
     (tmp_path / "head").mkdir()
     (tmp_path / "head" / "bad.yaml").write_text("builds: linar\n")
-    monkeypatch.setattr(registry, "CARDS_DIR", tmp_path)
+    registry.add_catalog(tmp_path)
     with pytest.raises(ConfigError, match=r"builds 'linar'.*Did you mean 'linear'"):
         registry.build("head", {"name": "bad"}, in_dim=2, out_dim=2)
 

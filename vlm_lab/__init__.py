@@ -8,6 +8,7 @@ from vlm_lab.api import build_datamodule, build_module, build_trainer, fit, test
 from vlm_lab.config import load_config
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.registry import (
+    add_catalog,
     build,
     describe,
     list_datamodules,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VisionLanguageModule",
+    "add_catalog",
     "build",
     "build_datamodule",
     "build_module",

@@ -1,6 +1,7 @@
 """The ``vlm-lab`` command.
 
-    vlm-lab fit CONFIG... [--run-dir DIR] [--resume] [key=value ...]
+    vlm-lab fit CONFIG... [--run-dir DIR] [--resume] [key=value ...]   (CONFIG: a YAML file or a
+                                                                       packaged experiment: quickstart)
     vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
     vlm-lab check CONFIG... [key=value ...]
     vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
@@ -76,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                         ("zeroshot", "zero-shot classification on an image folder (zeroshot.root=DIR)")]:
         sub = commands.add_parser(stage, help=text, description=text)
         sub.add_argument("items", nargs="+", metavar="CONFIG|key=value",
-                         help="YAML files merged left to right, then dotlist overrides")
+                         help="YAML files (or packaged experiments by name, e.g. quickstart) merged "
+                              "left to right, then dotlist overrides")
         sub.add_argument("--run-dir", help="run directory (default: runs/<name>/<timestamp>)")
         if stage == "fit":
             sub.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.ckpt")
@@ -85,9 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         _add_debug(sub)
         sub.set_defaults(handler=_run_stage, stage=stage)
 
-    sub = commands.add_parser("list", help="list registered names and registry cards")
+    sub = commands.add_parser("list", help="list registered names, catalog cards (with their folder) and "
+                                           "packaged experiments")
     sub.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'clip_*'")
-    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule)")
+    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule, "
+                                    "or experiment: the packaged experiments)")
     _add_debug(sub)
     sub.set_defaults(handler=_list)
 
@@ -162,7 +166,8 @@ def _run_stage(args: argparse.Namespace) -> int:
             ckpt_path = item.split("=", 1)[1]
             overrides.remove(item)
     if not files:
-        raise ConfigError("give at least one config file, e.g. experiments/quickstart.yaml")
+        raise ConfigError("give at least one config file or packaged experiment, e.g. quickstart "
+                          "(vlm-lab list --kind experiment)")
 
     import vlm_lab  # heavy imports only once the arguments are known to be sane
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -200,9 +205,14 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from vlm_lab import registry
+    import fnmatch
 
-    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    from vlm_lab import registry, shipped
+
+    if args.kind == "experiment":
+        kinds = []
+    else:
+        kinds = [args.kind] if args.kind else list(registry.KINDS)
     for kind in kinds:
         matches = registry.list_names(kind, args.pattern)
         if not matches:
@@ -210,15 +220,26 @@ def _list(args: argparse.Namespace) -> int:
         cards = registry.cards(kind)
         rows = []
         for name in matches:
-            card = cards.get(name) if name not in registry.constructors(kind) else None
-            origin = f"card -> {card.builds}" if card else "code"
-            rows.append((name, origin, card.description.splitlines()[0] if card and card.description else ""))
-        name_width = max(len(r[0]) for r in rows)
-        origin_width = max(len(r[1]) for r in rows)
-        print(f"{kind}:")
-        for name, origin, summary in rows:
-            print(f"  {name:<{name_width}}  {origin:<{origin_width}}  {summary}".rstrip())
+            card = cards.get(name)
+            what = f"card -> {card.builds}" if card else "code"
+            origin = card.catalog.label if card else ""  # built-in, or the user's catalog folder
+            rows.append((name, what, origin, card.description.splitlines()[0] if card and card.description else ""))
+        _print_rows(kind, rows)
+    if args.kind in (None, "experiment"):
+        # The packaged experiments: `vlm-lab fit NAME` runs one; copy its file to change it.
+        rows = [(name, str(path)) for name, path in shipped.experiments().items()
+                if fnmatch.fnmatchcase(name, args.pattern)]
+        if rows:
+            _print_rows("experiment", rows)
     return 0
+
+
+def _print_rows(heading: str, rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    print(f"{heading}:")
+    for row in rows:
+        cells = [f"{cell:<{width}}" for cell, width in zip(row, widths)] + [row[-1]]
+        print(("  " + "  ".join(cells)).rstrip())
 
 
 def _sweep(args: argparse.Namespace) -> int:

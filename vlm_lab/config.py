@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vlm_lab import registry
 from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.shipped import config_source
 
 T = TypeVar("T")
 
@@ -156,7 +157,8 @@ CHOICES: dict[tuple[str, ...], tuple[str, ...]] = {
 def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False) -> DictConfig:
     """Merge the defaults, then ``files`` left to right, then dotlist ``overrides``; validate.
 
-    ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``
+    ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``; a file may also be
+    a packaged experiment's name, ``load_config("quickstart")`` (``vlm_lab.shipped``).
 
     Spec names resolve only to registered objects. With ``allow_import_paths=True`` a name such as
     ``my_project.towers:MyTower`` is imported and registered under that string first.
@@ -284,12 +286,9 @@ def _check_precision(value: Any) -> None:
 
 
 def _read_yaml(file: str | Path) -> dict[str, Any]:
-    path = Path(file)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {file}")
+    source = config_source(file)  # a file, or a packaged experiment's name ("quickstart")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)  # safe_load: a config never constructs Python objects
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))  # safe_load: a config never constructs Python objects
     except yaml.YAMLError as e:
         raise ConfigError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

@@ -10,6 +10,11 @@ which one a name is::
     model:
       vision: {name: clip_vit_tiny, layers: 2}   # a card, with one argument overridden
 
+Cards come from *catalog folders*, each with one sub-folder per kind: the built-in catalog (the
+``registry/`` folder, installed as ``vlm_lab.catalog``: see ``vlm_lab/shipped.py``), then the folders
+listed in ``$VLM_LAB_CATALOG`` (``os.pathsep``-separated), then those given to ``add_catalog()``. The
+folders are read afresh on every lookup; a name defined twice is an error naming both files.
+
 ``build(kind, spec)`` checks every argument against the constructor's signature and type hints before
 calling it, so a typo fails at once with the list of valid arguments instead of deep inside a model.
 """
@@ -19,36 +24,60 @@ from __future__ import annotations
 import collections.abc
 import fnmatch
 import inspect
+import os
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 import yaml
 
+from vlm_lab import shipped
 from vlm_lab.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
+    from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
 
 KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule")
 
-# Folder of YAML cards, one sub-folder per kind (``registry/vision_tower/clip_vit_tiny.yaml``).
-CARDS_DIR = Path(__file__).resolve().parent.parent / "registry"
-
 _constructors: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+
+# The environment variable that lists the user's catalog folders, os.pathsep-separated.
+CATALOG_ENV = "VLM_LAB_CATALOG"
+
+# The catalog folders added from Python by add_catalog(), in order. Beside the constructor tables above,
+# this list is the registry's only state: everything else about cards is read from the folders.
+_added_catalogs: list[Path] = []
+
+
+@dataclass(frozen=True)
+class CatalogFolder:
+    """A folder of cards, ``<kind>/<name>.yaml``, and how it was named: ``built-in``, ``VLM_LAB_CATALOG``
+    or ``add_catalog``."""
+
+    path: Path | Traversable
+    origin: str
+
+    @property
+    def label(self) -> str:
+        """What listings show as a card's origin: ``built-in``, or the user's folder."""
+        return "built-in" if self.origin == "built-in" else str(self.path)
 
 
 @dataclass(frozen=True)
 class Card:
-    """A named preset: a registered constructor plus fixed arguments, read from ``registry/``."""
+    """A named preset: a registered constructor plus fixed arguments, read from a catalog folder."""
 
     name: str
     kind: str
     builds: str
     args: dict[str, Any]
     description: str
-    path: Path
+    path: Path | Traversable
+    catalog: CatalogFolder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,7 +152,7 @@ def _same_definition(a: Any, b: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Looking up
+# The constructors
 
 
 def _table(kind: str) -> dict[str, Callable[..., Any]]:
@@ -137,30 +166,108 @@ def constructors(kind: str) -> dict[str, Callable[..., Any]]:
     return dict(_table(kind))
 
 
-def cards(kind: str | None = None) -> dict[str, Card]:
-    """All cards in ``registry/`` (of one kind, if given), by name. Read fresh on every call."""
+# --------------------------------------------------------------------------------------------------
+# The catalog
+
+
+def add_catalog(path: str | os.PathLike[str]) -> Path:
+    """Add a folder of cards (``<kind>/<name>.yaml``) beside the built-in ones, for this process.
+
+    The Python form of ``$VLM_LAB_CATALOG``, as open_clip's ``add_model_config``. Adding a folder that
+    is already listed changes nothing (a re-run notebook cell). Returns the folder, resolved.
+    """
+    folder = _existing_folder(path, "add_catalog")
+    if folder not in _added_catalogs:
+        _added_catalogs.append(folder)
+    return folder
+
+
+def catalog_folders() -> list[CatalogFolder]:
+    """Every catalog folder, in order: built-in, then ``$VLM_LAB_CATALOG``'s, then ``add_catalog``'s."""
+    folders = [CatalogFolder(shipped.catalog_folder(), "built-in")]
+    for entry in os.environ.get(CATALOG_ENV, "").split(os.pathsep):
+        if entry.strip():
+            folders.append(CatalogFolder(_existing_folder(entry.strip(), CATALOG_ENV), CATALOG_ENV))
+    folders += [CatalogFolder(path, "add_catalog") for path in _added_catalogs]
+    unique: list[CatalogFolder] = []  # a folder named twice (say in both places) is read once
+    for folder in folders:
+        if all(str(folder.path) != str(seen.path) for seen in unique):
+            unique.append(folder)
+    return unique
+
+
+def _existing_folder(path: str | os.PathLike[str], where: str) -> Path:
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"catalog folder {path} (from {where}) is not a directory")
+    return folder
+
+
+def cards(kind: str) -> dict[str, Card]:
+    """Every card of ``kind`` in every catalog folder, by name. Read fresh on every call.
+
+    A name given twice, by two cards or by a card and a constructor registered in code, raises a
+    ``ConfigError`` naming both.
+    """
+    table = _table(kind)
     found: dict[str, Card] = {}
-    for path in sorted(CARDS_DIR.glob("*/*.yaml")):
-        card_kind = path.parent.name
-        if card_kind not in KINDS or (kind is not None and card_kind != kind):
-            continue
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        unknown = set(data) - {"builds", "args", "description"}
-        if unknown or "builds" not in data:
-            raise ConfigError(
-                f"card {path} must have 'builds' and may have 'args', 'description'; "
-                f"found {sorted(data)}"
-            )
-        found[path.stem] = Card(
-            name=path.stem,
-            kind=card_kind,
-            builds=data["builds"],
-            args=dict(data.get("args") or {}),
-            description=str(data.get("description", "")).strip(),
-            path=path,
-        )
+    for folder in catalog_folders():
+        for card in _read_catalog(folder):
+            if card.kind != kind:
+                continue
+            if card.name in found:
+                raise ConfigError(f"{kind} card {card.name!r} is defined twice: {found[card.name].path} and "
+                                  f"{card.path}; rename or remove one")
+            if card.name in table:
+                raise ConfigError(f"{kind} card {card.name!r} ({card.path}) has the name of the {kind} "
+                                  f"registered at {_where(table[card.name])}; rename one of them")
+            found[card.name] = card
     return found
+
+
+def _read_catalog(folder: CatalogFolder) -> list[Card]:
+    """The cards of one folder. A YAML file anywhere but ``<kind>/<name>.yaml`` is an error, so that a
+    misplaced card is never silently left out."""
+    found = []
+    for entry in sorted(folder.path.iterdir(), key=lambda e: e.name):
+        if entry.is_file() and entry.name.endswith((".yaml", ".yml")):
+            raise ConfigError(f"{entry}: a card belongs in a sub-folder named after its kind "
+                              f"({', '.join(KINDS)}), e.g. {folder.path}/vision_tower/{entry.name}")
+        if not entry.is_dir():
+            continue
+        files = sorted((f for f in entry.iterdir() if f.is_file()), key=lambda f: f.name)
+        yaml_files = [f for f in files if f.name.endswith((".yaml", ".yml"))]
+        if yaml_files and entry.name not in KINDS:
+            raise ConfigError(f"{entry}: not a registry kind, so its cards would never be found."
+                              f"{did_you_mean(entry.name, KINDS)} Valid kinds: {', '.join(KINDS)}")
+        for path in yaml_files:
+            if not path.name.endswith(".yaml"):
+                raise ConfigError(f"{path}: cards end in .yaml")
+            found.append(_read_card(path, entry.name, folder))
+    return found
+
+
+def _read_card(path: Path | Traversable, kind: str, folder: CatalogFolder) -> Card:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"card {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or "builds" not in data or set(data) - {"builds", "args", "description"}:
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"card {path} must have 'builds' and may have 'args', 'description'; found {found}")
+    return Card(
+        name=path.name[: -len(".yaml")],
+        kind=kind,
+        builds=data["builds"],
+        args=dict(data.get("args") or {}),
+        description=str(data.get("description", "")).strip(),
+        path=path,
+        catalog=folder,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Looking up names
 
 
 def names(kind: str) -> list[str]:
@@ -196,9 +303,10 @@ def list_datamodules(pattern: str = "*") -> list[str]:
 def resolve(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Return ``(constructor, preset_args)`` for a name: a constructor has no presets, a card has."""
     table = _table(kind)
+    catalog = cards(kind)  # read first, so that a card clashing with a constructor is reported
     if name in table:
         return table[name], {}
-    card = cards(kind).get(name)
+    card = catalog.get(name)
     if card is not None:
         if card.builds not in table:
             raise ConfigError(
@@ -345,6 +453,9 @@ def describe(name: str, kind: str | None = None) -> str:
         lines = [f"{name}  ({k})"]
         if card is not None:
             lines.append(f"  card: {card.path}")
+            where = "the built-in catalog" if card.catalog.origin == "built-in" else \
+                f"catalog folder {card.catalog.path} (from {card.catalog.origin})"
+            lines.append(f"  from: {where}")
             lines.append(f"  builds: {card.builds} with {preset}")
             if card.description:
                 lines.append(f"  {card.description}")

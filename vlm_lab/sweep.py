@@ -38,6 +38,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from omegaconf import DictConfig
 
+from vlm_lab import shipped
 from vlm_lab.errors import ConfigError, did_you_mean
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs", "slurm")
@@ -160,15 +161,19 @@ def _read_sweep(path: Path) -> dict[str, Any]:
 
 def _resolve_config_file(entry: Any, sweep_file: Path, where: str) -> str:
     """A config path relative to the working directory, else to the sweep file's folder or one of
-    its parents (so ``experiments/quickstart.yaml`` works from anywhere inside a checkout)."""
+    its parents (so ``experiments/quickstart.yaml`` works from anywhere inside a checkout), else a
+    packaged experiment's name (``quickstart``), kept as the name."""
     if not isinstance(entry, str):
         raise ConfigError(f"{sweep_file}: {where} entry {entry!r} should be a config file path")
     folders = [Path.cwd(), *sweep_file.resolve().parents]
     for folder in folders:
         if (folder / entry).is_file():
             return str((folder / entry).resolve())
+    packaged = shipped.experiments()
+    if entry in packaged:
+        return entry
     raise ConfigError(f"{sweep_file}: {where} config {entry!r} not found in the working directory "
-                      f"or beside the sweep file")
+                      f"or beside the sweep file, nor a packaged experiment ({', '.join(packaged)})")
 
 
 def _as_list(value: Any, where: str) -> list[Any]:
