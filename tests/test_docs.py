@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,23 @@ def test_markers_are_well_formed():
     """Every marker parses (a typo in an attribute fails here, not silently), and pages have runnable blocks."""
     total = sum(len(docs_blocks.blocks(page)) for page in docs_blocks.pages())
     assert total >= 10
+
+
+def test_config_reference_lists_every_checked_key():
+    """The generated configuration reference names every key the config checks, with its default."""
+    import vlm_lab.config as config
+
+    page = config.reference_markdown()
+    for path in config.SETTINGS:
+        assert f"`{'.'.join(path)}`" in page
+    for path in config.SPECS:
+        assert f"`{'.'.join(path)}`" in page
+    assert "`error` or `skip`" in page  # choices are shown as such
+
+
+def test_readme_stays_a_short_front_page():
+    """The README is what vlm-lab is, install, quickstart, tests, links and headline results; the rest is in docs/."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):
+        assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
