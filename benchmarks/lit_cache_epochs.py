@@ -102,7 +102,7 @@ def main() -> None:
                   # One process does all the work, so its CPU time is the cost (other jobs on the
                   # machine inflate wall-clock time, much less CPU time).
                   "data.num_workers=0", "embedding_cache.num_workers=0",
-                  # The settings the README's figures were measured with (the recipe now uses 512-d,
+                  # The settings benchmarks/README.md's figures were measured with (the recipe now uses 512-d,
                   # batch 256 and every caption): an epoch is one pass over the images.
                   "model.embed_dim=256", "data.batch_size=128", "data.train_sampling=image"]
         _, _, uncached, uncached_total, _ = fit(args.config, [*common, "embedding_cache.enabled=false"], tmp / "a")

@@ -4,7 +4,7 @@
     python benchmarks/vs_open_clip_lit_epoch.py --limit-batches 3    # a quick look during development
 
 The model is the LiT headline recipe (``experiments/lit/flickr8k_lit.yaml``) at the settings the
-README's figures were measured with: EfficientNet-Lite0 at 224 px locked, MiniLM-L6 tuned, linear
+benchmarks/README.md's figures were measured with: EfficientNet-Lite0 at 224 px locked, MiniLM-L6 tuned, linear
 projections into 256-d, CLIP loss, batch 128 with one random caption per image (the recipe now
 uses 512-d, batch 256 and every caption; the towers, which are what is compared, are the same),
 AdamW. Three epochs over the same batches of ``../shared/data/flickr8k`` (train), one after the other:

@@ -63,3 +63,33 @@ def test_results_table_reads_finished_runs(tmp_path):
     assert len(table) == 3
     assert table[2].startswith("| LL: both towers locked") and "| 18.3 | - | - | 14.0 |" in table[2]
     assert table[2].endswith("| 31.0 | 4 | 20 min |")
+
+
+def test_results_live_beside_the_experiment():
+    """results.py --readme fills the marked block of experiments/lit/README.md; the top-level README has none."""
+    assert results.RESULTS_PAGE == LIT / "README.md"
+    assert results.START in results.RESULTS_PAGE.read_text()
+    assert results.START not in (LIT.parents[1] / "README.md").read_text()
+    rows = results.read_table()
+    assert {row["config"].strip("`") for row in rows} <= {stem for stem, _, _ in results.VARIANTS}
+    headline = next(row for row in rows if row["config"] == "`locked_image_pretrained_text`")
+    assert float(headline["i2t R@1"]) >= 30 and float(headline["t2i R@1"]) >= 22  # the recipe's target
+
+
+def test_write_readme_replaces_the_marked_table_and_plot_reads_it(tmp_path):
+    page = tmp_path / "README.md"
+    page.write_text(f"before\n{results.START}\nold table\n{results.END}\nafter\n")
+    table = ("| variant | config | i2t R@1 | t2i R@1 | CIFAR-10 zero-shot top-1 |\n|---|---|---|---|---|\n"
+             "| LL: the floor | `locked_both_floor` | 29.1 | 20.4 | 32.2 |")
+    results.write_readme(table, page)
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("before\n") and text.endswith("after\n")
+    rows = results.read_table(page)
+    assert rows == [{"variant": "LL: the floor", "config": "`locked_both_floor`", "i2t R@1": "29.1",
+                     "t2i R@1": "20.4", "CIFAR-10 zero-shot top-1": "32.2"}]
+    figure = results.plot(rows, tmp_path / "chart.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    unmarked = tmp_path / "other.md"
+    unmarked.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="has no <!-- lit-results:start -->"):
+        results.write_readme(table, unmarked)

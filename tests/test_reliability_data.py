@@ -1,4 +1,4 @@
-"""Dirty data and wrong schemas (README: Reliability).
+"""Dirty data and wrong schemas (docs/explanation/reliability.md).
 
 Datasets with 5% broken samples in each layout (COCO captions JSON, a cc3m caption table, a
 webdataset shard) train for an epoch through `vlm-lab fit`, and every broken sample planted is

@@ -1,5 +1,5 @@
 """A run killed with SIGKILL in the middle of an epoch and resumed with ``--resume`` ends where an
-uninterrupted run with the same seed ends (vlm_lab/seeding.py; README: Reliability).
+uninterrupted run with the same seed ends (vlm_lab/seeding.py; docs/explanation/resume.md).
 
 Three ``vlm-lab fit`` processes on the tiny config: one uninterrupted, one killed in its second epoch
 (after the first epoch's checkpoint exists), and ``--resume`` in the killed run's directory.

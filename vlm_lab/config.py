@@ -352,3 +352,116 @@ def to_yaml(config: DictConfig | Mapping[str, Any]) -> str:
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     return yaml.safe_dump(config, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference documentation
+#
+# TO BE REPLACED: a first implementation for the docs site (docs/hooks.py renders its output as
+# docs/reference/config.md). It walks today's DEFAULTS, SETTINGS and CHOICES; the help texts below
+# restate the comments beside DEFAULTS. The schema refactor replaces all of this with a version that
+# reads type, default and help from the one schema, so that each setting is declared in one place.
+
+_REFERENCE_HELP: dict[str, str] = {
+    "name": "run name; default: the last config file's stem",
+    "seed": "global seed; each epoch's random state is a function of (seed, epoch, rank)",
+    "model.embed_dim": "size of the joint embedding space the projection heads map into",
+    "model.tokenizer.path": "a local Hugging Face tokenizer folder; null: MiniLM's WordPiece (shipped)",
+    "model.tokenizer.max_length": "captions are cut to this many tokens (and the text tower's own limit)",
+    "model.tokenizer.train_from": "a captions file (COCO JSON or one caption a line) to build a word-level vocabulary from",
+    "model.tokenizer.min_count": "train_from: keep words seen at least this many times",
+    "model.vision_lock.lock": "freeze the vision tower (LiT)",
+    "model.vision_lock.unlocked_groups": "with lock: keep the top N layer groups trainable",
+    "model.vision_lock.freeze_bn_stats": "BatchNorm layers of frozen groups keep their running statistics",
+    "model.vision_lock.freeze_layer_norm": "false: LayerNorms of frozen groups stay trainable",
+    "model.text_lock.lock": "freeze the text tower",
+    "model.text_lock.unlocked_groups": "with lock: keep the top N layer groups trainable",
+    "model.text_lock.freeze_bn_stats": "BatchNorm layers of frozen groups keep their running statistics",
+    "model.text_lock.freeze_layer_norm": "false: LayerNorms of frozen groups stay trainable (open_clip's --lock-text default)",
+    "model.init_from": "a Hugging Face CLIPModel or open_clip directory: architecture, weights and tokenizer",
+    "model.contrastive_weight": "CoCa: weight of the contrastive loss; 0: no projection heads or contrastive loss",
+    "model.caption_weight": "CoCa: weight of the caption loss; 0 (default): no caption head, a dual encoder",
+    "model.generation.max_new_tokens": "captions: at most this many new tokens",
+    "model.generation.min_new_tokens": "captions: at least this many new tokens",
+    "model.generation.num_beams": "1: greedy; more: beam search",
+    "model.generation.length_penalty": "beam search: exponent of the length normalisation",
+    "model.generation.repetition_penalty": "above 1 discourages repeated tokens",
+    "model.generation.max_images": "evaluation captions at most this many images; null: all",
+    "model.generation.log_examples": "image/caption pairs logged at each evaluation",
+    "zeroshot.root": "an image folder ROOT/<class>/<images>; null: no zero-shot evaluation",
+    "zeroshot.classnames": "a file with one class name a line, in sorted folder order; null: the folder names",
+    "zeroshot.templates": "openai_imagenet, cifar, simple, or a list of prompts with {}",
+    "zeroshot.every_n_epochs": "during fit, after validation every N epochs; 0: never",
+    "zeroshot.max_per_class": "only the first N images of each class",
+    "zeroshot.batch_size": "images per batch",
+    "zeroshot.num_workers": "loader workers",
+    "embedding_cache.enabled": "cache the outputs of a fully locked vision tower",
+    "embedding_cache.storage": "memory (per process) or disk (.npy files reused by later runs)",
+    "embedding_cache.dir": "disk storage folder; null: $XDG_CACHE_HOME/vlm-lab/embeddings",
+    "embedding_cache.tokens": "also store the tower's token outputs",
+    "embedding_cache.batch_size": "batch size of the loader that fills the cache",
+    "embedding_cache.num_workers": "workers of the loader that fills the cache",
+    "optim.lr": "AdamW learning rate (peak of the cosine schedule)",
+    "optim.weight_decay": "AdamW weight decay (never on biases, norms or the loss's scale)",
+    "optim.betas": "AdamW betas",
+    "optim.eps": "AdamW epsilon",
+    "optim.warmup_steps": "linear warm-up steps before the cosine decay",
+    "optim.min_lr_ratio": "the cosine schedule ends at lr times this",
+    "optim.lr_scale.vision": "multiplies optim.lr for the vision tower's parameters",
+    "optim.lr_scale.text": "multiplies optim.lr for the text tower's parameters",
+    "optim.nonfinite_loss": "a NaN or Inf loss: error stops the run, skip skips the optimizer step",
+}
+
+_REFERENCE_SPEC_HELP: dict[str, str] = {
+    "vision_tower": "a vision tower: `name` (a constructor or card) plus its arguments",
+    "text_tower": "a text tower: `name` plus its arguments",
+    "head": "a head: `name` plus its arguments (`in_dim` and `out_dim` are supplied)",
+    "loss": "a loss: `name` plus its arguments",
+    "datamodule": "a data module: `name` plus its arguments",
+}
+
+
+def reference_markdown() -> str:
+    """Every config key with its type, default and help, as a Markdown page (TO BE REPLACED).
+
+    A first implementation walking ``DEFAULTS``, ``SETTINGS``, ``CHOICES`` and ``SPECS``; the schema
+    refactor provides the lasting one. The docs site renders it as ``reference/config.md``.
+    """
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def default(value: Any) -> str:
+        return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+    lines = ["# Configuration keys", "",
+             "Generated from `vlm_lab.config` when the site is built. Every key is checked when a config "
+             "loads: an unknown key, a wrong type or a value outside its choices fails in one line.", ""]
+    sections = [key for key in DEFAULTS if isinstance(DEFAULTS[key], Mapping)]
+    top = [key for key in DEFAULTS if key not in sections]
+    for section in [None, *sections]:
+        lines += [f"## `{section}`" if section else "## Top level", ""]
+        if section == "trainer":
+            lines += ["Any argument of `lightning.Trainer` (checked against its signature), e.g. "
+                      "`max_epochs`, `accelerator`, `devices`, `num_nodes`, `strategy`, `precision`.", ""]
+            continue
+        if section in {path[0] for path in SPECS if len(path) == 1}:
+            lines += [f"The `{section}` section is a {SPECS[(section,)]} spec: `name` plus that constructor's "
+                      f"arguments (default `{{name: {DEFAULTS[section]['name']}}}`).", ""]
+            continue
+        lines += ["| key | type | default | help |", "|---|---|---|---|"]
+        for path, kind in SPECS.items():
+            if path[0] == section:
+                spec_default = _get(DEFAULTS, path)
+                lines.append(f"| `{'.'.join(path)}` | {kind} spec | {default(spec_default)} | "
+                             f"{cell(_REFERENCE_SPEC_HELP[kind])} |")
+        for path, expected in SETTINGS.items():
+            if (section is None and len(path) == 1 and path[0] in top) or (section and path[0] == section):
+                key = ".".join(path)
+                kind = "true or false" if expected is bool else _type_names(expected)
+                if path in CHOICES:
+                    kind = " or ".join(f"`{c}`" for c in CHOICES[path])
+                lines.append(f"| `{key}` | {cell(kind)} | {default(_get(DEFAULTS, path))} | "
+                             f"{cell(_REFERENCE_HELP.get(key, ''))} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -405,7 +405,7 @@ def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, A
         path = getattr(text, "tokenizer_path", None)
         if source and path is None:
             raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
-                              f"to the tokenizer its text tower was trained with (README: Interop)")
+                              f"to the tokenizer its text tower was trained with (docs/how-to/pretrained-clip.md)")
     tokenizer = load_tokenizer(path)
     vocab_size = getattr(text, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:

@@ -1,8 +1,9 @@
-"""Run the LiT variants on Flickr8k and write their results table (markdown, optionally into README.md).
+"""Run the LiT variants on Flickr8k and write their results table (markdown, optionally into this folder's README.md).
 
     python experiments/lit/results.py                           # every variant, as configured
     python experiments/lit/results.py --only locked_both_floor locked_image_pretrained_text
     python experiments/lit/results.py --table-only --readme     # rebuild the table from finished runs
+    python experiments/lit/results.py --plot                    # redraw docs/figures/lit_ablation.png from it
 
 Each variant is ``vlm-lab fit experiments/lit/flickr8k_lit.yaml experiments/lit/<variant>.yaml`` in
 ``--out/<variant>`` (a finished run, marked ``DONE``, is not run again). The table has validation
@@ -33,6 +34,9 @@ VARIANTS = [
     ("scratch_both", "uu", "both from scratch"),
 ]
 START, END = "<!-- lit-results:start -->", "<!-- lit-results:end -->"
+# The results live beside the experiment: experiments/lit/README.md (the docs site includes it).
+RESULTS_PAGE = HERE / "README.md"
+FIGURE = ROOT / "docs" / "figures" / "lit_ablation.png"
 
 
 def run(stem: str, out: Path, overrides: list[str]) -> None:
@@ -71,13 +75,54 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if START not in content:
-        raise SystemExit(f"README.md has no {START} ... {END} block to fill")
+def write_readme(text: str, page: Path = RESULTS_PAGE) -> None:
+    """Replace the table between the START and END markers of ``page`` with ``text``."""
+    content = page.read_text()
+    if START not in content or END not in content:
+        raise SystemExit(f"{page} has no {START} ... {END} block to fill")
     block = f"{START}\n{text}\n{END}"
-    readme.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S))
+    page.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, content, flags=re.S))
+
+
+def read_table(page: Path = RESULTS_PAGE) -> list[dict[str, str]]:
+    """The rows of the results table between the markers of ``page``, as {column: cell}."""
+    content = page.read_text()
+    match = re.search(re.escape(START) + "(.*?)" + re.escape(END), content, flags=re.S)
+    if match is None:
+        raise SystemExit(f"{page} has no {START} ... {END} block to read")
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in match.group(1).strip().splitlines()]
+    header, body = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]
+    return [dict(zip(header, row)) for row in body]
+
+
+def plot(rows: list[dict[str, str]], out: Path = FIGURE) -> Path:
+    """A bar chart of i2t / t2i R@1 and zero-shot top-1 per variant, from the table's numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    metrics = [("i2t R@1", "image-to-text R@1"), ("t2i R@1", "text-to-image R@1"),
+               ("CIFAR-10 zero-shot top-1", "zero-shot CIFAR-10 top-1")]
+    names = [row["variant"].split(":")[0] for row in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
+    width = 0.8 / len(metrics)
+    for i, (column, label) in enumerate(metrics):
+        values = [float(row[column]) if row[column] not in ("-", "") else 0.0 for row in rows]
+        positions = [x + (i - (len(metrics) - 1) / 2) * width for x in range(len(rows))]
+        bars = ax.bar(positions, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("% on Flickr8k val / CIFAR-10")
+    ax.set_title("LiT variants on Flickr8k (image tower first; L locked, U tuned, u from scratch)", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 def main() -> None:
@@ -85,8 +130,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "lit"), help="one sub-folder per variant")
     parser.add_argument("--only", nargs="*", help="variant file stems to run (default: all)")
     parser.add_argument("--table-only", action="store_true", help="run nothing, rebuild the table")
-    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into experiments/lit/README.md")
+    parser.add_argument("--plot", action="store_true",
+                        help="run nothing; draw docs/figures/lit_ablation.png from the table in experiments/lit/README.md")
     args, overrides = parser.parse_known_args()
+    if args.plot:
+        print(plot(read_table()))
+        return
     out = Path(args.out)
     if not args.table_only:
         for stem, _, _ in VARIANTS:

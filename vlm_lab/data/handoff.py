@@ -3,7 +3,7 @@
 PyTorch's DataLoader puts every batch a worker stacks into fresh shared memory: the kernel faults in
 and zeroes its pages in the worker (19 MB for 32 float images at 224 px), and the main process maps
 the memory and later unmaps and frees it. For small images that costs as much as loading them, and
-two workers on two cores then load little faster than none (README, "Throughput").
+two workers on two cores then load little faster than none (benchmarks/README.md, "Data throughput").
 
 :class:`WorkerSlots` hands pixels over in a fixed pool of shared-memory slots instead, each slot the
 size of a batch, allocated before the workers start, so its pages are faulted in once and then

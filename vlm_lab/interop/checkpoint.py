@@ -79,7 +79,7 @@ def read_clip_checkpoint(path: str | Path) -> ClipCheckpoint:
     if not directory.is_dir():
         raise ConfigError(
             f"no checkpoint directory at {path} (a relative path starts at the current directory); download "
-            f"a CLIP there first, e.g. hf download openai/clip-vit-base-patch32 --local-dir {path} (README: Interop)"
+            f"a CLIP there first, e.g. hf download openai/clip-vit-base-patch32 --local-dir {path} (docs/how-to/pretrained-clip.md)"
         )
     if hf_clip.is_hf_clip_dir(directory):
         return hf_clip.read_hf_clip(directory)
