@@ -125,13 +125,13 @@ def assert_same(module, image, text, logits, pixels, captions):
 
 @pytest.mark.parametrize("vision, text", [
     (EFFICIENTNET, bert("mean")),
-    (VIT, bert("mean")),
+    ("{name: timm, model_name: test_vit, model_args: {img_size: 64}}", bert("mean")),
     (EFFICIENTNET, bert("cls")),
     (EFFICIENTNET, bert("eos")),
     (EFFICIENTNET, bert("pooler")),
     (EFFICIENTNET, NATIVE_TEXT),
     (NATIVE_VIT, bert("mean")),
-], ids=["effnet-mean", "vit-mean", "effnet-cls", "effnet-eos", "effnet-pooler", "effnet-clip_text",
+], ids=["effnet-mean", "vit64-mean", "effnet-cls", "effnet-eos", "effnet-pooler", "effnet-clip_text",
         "clip_vit-mean"])
 def test_hf_export_matches_vlm_lab(vision, text, tmp_path):
     from transformers import TimmWrapperModel, VisionTextDualEncoderModel

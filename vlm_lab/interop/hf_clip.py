@@ -13,7 +13,12 @@ tokenizer's end-of-text id.
 
 Export writes a ``CLIPModel`` when both towers are the native ones, otherwise a
 ``VisionTextDualEncoderModel`` whose halves are the ``hf_vision`` / ``hf_text`` models (a native tower
-becomes ``CLIPVisionModel`` / ``CLIPTextModel``). Either way ``from_pretrained(OUT)`` loads it offline.
+becomes ``CLIPVisionModel`` / ``CLIPTextModel``, a ``timm`` tower ``TimmWrapperModel``). Either way
+``from_pretrained(OUT)`` loads it offline, and ``AutoProcessor.from_pretrained(OUT)`` its
+preprocessing (a timm tower's as ``TimmWrapperImageProcessor``, which runs the very transform
+vlm-lab's data modules run). An ``hf_text`` tower pooled otherwise than by its model's
+``pooler_output`` (MiniLM's mean pooling) needs one step the dual encoder cannot take itself; the
+export writes that recipe into ``OUT/README.md``. What is held, and why: docs/how-to/export.md.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ matrices applied as ``x @ proj``; the mapping below splits, renames and transpos
 configuration the native towers implement is accepted: a config asking for anything else (layer
 scale, attentional pooling, a timm or HF tower, ...) is refused with the option named, never loaded
 approximately. This module never imports open_clip: it is needed only by the tests.
+
+Export writes more than reading accepts: a ``timm`` tower becomes open_clip's ``TimmModel``
+(``timm_model_name``) and an ``hf_text`` tower its ``HFTextEncoder`` (``hf_model_name``, a
+``CustomTextCLIP``); what is held, and why: docs/how-to/export.md.
 """
 
 from __future__ import annotations
