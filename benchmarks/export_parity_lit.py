@@ -13,8 +13,9 @@ embeddings, text embeddings and logits against the vlm-lab module,
 
 for 8 Flickr8k (224x224), 8 COCO (640x480-ish) and 8 CC12M photos (512 px and larger). Then the same
 on the same pixels for tiny randomly initialised combinations (timm EfficientNet / ViT test models,
-a native ViT, a 2-layer BERT or a native text tower). Needs the dev extra (open_clip) and the shared
-data (../shared/data); about 3 minutes on 2 CPU cores.
+a native ViT, a 2-layer BERT or a native text tower). Last, the ``CLIPImageProcessor`` that an export of native
+towers gets, against vlm-lab's transform on the same photos. Needs the dev extra (open_clip) and the
+shared data (../shared/data); about 2 minutes of CPU time.
 
     python benchmarks/export_parity_lit.py
 """
@@ -183,9 +184,29 @@ def tiny(work: Path) -> None:
             print(f"  {name:34s} {fmt:9s}: image {image:.1e}  text {text_diff:.1e}  logits {logits:.1e}")
 
 
+def native_processor(work: Path) -> None:
+    """The CLIPImageProcessor a native-tower export gets, against vlm-lab's transform, on the same photos."""
+    from transformers import AutoImageProcessor
+
+    print("Native clip_vit export (224 px, crop_pct 1): CLIPImageProcessor pixels vs vlm-lab's transform")
+    cfg = vlm_lab.load_config(overrides=["model.vision.image_size=224", "model.vision.layers=1", "model.text.layers=1"])
+    module = vlm_lab.build_module(cfg).eval()
+    export(module, "hf", work / "native-hf")
+    processor = AutoImageProcessor.from_pretrained(work / "native-hf", local_files_only=True)
+    transform = build_transform(module.image_config)
+    for name, data in photos().items():
+        diffs = []
+        for image in (open_image(io.BytesIO(b)) for b in data):
+            theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+            diffs.append(diff(theirs, transform(image)))
+        print(f"  {name:8s}: max abs pixel difference {max(diffs):.1e}; "
+              f"{sum(d > 0.1 for d in diffs)} of {len(diffs)} photos shifted by a pixel (> 0.1)")
+
+
 if __name__ == "__main__":
     if not DATA.is_dir():
         sys.exit(f"needs the shared data at {DATA}")
     with tempfile.TemporaryDirectory() as directory:
         lit(Path(directory))
         tiny(Path(directory))
+        native_processor(Path(directory))
