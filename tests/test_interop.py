@@ -17,7 +17,6 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -29,29 +28,14 @@ from vlm_lab.registry import build  # noqa: E402
 from vlm_lab.towers.clip_text import ClipTextTower  # noqa: E402
 from vlm_lab.towers.clip_vit import ClipVisionTower  # noqa: E402
 
+from interop_helpers import TOLERANCE, encode, max_diff, perturb, save_checkpoint  # noqa: E402
+
 open_clip = pytest.importorskip("open_clip")  # a dev dependency: CI installs it
 
-TOLERANCE = 1e-5
 CAPTIONS = ["a photo of a cat", "two small red circles left of a blue square", "x", "A DOG, running!"]
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 # Image statistics other than CLIP's, to see that they travel with the checkpoint.
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach() - b.detach()).abs().max())
-
-
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
-
-
-def encode(module, pixels, captions):
-    with torch.no_grad():
-        return module.encode_image(pixels), module.encode_text(captions)
 
 
 @pytest.fixture(scope="module")
@@ -381,14 +365,6 @@ def test_open_clip_options_without_a_native_counterpart_are_refused(tmp_path, ch
 # Export of models trained in vlm-lab
 
 
-def save_checkpoint(module, path):
-    """A Lightning checkpoint of ``module`` as ``vlm-lab fit`` writes it, without training."""
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-
-
 @pytest.fixture(scope="module")
 def native_checkpoint(tmp_path_factory):
     """A native CLIP with the default MiniLM WordPiece tokenizer and `eot` pooling (the quickstart's)."""
@@ -469,10 +445,11 @@ def test_hf_towers_export_to_a_dual_encoder(vision, pixels, tmp_path):
     assert max_diff(output.text_embeds, text) <= TOLERANCE
 
 
-def test_dual_encoder_export_needs_the_pooler(tmp_path):
-    mean_pooled = vlm_lab.load_config(overrides=[f"model.text={HF_BERT.replace('pooling: pooler', 'pooling: mean')}"])
-    with pytest.raises(ConfigError, match="pools with 'mean', but VisionTextDualEncoderModel uses"):
-        export(vlm_lab.build_module(mean_pooled), "hf", tmp_path / "mean")
+def test_dual_encoder_export_of_a_vision_tower_needs_the_pooler(tmp_path):
+    cls_pooled = vlm_lab.load_config(overrides=[f"model.vision={HF_VIT.replace('pooling: pooler', 'pooling: cls')}"])
+    with pytest.raises(ConfigError, match="vision tower pools with 'cls', but VisionTextDualEncoderModel uses"):
+        export(vlm_lab.build_module(cls_pooled), "hf", tmp_path / "cls")
+    assert not (tmp_path / "cls").exists()  # a refused export leaves nothing behind
 
 
 @pytest.mark.parametrize("loss, fmt", [("align", "hf"), ("siglip", "open_clip")])
@@ -504,8 +481,8 @@ def test_exported_logit_scale_is_the_one_the_loss_applies(loss, fmt, pixels, tmp
 @pytest.mark.parametrize("override, fmt, message", [
     ("model.text_head.name=mlp", "hf", "text_head is a MLPHead"),
     ("model.text_head.bias=true", "hf", "text_head is a linear head with a bias"),
-    ("model.loss.name=siglip", "hf", "the loss has a logit bias"),
-    ("model.vision={name: timm, model_name: resnet10t}", "open_clip", "needs the native clip_vit and clip_text"),
+    ("model.loss.name=siglip", "hf", "the loss is SigLipLoss with a logit bias .*supported: clip, align"),
+    (f"model.vision={HF_VIT}", "open_clip", "the vision tower is a HFVisionTower; .* supports clip_vit, timm towers"),
 ])
 def test_models_the_formats_cannot_express_are_refused(override, fmt, message, tmp_path):
     module = vlm_lab.build_module(vlm_lab.load_config(overrides=[override]))

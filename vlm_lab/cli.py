@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("export", help="write a checkpoint as a Hugging Face or open_clip model directory")
     sub.add_argument("--ckpt", required=True, help="a checkpoint of vlm-lab fit (e.g. RUN_DIR/checkpoints/last.ckpt)")
     sub.add_argument("--format", required=True, choices=("hf", "open_clip"),
-                     help="hf: CLIPModel or VisionTextDualEncoderModel; open_clip: config + safetensors")
+                     help="hf: CLIPModel or VisionTextDualEncoderModel (timm towers as TimmWrapperModel); "
+                          "open_clip: config + safetensors (docs/how-to/export.md)")
     sub.add_argument("--out", required=True, help="new (or empty) output directory")
     _add_debug(sub)
     sub.set_defaults(handler=_export)

@@ -7,6 +7,8 @@ tokenizer saved alongside, so the directory is complete: model, preprocessing an
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,10 +31,11 @@ def export(source: str | Path | Any, format: Literal["hf", "open_clip"], out: st
     """Write ``source`` (a checkpoint path or a ``VisionLanguageModule``) to directory ``out``.
 
     ``format="hf"``: a ``CLIPModel`` directory when both towers are native, else a
-    ``VisionTextDualEncoderModel`` one; ``transformers`` loads either with ``from_pretrained(out)``.
+    ``VisionTextDualEncoderModel`` one (a timm tower as ``TimmWrapperModel``); ``transformers`` loads
+    either with ``from_pretrained(out)``, and ``AutoProcessor.from_pretrained(out)`` its preprocessing.
     ``format="open_clip"``: ``open_clip_config.json`` + ``open_clip_model.safetensors``, which
-    ``open_clip.create_model("local-dir:" + out)`` loads. ``out`` must be empty or absent.
-    Returns ``out``.
+    ``open_clip.create_model("local-dir:" + out)`` loads. ``out`` must be empty or absent; on an error
+    nothing is left behind. What each format holds: docs/how-to/export.md. Returns ``out``.
     """
     from vlm_lab.interop.hf_clip import export_hf
     from vlm_lab.interop.open_clip import export_open_clip
@@ -43,8 +46,35 @@ def export(source: str | Path | Any, format: Literal["hf", "open_clip"], out: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export: {out} exists and is not an empty directory; choose a new --out")
     module = load_module(source) if isinstance(source, (str, Path)) else source.eval()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     writer = export_hf if format == "hf" else export_open_clip
-    writer(module, out)
-    module.tokenizer.save_pretrained(str(out))
+    try:
+        writer(module, out)
+        save_tokenizer(module, out)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:  # the user's empty directory: empty it again
+            for child in out.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
     return out
+
+
+def save_tokenizer(module: Any, out: Path) -> None:
+    """The module's tokenizer, truncating where the module does (``model.tokenizer.max_length``).
+
+    The module tokenizes with ``truncation=True, max_length=module.max_length``; saved with that
+    ``model_max_length``, ``tokenizer(texts, padding=True, truncation=True)`` gives the same ids, and
+    so does a processor (``AutoProcessor``) that holds it.
+    A copy is saved, so the module's own tokenizer is left as it was.
+    """
+    tokenizer = copy.deepcopy(module.tokenizer)
+    tokenizer.model_max_length = module.max_length
+    if "max_length" in tokenizer.init_kwargs:  # a default that processors (AutoProcessor) truncate to instead
+        tokenizer.init_kwargs["max_length"] = module.max_length
+    tokenizer.save_pretrained(str(out))

@@ -13,7 +13,12 @@ tokenizer's end-of-text id.
 
 Export writes a ``CLIPModel`` when both towers are the native ones, otherwise a
 ``VisionTextDualEncoderModel`` whose halves are the ``hf_vision`` / ``hf_text`` models (a native tower
-becomes ``CLIPVisionModel`` / ``CLIPTextModel``). Either way ``from_pretrained(OUT)`` loads it offline.
+becomes ``CLIPVisionModel`` / ``CLIPTextModel``, a ``timm`` tower ``TimmWrapperModel``). Either way
+``from_pretrained(OUT)`` loads it offline, and ``AutoProcessor.from_pretrained(OUT)`` its
+preprocessing (a timm tower's as ``TimmWrapperImageProcessor``, which runs the very transform
+vlm-lab's data modules run). An ``hf_text`` tower pooled otherwise than by its model's
+``pooler_output`` (MiniLM's mean pooling) needs one step the dual encoder cannot take itself; the
+export writes that recipe into ``OUT/README.md``. What is held, and why: docs/how-to/export.md.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ from torch import Tensor
 from vlm_lab.errors import ConfigError
 from vlm_lab.interop.checkpoint import (ClipCheckpoint, load_exactly, mlp_ratio, read_json,
                                         tokenizer_dir)
-from vlm_lab.interop.parts import (end_of_text_id, logit_scale_and_bias, projection, text_arguments,
-                                   vision_arguments)
+from vlm_lab.interop.parts import (check_no_caption_head, end_of_text_id, logit_scale_and_bias, projection,
+                                   text_arguments, vision_arguments)
 from vlm_lab.towers.clip_text import ClipTextTower
 from vlm_lab.towers.clip_vit import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisionTower
 from vlm_lab.towers.hf import HFTextTower, HFVisionTower
+from vlm_lab.towers.timm_tower import TimmVisionTower
 
 # Weight files save_pretrained writes, in order of preference (an index lists the shards).
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -192,23 +198,66 @@ def clip_text_config(tower: ClipTextTower, tokenizer: Any) -> Any:
     )
 
 
+# Poolings of an hf_text tower that VisionTextDualEncoderModel cannot run itself (it projects the text
+# model's pooler_output), each as the expression that computes it from `hidden` (the text model's
+# last_hidden_state) and `mask` (the tokenizer's attention_mask). The export's README.md gives the recipe.
+TEXT_POOLING_RECIPES = {
+    "mean": "(hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)",
+    "cls": "hidden[:, 0]",
+    "eos": "hidden[torch.arange(len(hidden)), (mask * torch.arange(mask.shape[1])).argmax(1)]",
+}
+
+SUPPORTED_TOWERS = {"vision": "clip_vit, timm, hf_vision (pooling: pooler)", "text": "clip_text, hf_text"}
+
+
+def timm_wrapper_config(tower: TimmVisionTower) -> Any:
+    """The ``TimmWrapperConfig`` that rebuilds a ``timm`` tower's model, without weights or hub access.
+
+    ``TimmWrapperModel`` calls ``timm.create_model(architecture, pretrained=False, num_classes=0,
+    **model_args)``, the tower's own call, and its ``pooler_output`` is ``forward_head`` of a model
+    without classifier: the tower's ``pooled``. ``hidden_size`` is not a timm field;
+    ``VisionTextDualEncoderModel`` sizes ``visual_projection`` from it.
+    """
+    from transformers import TimmWrapperConfig
+
+    config = TimmWrapperConfig(architecture=tower.model_name, model_args=tower.model_args or None, num_labels=0)
+    config.hidden_size = tower.output_dim
+    return config
+
+
+def timm_data_config(image_config: Any) -> dict[str, Any]:
+    """``image_config`` as the timm data config ``TimmWrapperImageProcessor`` builds its transform from.
+
+    vlm-lab's data modules build their evaluation transform with timm's ``create_transform`` from the
+    same five values (``vlm_lab/data/transforms.py``), so the processor prepares images identically.
+    """
+    height, width = image_config.size
+    return {"input_size": [3, height, width], "interpolation": image_config.interpolation,
+            "crop_pct": image_config.crop_pct, "crop_mode": "center", "mean": list(image_config.mean),
+            "std": list(image_config.std)}
+
+
 def _half(tower: Any, kind: str, tokenizer: Any) -> tuple[Any, dict[str, Tensor]]:
     """``(HF config, state dict)`` of one tower as a standalone HF model."""
     if kind == "vision" and isinstance(tower, ClipVisionTower):
         return clip_vision_config(tower), tower.state_dict()
     if kind == "text" and isinstance(tower, ClipTextTower):
         return clip_text_config(tower, tokenizer), tower.state_dict()
-    hf_class = HFVisionTower if kind == "vision" else HFTextTower
-    if isinstance(tower, hf_class):
+    if kind == "vision" and isinstance(tower, TimmVisionTower):
+        # TimmWrapperModel keeps the timm model as `timm_model`.
+        return timm_wrapper_config(tower), {f"timm_model.{k}": v for k, v in tower.model.state_dict().items()}
+    if kind == "vision" and isinstance(tower, HFVisionTower):
         if tower.pooling != "pooler":
             raise ConfigError(
-                f"export hf: the {kind} tower pools with {tower.pooling!r}, but VisionTextDualEncoderModel uses "
+                f"export hf: the vision tower pools with {tower.pooling!r}, but VisionTextDualEncoderModel uses "
                 f"the model's pooler_output; only pooling: pooler exports exactly"
             )
         return tower.model.config, tower.model.state_dict()
+    if kind == "text" and isinstance(tower, HFTextTower):
+        return tower.model.config, tower.model.state_dict()  # a pooling other than `pooler`: see the README
     raise ConfigError(
         f"export hf: the {kind} tower is a {type(tower).__name__}; the Hugging Face export supports "
-        f"clip_vit / clip_text and hf_vision / hf_text towers"
+        f"{SUPPORTED_TOWERS[kind]} towers"
     )
 
 
@@ -216,11 +265,12 @@ def export_hf(module: Any, out: Path) -> str:
     """Write ``module`` as a Hugging Face model directory; returns the model class written."""
     from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
+    check_no_caption_head(module, "hf", "transformers has no CoCa model class")
     scale, bias = logit_scale_and_bias(module.loss)
     if bias is not None:
         raise ConfigError(
-            "export hf: the loss has a logit bias (siglip), which CLIPModel and VisionTextDualEncoderModel do "
-            "not have; export with --format open_clip, which keeps it"
+            f"export hf: the loss is {type(module.loss).__name__} with a logit bias (siglip), which CLIPModel and "
+            f"VisionTextDualEncoderModel do not have; supported: clip, align (or --format open_clip, which keeps it)"
         )
     vision_weight, _ = projection(module.vision_head, module.vision.output_dim, "vision_head")
     text_weight, _ = projection(module.text_head, module.text.output_dim, "text_head")
@@ -236,6 +286,14 @@ def export_hf(module: Any, out: Path) -> str:
         config = VisionTextDualEncoderConfig.from_vision_text_configs(
             vision_config, text_config, projection_dim=embed_dim, logit_scale_init_value=scale)
         model = VisionTextDualEncoderModel(config)
+    text_pooling = _text_pooling_recipe(module.text)
+    if text_pooling is not None:
+        config.text_pooling = module.text.pooling  # for readers of config.json; the README has the recipe
+    if isinstance(module.vision, TimmVisionTower):
+        # Where AutoImageProcessor looks for a timm processor: `pretrained_cfg` in config.json (the
+        # TimmWrapperImageProcessor reads config.json, never preprocessor_config.json).
+        config.image_processor_type = "TimmWrapperImageProcessor"
+        config.pretrained_cfg = timm_data_config(module.image_config)
     # Both classes keep their halves as `vision_model` and `text_model`.
     state = {
         **{"vision_model." + key: value for key, value in vision_state.items()},
@@ -249,8 +307,45 @@ def export_hf(module: Any, out: Path) -> str:
     state = {key: value for key, value in state.items() if not key.endswith("position_ids")}
     load_exactly(model, state, "the exported weights", keys=keys)
     model.save_pretrained(str(out))
-    _image_processor(module.image_config).save_pretrained(str(out))
+    if not isinstance(module.vision, TimmVisionTower):
+        _image_processor(module.image_config).save_pretrained(str(out))
+    if text_pooling is not None:
+        (out / "README.md").write_text(_text_pooling_card(module.text.pooling, text_pooling))
     return type(model).__name__
+
+
+def _text_pooling_recipe(text: Any) -> str | None:
+    """The recipe expression for an hf_text tower's pooling, or None when the model pools it itself."""
+    if not isinstance(text, HFTextTower) or text.pooling == "pooler":
+        return None
+    return TEXT_POOLING_RECIPES[text.pooling]
+
+
+def _text_pooling_card(pooling: str, recipe: str) -> str:
+    """README.md of an export whose text embeddings need the recipe (the tower's pooling is not the model's)."""
+    return f"""# A vlm-lab model as a VisionTextDualEncoderModel
+
+The text tower was trained with **{pooling} pooling** of its last hidden state, which
+`VisionTextDualEncoderModel` cannot express: its `forward` and `get_text_features` project the text
+model's `pooler_output` instead, so their text embeddings are NOT this model's. Compute them so:
+
+```python
+import torch
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("THIS_FOLDER").eval()
+processor = AutoProcessor.from_pretrained("THIS_FOLDER")
+batch = processor(text=["a dog on the grass"], return_tensors="pt", padding=True, truncation=True)
+with torch.no_grad():
+    hidden = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].to(hidden.dtype)
+    text_embeds = model.text_projection({recipe})
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+```
+
+Image embeddings are `model.get_image_features(pixel_values=...).pooler_output` (normalise them the
+same way); logits are `model.logit_scale.exp() * image_embeds @ text_embeds.T`. Written by `vlm-lab export`.
+"""
 
 
 def _image_processor(image_config: Any) -> Any:

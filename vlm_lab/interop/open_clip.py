@@ -12,6 +12,10 @@ matrices applied as ``x @ proj``; the mapping below splits, renames and transpos
 configuration the native towers implement is accepted: a config asking for anything else (layer
 scale, attentional pooling, a timm or HF tower, ...) is refused with the option named, never loaded
 approximately. This module never imports open_clip: it is needed only by the tests.
+
+Export writes more than reading accepts: a ``timm`` tower becomes open_clip's ``TimmModel``
+(``timm_model_name``) and an ``hf_text`` tower its ``HFTextEncoder`` (``hf_model_name``, a
+``CustomTextCLIP``); what is held, and why: docs/how-to/export.md.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from torch import Tensor
 
 from vlm_lab.errors import ConfigError
 from vlm_lab.interop.checkpoint import ClipCheckpoint, mlp_ratio, read_json, tokenizer_dir
-from vlm_lab.interop.parts import (end_of_text_id, logit_scale_and_bias, projection, text_arguments,
-                                   vision_arguments)
+from vlm_lab.interop.parts import (check_no_caption_head, end_of_text_id, logit_scale_and_bias, projection,
+                                   text_arguments, vision_arguments)
 from vlm_lab.towers.clip_text import ClipTextTower
 from vlm_lab.towers.clip_vit import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisionTower
+from vlm_lab.towers.hf import HFTextTower
+from vlm_lab.towers.timm_tower import TimmVisionTower
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -268,58 +274,156 @@ def _block_to_open_clip(key: str, value: Tensor, state: dict[str, Tensor]) -> di
 # Export
 
 
+# What open_clip 3.3 can hold besides its native ViT and text transformer: a timm trunk (TimmModel)
+# and an encoder-only Hugging Face text model (HFTextEncoder; its hf_configs.arch_dict names the types).
+SUPPORTED_TOWERS = {"vision": "clip_vit, timm", "text": "clip_text, hf_text (bert, roberta, xlm-roberta)"}
+HF_TEXT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# vlm-lab hf_text pooling -> HFTextEncoder pooler (cls_pooler is the model's pooler_output).
+HF_TEXT_POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler", "pooler": "cls_pooler"}
+# timm model_args open_clip's TimmModel passes on to timm.create_model, under its own names.
+TIMM_MODEL_ARGS = {"drop_path_rate": "timm_drop_path"}
+# The folder (inside the export) with the text model's config.json, which HFTextEncoder reads.
+HF_TEXT_CONFIG_DIR = "hf_text_config"
+COCA_DIFFERS = ("open_clip's CoCa decoder differs (each layer adds a second MLP and a LayerNorm on the image "
+                "tokens it cross-attends to, and one 256-query pooler serves both losses)")
+
+
 def export_open_clip(module: Any, out: Path) -> str:
-    """Write ``module`` as an open_clip directory (config + safetensors + tokenizer); returns a summary."""
+    """Write ``module`` as an open_clip directory (config + safetensors + tokenizer); returns the class.
+
+    Native towers become open_clip's own ViT / text transformer (class ``CLIP``); a ``timm`` tower its
+    ``TimmModel`` (``timm_model_name``) and an ``hf_text`` tower its ``HFTextEncoder``
+    (``hf_model_name``, which makes the class ``CustomTextCLIP``).
+    """
     from safetensors.torch import save_file
 
-    vision, text = module.vision, module.text
-    if not (isinstance(vision, ClipVisionTower) and isinstance(text, ClipTextTower)):
-        raise ConfigError(
-            f"export open_clip: needs the native clip_vit and clip_text towers; this model has "
-            f"{type(vision).__name__} and {type(text).__name__} (use --format hf)"
-        )
-    v, t = vision_arguments(vision), text_arguments(text)
-    if v["quick_gelu"] != t["quick_gelu"]:
+    check_no_caption_head(module, "open_clip", COCA_DIFFERS)
+    scale, bias = logit_scale_and_bias(module.loss)
+    vision_cfg, vision_state, vision_gelu = _vision_half(module)
+    text_cfg, text_state, text_gelu = _text_half(module, out)
+    if None not in (vision_gelu, text_gelu) and vision_gelu != text_gelu:
         raise ConfigError("export open_clip: one tower uses QuickGELU and the other GELU; open_clip has one "
                           "quick_gelu switch for both")
-    vision_weight, _ = projection(module.vision_head, vision.output_dim, "vision_head")
-    text_weight, text_bias = projection(module.text_head, text.output_dim, "text_head", allow_bias=True)
-    scale, bias = logit_scale_and_bias(module.loss)
-
-    if t["pooling"] == "argmax":
-        pooling: dict[str, Any] = {"pool_type": "argmax"}
-    else:
-        eos = t["eos_token_id"] if t["pooling"] == "eos_id" else end_of_text_id(module.tokenizer)
-        pooling = {"pool_type": "eos", "eos_id": eos}
-    vision_cfg = {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["width"],
-                  "layers": v["layers"], "head_width": v["width"] // v["heads"],
-                  "mlp_ratio": mlp_ratio(v["mlp_hidden"], v["width"]), **_norm_kwargs(v)}
-    text_cfg = {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
-                "heads": t["heads"], "layers": t["layers"], "mlp_ratio": mlp_ratio(t["mlp_hidden"], t["width"]),
-                **pooling, "proj_bias": text_bias is not None, **_norm_kwargs(t),
-                # Non-empty: open_clip.get_tokenizer("local-dir:OUT") then loads the tokenizer saved in OUT.
-                "hf_tokenizer_name": str(getattr(module.tokenizer, "name_or_path", "") or "tokenizer")}
-    model_cfg: dict[str, Any] = {"embed_dim": int(vision_weight.shape[0]), "quick_gelu": v["quick_gelu"],
+    quick_gelu = bool(vision_gelu if vision_gelu is not None else text_gelu)
+    model_cfg: dict[str, Any] = {"embed_dim": module.vision_head.out_dim, "quick_gelu": quick_gelu,
                                  "vision_cfg": vision_cfg, "text_cfg": text_cfg}
     if bias is not None:
         model_cfg["init_logit_bias"] = bias
-    preprocess_cfg = {"size": v["image_size"], "mean": v["image_mean"], "std": v["image_std"],
-                      "interpolation": module.image_config.interpolation, "resize_mode": "shortest"}
+    height, width = module.image_config.size
+    preprocess_cfg = {"size": height if height == width else [height, width],
+                      "mean": list(module.image_config.mean), "std": list(module.image_config.std),
+                      "interpolation": module.image_config.interpolation, "resize_mode": "shortest",
+                      # open_clip ignores it (its transform resizes the short side to `size`); timm's
+                      # create_transform takes it to prepare images exactly as vlm-lab did.
+                      "crop_pct": module.image_config.crop_pct}
 
-    state = {f"vision.{k}": p for k, p in vision.state_dict().items()}
-    state.update({f"text.{k}": p for k, p in text.state_dict().items()})
-    state["vision_head.proj.weight"] = vision_weight
-    state["text_head.proj.weight"] = text_weight
-    if text_bias is not None:
-        state["text_head.proj.bias"] = text_bias
-    state["loss.logit_scale"] = torch.tensor(scale)
+    state = {**vision_state, **text_state, "logit_scale": torch.tensor(scale)}
     if bias is not None:
-        state["loss.logit_bias"] = torch.tensor(bias)
-    weights = {key: value.detach().float().contiguous() for key, value in native_to_open_clip(state).items()}
-    save_file(weights, str(out / WEIGHTS_FILE))
+        state["logit_bias"] = torch.tensor(bias)
+    save_file({key: value.detach().float().contiguous() for key, value in state.items()}, str(out / WEIGHTS_FILE))
     (out / CONFIG_FILE).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg},
                                               indent=2) + "\n")
-    return "open_clip CLIP"
+    return "CustomTextCLIP" if "hf_model_name" in text_cfg else "CLIP"
+
+
+def _vision_half(module: Any) -> tuple[dict[str, Any], dict[str, Tensor], bool | None]:
+    """``(vision_cfg, open_clip state, quick_gelu or None when the tower has no say)``."""
+    vision = module.vision
+    if isinstance(vision, ClipVisionTower):
+        v = vision_arguments(vision)
+        weight, _ = projection(module.vision_head, vision.output_dim, "vision_head")
+        native = {**{f"vision.{k}": p for k, p in vision.state_dict().items()}, "vision_head.proj.weight": weight}
+        vision_cfg = {"image_size": v["image_size"], "patch_size": v["patch_size"], "width": v["width"],
+                      "layers": v["layers"], "head_width": v["width"] // v["heads"],
+                      "mlp_ratio": mlp_ratio(v["mlp_hidden"], v["width"]), **_norm_kwargs(v)}
+        return vision_cfg, native_to_open_clip(native), v["quick_gelu"]
+    if isinstance(vision, TimmVisionTower):
+        return (*_timm_half(vision, module.vision_head), None)
+    raise ConfigError(f"export open_clip: the vision tower is a {type(vision).__name__}; the open_clip export "
+                      f"supports {SUPPORTED_TOWERS['vision']} towers")
+
+
+def _timm_half(tower: TimmVisionTower, head: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """open_clip's ``TimmModel``: the trunk ``timm.create_model(name)`` with its classifier reset to none
+    (``timm_pool: ""`` keeps the model's own pooling, as the tower does) and the head as ``proj``."""
+    unsupported = sorted(set(tower.model_args) - set(TIMM_MODEL_ARGS))
+    if unsupported:
+        raise ConfigError(f"export open_clip: the timm tower's model_args {unsupported} cannot be written: open_clip's "
+                          f"TimmModel passes only {', '.join(TIMM_MODEL_ARGS)} to timm.create_model")
+    if tower.output_dim != tower.token_dim:
+        raise ConfigError(f"export open_clip: {tower.model_name} pools through a {tower.output_dim}-d pre-logits "
+                          f"layer, but open_clip's TimmModel projects the {tower.token_dim}-d trunk features")
+    weight, proj_bias = projection(head, tower.output_dim, "vision_head", allow_bias=True)
+    height, width = tower.image_config.size
+    vision_cfg = {"timm_model_name": tower.model_name, "timm_model_pretrained": False, "timm_pool": "",
+                  "timm_proj": "linear", "timm_proj_bias": proj_bias is not None,
+                  "image_size": height if height == width else [height, width],
+                  **{TIMM_MODEL_ARGS[key]: value for key, value in tower.model_args.items()}}
+    state = {f"visual.trunk.{k}": p for k, p in tower.model.state_dict().items()}
+    state["visual.head.proj.weight"] = weight
+    if proj_bias is not None:
+        state["visual.head.proj.bias"] = proj_bias
+    return vision_cfg, state
+
+
+def _text_half(module: Any, out: Path) -> tuple[dict[str, Any], dict[str, Tensor], bool | None]:
+    """``(text_cfg, open_clip state, quick_gelu or None when the tower has no say)``."""
+    text = module.text
+    if isinstance(text, ClipTextTower):
+        t = text_arguments(text)
+        weight, text_bias = projection(module.text_head, text.output_dim, "text_head", allow_bias=True)
+        if t["pooling"] == "argmax":
+            pooling: dict[str, Any] = {"pool_type": "argmax"}
+        else:
+            eos = t["eos_token_id"] if t["pooling"] == "eos_id" else end_of_text_id(module.tokenizer)
+            pooling = {"pool_type": "eos", "eos_id": eos}
+        text_cfg = {"context_length": t["context_length"], "vocab_size": t["vocab_size"], "width": t["width"],
+                    "heads": t["heads"], "layers": t["layers"], "mlp_ratio": mlp_ratio(t["mlp_hidden"], t["width"]),
+                    **pooling, "proj_bias": text_bias is not None, **_norm_kwargs(t),
+                    "hf_tokenizer_name": _tokenizer_name(module.tokenizer)}
+        native = {f"text.{k}": p for k, p in text.state_dict().items()}
+        native["text_head.proj.weight"] = weight
+        if text_bias is not None:
+            native["text_head.proj.bias"] = text_bias
+        return text_cfg, native_to_open_clip(native), t["quick_gelu"]
+    if isinstance(text, HFTextTower):
+        return (*_hf_text_half(module, out), None)
+    raise ConfigError(f"export open_clip: the text tower is a {type(text).__name__}; the open_clip export "
+                      f"supports {SUPPORTED_TOWERS['text']} towers")
+
+
+def _hf_text_half(module: Any, out: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """open_clip's ``HFTextEncoder``: the model rebuilt from the config.json written to
+    ``OUT/hf_text_config`` (``hf_model_name``, an absolute path: open_clip resolves it from the current
+    directory, not from the export), the pooling as an open_clip pooler, the head as ``proj``."""
+    tower, config = module.text, module.text.model.config
+    if config.model_type not in HF_TEXT_MODEL_TYPES:
+        raise ConfigError(f"export open_clip: the hf_text tower is a {config.model_type!r} model; open_clip's "
+                          f"HFTextEncoder holds {', '.join(HF_TEXT_MODEL_TYPES)}")
+    if tower.pooling not in HF_TEXT_POOLERS:
+        raise ConfigError(f"export open_clip: the hf_text tower pools with {tower.pooling!r}, which open_clip's "
+                          f"HFTextEncoder has no pooler for; supported: {', '.join(HF_TEXT_POOLERS)}")
+    pad_id = getattr(module.tokenizer, "pad_token_id", None)
+    if pad_id is None or pad_id != config.pad_token_id:
+        # HFTextEncoder masks every position whose id is config.pad_token_id, not the tokenizer's padding.
+        raise ConfigError(f"export open_clip: the tokenizer pads with id {pad_id} but the text model's config has "
+                          f"pad_token_id {config.pad_token_id}; open_clip's HFTextEncoder needs them equal")
+    weight, _ = projection(module.text_head, tower.output_dim, "text_head")
+    config.save_pretrained(str(out / HF_TEXT_CONFIG_DIR))
+    text_cfg = {"hf_model_name": str((out / HF_TEXT_CONFIG_DIR).resolve()), "hf_model_pretrained": False,
+                "hf_tokenizer_name": _tokenizer_name(module.tokenizer), "hf_proj_type": "linear",
+                "hf_pooler_type": HF_TEXT_POOLERS[tower.pooling], "context_length": module.max_length}
+    # Without cls_pooler, HFTextEncoder builds the model with add_pooling_layer=False.
+    keep_pooler = tower.pooling == "pooler"
+    state = {f"text.transformer.{k}": p for k, p in tower.model.state_dict().items()
+             if keep_pooler or not k.startswith("pooler.")}
+    state["text.proj.weight"] = weight
+    return text_cfg, state
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    # Non-empty: open_clip.get_tokenizer("local-dir:OUT") then loads the tokenizer saved in OUT.
+    return str(getattr(tokenizer, "name_or_path", "") or "tokenizer")
 
 
 def _norm_kwargs(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -74,6 +74,16 @@ def end_of_text_id(tokenizer: Any) -> int:
     return int(last)
 
 
+def check_no_caption_head(module: Any, fmt: str, reason: str) -> None:
+    """Refuse a CoCa model: exporting its dual encoder alone would silently drop the captioner."""
+    if getattr(module, "caption_head", None) is not None:
+        raise ConfigError(
+            f"export {fmt}: the model has a {type(module.caption_head).__name__} caption head (CoCa), which this "
+            f"format cannot hold: {reason}; supported: dual encoders without a caption head "
+            f"(docs/how-to/export.md, CoCa)"
+        )
+
+
 def projection(head: nn.Module, in_dim: int, name: str, allow_bias: bool = False) -> tuple[Tensor, Tensor | None]:
     """A head as ``(weight [out, in], bias or None)``: a bias-free ``linear`` head, or ``identity``."""
     if isinstance(head, LinearHead) and (head.proj.bias is None or allow_bias):

@@ -63,6 +63,8 @@ class TimmVisionTower(nn.Module):
     ) -> None:
         super().__init__()
         model_args = dict(model_args or {})
+        # Kept so that the exporters can rebuild the same model elsewhere (vlm_lab/interop).
+        self.model_name, self.model_args = model_name, dict(model_args)
         if not timm.is_model(model_name):
             raise ConfigError(f"timm: unknown model {model_name!r}.{did_you_mean(model_name, timm.list_models())}")
         reserved = {"num_classes", "pretrained"} & set(model_args)
