@@ -7,6 +7,7 @@
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
+    vlm-lab checkpoint show CKPT | upgrade OLD NEW
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
     vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
@@ -114,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="new (or empty) output directory")
     _add_debug(sub)
     sub.set_defaults(handler=_export)
+
+    sub = commands.add_parser("checkpoint", help="inspect a checkpoint, or convert one written before they were "
+                                                 "self-contained")
+    actions = sub.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="format, weights, tokenizer files and model section of a checkpoint")
+    show.add_argument("ckpt")
+    _add_debug(show)
+    show.set_defaults(handler=_checkpoint_show)
+    upgrade = actions.add_parser("upgrade", help="rewrite an old checkpoint as a self-contained one (run it where "
+                                                 "the files its config names exist)")
+    upgrade.add_argument("old", help="a checkpoint written by vlm-lab up to commit e956f06")
+    upgrade.add_argument("new", help="the self-contained checkpoint to write (a new file)")
+    _add_debug(upgrade)
+    upgrade.set_defaults(handler=_checkpoint_upgrade)
 
     sub = commands.add_parser("caption", help="caption images with a CoCa checkpoint (one line per image)")
     sub.add_argument("images", nargs="+", metavar="IMAGE")
@@ -249,6 +264,20 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export(args.ckpt, args.format, args.out)
     print(f"wrote {args.format} model to {out}")
+    return 0
+
+
+def _checkpoint_show(args: argparse.Namespace) -> int:
+    from vlm_lab.checkpoint_format import describe_checkpoint
+
+    print(describe_checkpoint(args.ckpt))
+    return 0
+
+
+def _checkpoint_upgrade(args: argparse.Namespace) -> int:
+    from vlm_lab.api import upgrade_checkpoint
+
+    print(f"wrote the self-contained checkpoint {upgrade_checkpoint(args.old, args.new)}")
     return 0
 
 
