@@ -14,7 +14,6 @@ machine, loading no pretrained weights. Every part is looked up by name in the r
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import io
 import math
@@ -86,16 +85,14 @@ class VisionLanguageModule(L.LightningModule):
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
             f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
         # What every checkpoint of this module carries to rebuild it without the recipe's files. Worked
-        # out now, so that a tower that cannot say its architecture fails here and not at the first save.
-        self._portable_section = checkpoint_format.portable_model_section(model, self.vision, self.text)
+        # out now: a tower that cannot say its architecture fails here, not at the first save, and the
+        # tokenizer is saved as loaded (a fast tokenizer's file records the truncation of its last call).
+        self.portable_model = checkpoint_format.PortableModel(
+            checkpoint_format.portable_model_section(model, self.vision, self.text),
+            checkpoint_format.tokenizer_files(self.tokenizer))
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints (vlm_lab/checkpoint_format.py)
-
-    @functools.cached_property
-    def portable_model(self) -> checkpoint_format.PortableModel:
-        """The model section as built and the tokenizer's files: what a checkpoint rebuilds this module from."""
-        return checkpoint_format.PortableModel(self._portable_section, checkpoint_format.tokenizer_files(self.tokenizer))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[checkpoint_format.KEY] = self.portable_model.entry()
