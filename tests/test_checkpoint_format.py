@@ -330,3 +330,14 @@ def test_init_from_a_checkpoint_takes_non_architecture_overrides(base_run):
         vlm_lab.build_module(vlm_lab.load_config(overrides=[f"model.init_from={base_run}", "model.embed_dim=8"]))
     with pytest.raises(ConfigError, match=r"init_from .*last.ckpt does not match the model: missing 16 \(vision.encoder.layers.1"):
         vlm_lab.build_module(vlm_lab.load_config(overrides=[f"model.init_from={base_run}", "model.vision.layers=2"]))
+
+
+def test_evaluating_a_checkpoint_does_not_read_the_training_configs_init_from(base_run, tmp_path, capsys):
+    """The config a model was fine-tuned with names an init_from folder this machine does not have."""
+    (tmp_path / "finetune.yaml").write_text(
+        "model: {init_from: weights/not/on/this/machine}\n"
+        "data: {name: synthetic_shapes, train_size: 8, val_size: 16, batch_size: 8}\n"
+        "trainer: {accelerator: cpu, enable_progress_bar: false, enable_model_summary: false}\n")
+    assert main(["validate", str(tmp_path / "finetune.yaml"), f"ckpt_path={base_run}",
+                 "--run-dir", str(tmp_path / "val")]) == 0
+    assert "val/i2t_R@1" in capsys.readouterr().out

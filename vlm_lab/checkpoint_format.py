@@ -201,7 +201,7 @@ def describe_checkpoint(path: str | Path) -> str:
     parameters = sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
     weight_bytes = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
     lines = [f"{path}: epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}, "
-             f"{parameters / 1e6:.2f}M numbers in the state dict ({_size(weight_bytes)}), "
+             f"{parameters / 1e6:.2f}M parameters and buffers ({_size(weight_bytes)}), "
              f"optimizer state {'kept' if checkpoint.get('optimizer_states') else 'absent'}"]
     if portable is None:
         lines.append(f"format 1: written before checkpoints were self-contained; loading re-runs the recipe "

@@ -178,6 +178,10 @@ def _run_stage(args: argparse.Namespace) -> int:
             overrides.remove(item)
     if not files:
         raise ConfigError("give at least one config file, e.g. experiments/quickstart.yaml")
+    if ckpt_path is not None:
+        # The checkpoint holds the whole model, so the config's model.init_from (a folder that may not
+        # exist on this machine) is not read; its model section only sets decoding (model.generation).
+        overrides.append("model.init_from=null")
 
     import vlm_lab  # heavy imports only once the arguments are known to be sane
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
