@@ -272,6 +272,15 @@ def test_tower_rebuilds_from_its_architecture_spec_alone(case, pretrained_source
     assert torch.equal(got.pooled, expected.pooled) and torch.equal(got.tokens, expected.tokens)
 
 
+def test_hf_vision_image_config_is_checked():
+    spec = {"name": "hf_vision", "config": {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}}
+    tower = registry.build("vision_tower", {**spec, "image_config": {"size": [32, 32], "mean": 0.5, "std": [1, 2, 3]}})
+    assert tower.image_config.mean == (0.5, 0.5, 0.5) and tower.image_config.std == (1.0, 2.0, 3.0)
+    with pytest.raises(ConfigError, match="image_config needs size, mean and std .* got \\['crop', 'size'\\]"):
+        registry.build("vision_tower", {**spec, "image_config": {"size": [32, 32], "crop": 1.0}})
+
+
 def test_a_tower_without_architecture_spec_travels_as_its_resolved_spec():
     spec = checkpoint_format.tower_spec("vision_tower", torch.nn.Identity(), {"name": "clip_vit_tiny", "layers": 1})
     card = registry.cards("vision_tower")["clip_vit_tiny"]
@@ -319,6 +328,13 @@ def test_init_from_a_checkpoint_starts_from_its_weights_with_a_fresh_optimizer(b
     assert group["initial_lr"] == pytest.approx(1e-4) and group["lr"] == pytest.approx(4e-5)  # warm-up: 2 of 5
     assert tuned["vlm_lab"]["model"] == base["vlm_lab"]["model"]
     assert tuned["hyper_parameters"]["model"]["init_from"] == str(base_run)
+
+
+def test_load_from_an_open_file(base_run):
+    with open(base_run, "rb") as file:
+        module = VisionLanguageModule.load_from_checkpoint(file, weights_only=True)
+    state = torch.load(base_run, weights_only=True)["state_dict"]
+    assert all(torch.equal(module.state_dict()[key], value) for key, value in state.items())
 
 
 def test_init_from_a_checkpoint_takes_non_architecture_overrides(base_run):
