@@ -126,3 +126,20 @@ def test_encode_text_accepts_strings_or_tokens(tiny_module):
         b = tiny_module.encode_text(tokens["input_ids"], tokens["attention_mask"])
     assert torch.equal(a, b) and a.shape == (1, 16)
     assert torch.allclose(a.norm(dim=-1), torch.ones(1))
+
+
+def test_sections_an_older_checkpoint_saved_take_the_defaults_of_newer_keys(tiny_config):
+    from omegaconf import OmegaConf
+
+    from vlm_lab.schema import GenerationSettings, LrScale
+
+    model, optim = OmegaConf.to_container(tiny_config.model), OmegaConf.to_container(tiny_config.optim)
+    for key in ("generation", "vision_lock", "text_lock", "caption_head", "caption_weight", "contrastive_weight",
+                "init_from"):
+        del model[key]
+    del model["tokenizer"]["train_from"], model["tokenizer"]["min_count"]
+    del optim["lr_scale"], optim["nonfinite_loss"]
+    module = VisionLanguageModule(model=model, optim=optim)
+    assert module.optim_settings.lr_scale == LrScale() and module.optim_settings.nonfinite_loss == "error"
+    assert module.generation_settings == GenerationSettings()
+    assert not module.vision_locked.fully_locked and module.caption_head is None and module.loss is not None

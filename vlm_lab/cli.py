@@ -6,6 +6,7 @@
     vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
+    vlm-lab config-reference [SECTION] [--markdown]
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
@@ -131,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; a reference)")
     _add_debug(sub)
     sub.set_defaults(handler=_caption)
+
+    sub = commands.add_parser("config-reference", help="every config key with its type, default and help")
+    sub.add_argument("section", nargs="?", help="only this section, e.g. optim, model.generation, data")
+    sub.add_argument("--markdown", action="store_true", help="Markdown tables (docs/reference/config.md)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_config_reference)
 
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
@@ -262,6 +269,15 @@ def _caption(args: argparse.Namespace) -> int:
                 "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
     for path, caption in zip(args.images, caption_images(args.ckpt, args.images, **settings)):
         print(f"{path}\t{caption}")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from vlm_lab.config import reference_markdown, reference_text
+
+    if args.markdown and args.section:
+        raise ConfigError("config-reference: --markdown renders every section; leave out SECTION")
+    print(reference_markdown() if args.markdown else reference_text(args.section))
     return 0
 
 

@@ -15,8 +15,8 @@ rows that finish early are padded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -30,62 +30,9 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
 from vlm_lab.captioning import CocaCaptionHead, DecodingCache, text_states
-from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.errors import ConfigError
+from vlm_lab.schema import GenerationSettings
 from vlm_lab.towers.clip_text import ClipTextTower
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to decode (the ``model.generation`` config section holds the defaults for evaluation).
-
-    Attributes:
-        max_new_tokens: tokens generated after BOS at most (EOS included).
-        min_new_tokens: EOS is forbidden before this many tokens.
-        num_beams: 1 for greedy/sampling, more for beam search.
-        length_penalty: beam scores are ``sum log p / length ** length_penalty`` (>0 favours longer captions).
-        do_sample: sample instead of taking the most likely token (``num_beams`` must be 1).
-        temperature, top_k, top_p: sampling warpers (``top_k: 0`` and ``top_p: 1`` switch them off).
-        repetition_penalty: CTRL's penalty on tokens already generated (1 = off).
-        use_cache: reuse keys/values between steps (identical tokens, faster).
-        seed: seeds the sampler; None draws from torch's global generator.
-    """
-
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    use_cache: bool = True
-    seed: int | None = None
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, **overrides: Any) -> "GenerationSettings":
-        """Settings from a config mapping plus keyword overrides (None values are ignored)."""
-        names = [f.name for f in fields(cls)]
-        values = {**(section or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        for key in values:
-            if key not in names:
-                raise ConfigError(f"unknown generation setting {key!r}.{did_you_mean(key, names)} "
-                                  f"Valid settings: {', '.join(names)}")
-        settings = cls(**values)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"generation: need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
-                              f"got {self.min_new_tokens} and {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise ConfigError(f"generation: num_beams must be at least 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise ConfigError("generation: do_sample works with num_beams=1 only (beam sampling is not implemented)")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError(f"generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; "
-                              f"got {self.temperature}, {self.top_p}, {self.top_k}, {self.repetition_penalty}")
 
 
 @dataclass(frozen=True)
@@ -116,8 +63,7 @@ class CaptionGenerator:
         """``[B, seq, dim]`` vision tower tokens -> ``[B, 1 + n]`` token ids (BOS first, padded after EOS)."""
         limit = self.text.max_length - 1
         if settings.max_new_tokens > limit:
-            settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": limit,
-                                             "min_new_tokens": min(settings.min_new_tokens, limit)})
+            settings = replace(settings, max_new_tokens=limit, min_new_tokens=min(settings.min_new_tokens, limit))
         image = self.head.pool_caption(image_tokens)
         start = torch.full((len(image), 1), self.special.bos, dtype=torch.long, device=image.device)
         if settings.num_beams > 1:

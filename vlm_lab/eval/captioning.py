@@ -181,9 +181,7 @@ def generate_captions(module: Any, image_tokens: torch.Tensor, **settings: Any) 
 
     if module.caption_head is None:
         raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
-    section = dict(module.hparams.model.get("generation") or {})
-    section = {k: v for k, v in section.items() if k not in ("max_images", "log_examples")}
-    options = GenerationSettings.from_config(section, **settings)
+    options = GenerationSettings.from_config(module.hparams.model.get("generation"), **settings)
     special = SpecialTokens.of(module.tokenizer)
     was_training = module.training
     module.eval()
