@@ -260,14 +260,15 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from vlm_lab.generation import caption_images
+    from vlm_lab.api import caption_images
 
-    settings = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
-    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, **settings)):
+    options = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
+    changes = {key: value for key, value in options.items() if value is not None}  # unset: the checkpoint's
+    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, changes)):
         print(f"{path}\t{caption}")
     return 0
 

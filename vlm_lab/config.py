@@ -18,7 +18,7 @@ import dataclasses
 import inspect
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -33,13 +33,18 @@ from vlm_lab.typecheck import type_name
 SPECS: dict[tuple[str, ...], str] = {path: field.metadata["spec"] for path, field in spec_fields().items()}
 
 
-def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False) -> DictConfig:
+def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False,
+                pretrained_model_section: Callable[[str], Mapping[str, Any]] | None = None) -> DictConfig:
     """Merge the defaults, then ``files`` left to right, then dotlist ``overrides``; resolve; validate.
 
     ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``
 
     Spec names resolve only to registered objects. With ``allow_import_paths=True`` a name such as
     ``my_project.towers:MyTower`` is imported and registered under that string first.
+
+    ``model.init_from`` names a pretrained checkpoint whose architecture replaces the default model
+    (the files still apply on top). Reading a checkpoint is interop's (a layer above this one), so
+    the caller passes the reader as ``pretrained_model_section``: ``vlm_lab.load_config`` does.
     """
     layers = [_read_yaml(file) for file in files]
     overrides = list(overrides)
@@ -48,10 +53,10 @@ def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_
     base = defaults()
     init_from = _get(_resolve(_merge_layers(base, layers)), ("model", "init_from"))
     if isinstance(init_from, str) and init_from:
-        # A pretrained CLIP's architecture replaces the default model; the files still apply on top.
-        from vlm_lab.interop import init_model_section
-
-        base = merge(base, {"model": init_model_section(init_from)})
+        if pretrained_model_section is None:
+            raise ConfigError(f"model.init_from={init_from!r}: load the config with vlm_lab.load_config, which reads "
+                              f"the checkpoint's architecture (vlm_lab.config.load_config does not open checkpoints)")
+        base = merge(base, {"model": dict(pretrained_model_section(init_from))})
     merged = _resolve(_merge_layers(base, layers))
     if merged.get("name") is None and files:
         merged["name"] = Path(files[-1]).stem

@@ -204,31 +204,16 @@ def decode_captions(tokenizer: Any, ids: torch.Tensor, special: SpecialTokens) -
     return captions
 
 
-def caption_images(ckpt_path: str, image_paths: list[str], batch_size: int = 16, **settings: Any) -> list[str]:
-    """One caption per image file, from a CoCa checkpoint (what ``vlm-lab caption`` prints).
-
-    ``settings`` are :class:`GenerationSettings` fields; unset ones come from the checkpoint's
-    ``model.generation``."""
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
-
-    from vlm_lab.data.collate import image_to_tensor
-    from vlm_lab.module import VisionLanguageModule
-
-    if not Path(ckpt_path).is_file():
-        raise ConfigError(f"--ckpt: no checkpoint file at {ckpt_path}")
-    module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+def generate_captions(module: Any, image_tokens: torch.Tensor, settings: GenerationSettings) -> list[str]:
+    """Captions from a CoCa module's vision tokens ``[B, seq, dim]``, decoded as ``settings`` say
+    (the module in eval mode meanwhile)."""
     if module.caption_head is None:
-        raise ConfigError(f"--ckpt: {ckpt_path} has no caption head (it was trained with model.caption_weight=0)")
-    pixels = []
-    for path in image_paths:
-        try:
-            with Image.open(path) as image:
-                pixels.append(image_to_tensor(image, module.image_config))
-        except (FileNotFoundError, UnidentifiedImageError) as e:
-            raise ConfigError(f"cannot read image {path}: {e}") from None
-    captions: list[str] = []
-    for start in range(0, len(pixels), batch_size):
-        captions += module.generate(torch.stack(pixels[start:start + batch_size]), **settings)
-    return captions
+        raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
+    special = SpecialTokens.of(module.tokenizer)
+    was_training = module.training
+    module.eval()
+    try:
+        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, settings)
+    finally:
+        module.train(was_training)
+    return decode_captions(module.tokenizer, ids, special)

@@ -26,7 +26,8 @@ from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
 from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
+from vlm_lab.eval.captioning import CaptionScorer, batch_references, log_caption_examples
+from vlm_lab.generation import generate_captions
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import lock_tower
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
@@ -60,11 +61,9 @@ class VisionLanguageModule(L.LightningModule):
             self.loss = registry.build("loss", settings.loss)
         elif self.caption_head is not None:
             self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
-        if settings.init_from:
-            from vlm_lab.interop import load_into_module  # towers, projections and logit scale
-
-            load_into_module(self, settings.init_from)
-        # After any weight loading: locking only flips requires_grad and train/eval modes.
+        # model.init_from: the module has the checkpoint's architecture (the config's model section
+        # comes from it); vlm_lab.build_module loads its weights, as interop sits above the module.
+        # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
         self.vision_locked = lock_tower(self.vision, settings.vision_lock, "model.vision_lock")
         self.text_locked = lock_tower(self.text, settings.text_lock, "model.text_lock")
         tower_limit = getattr(self.text, "max_length", None) or math.inf
@@ -124,10 +123,12 @@ class VisionLanguageModule(L.LightningModule):
         ``vlm_lab.api``), with defaults for keys an older checkpoint lacks."""
         return GenerationSettings.from_config(self.hparams.model.get("generation"))
 
-    def generate(self, images: torch.Tensor, **settings: Any) -> list[str]:
-        """Captions for ``[B, 3, H, W]`` normalised images; ``settings`` override ``model.generation``
-        (see ``vlm_lab.generation.GenerationSettings``: num_beams, do_sample, top_k, top_p, ...)."""
-        return generate_captions(self, self.vision_tower_output(images.to(self.device)).tokens, **settings)
+    def generate(self, images: torch.Tensor, settings: GenerationSettings | None = None, **changes: Any) -> list[str]:
+        """Captions for ``[B, 3, H, W]`` normalised images, decoded as ``settings`` say (default: the
+        config's ``model.generation``) with ``changes`` on top: ``generate(pixels, num_beams=3)``.
+        A misspelt setting fails at once, naming the closest (``vlm_lab.schema.GenerationSettings``)."""
+        settings = (settings or self.generation_settings).replace(**changes)
+        return generate_captions(self, self.vision_tower_output(images.to(self.device)).tokens, settings)
 
     def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
@@ -337,7 +338,7 @@ class VisionLanguageModule(L.LightningModule):
         keep = len(batch["image_ids"]) if limit is None else max(0, limit - len(self._caption_scorer))
         if keep == 0:
             return
-        captions = generate_captions(self, vision.tokens[:keep])
+        captions = generate_captions(self, vision.tokens[:keep], self.generation_settings)
         references = batch_references(batch, self.tokenizer)[:keep]
         self._caption_scorer.add(batch["image_ids"][:keep].tolist(), captions, references)
 

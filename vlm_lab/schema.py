@@ -72,6 +72,13 @@ class Section:
         checkpoint written before it existed) take their defaults. Raises a one-line ``ConfigError``."""
         return from_section(cls, section, cls.where if where is None else where)
 
+    def replace(self: S, where: str | None = None, **changes: Any) -> S:
+        """A copy with ``changes``, checked as a config section is (a misspelt key names the closest)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {key: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                  for key, value in values.items()}
+        return from_section(type(self), {**values, **changes}, self.where if where is None else where)
+
     def check(self, where: str) -> None:
         """Rules between fields, beyond their types (a one-line ``ConfigError``); none by default."""
 

@@ -174,24 +174,6 @@ def batch_references(batch: Mapping[str, Any], tokenizer: Any) -> list[list[str]
     return references
 
 
-def generate_captions(module: Any, image_tokens: torch.Tensor, **settings: Any) -> list[str]:
-    """Captions from a CoCa module's vision tokens; ``settings`` override ``model.generation``."""
-    from vlm_lab.errors import ConfigError
-    from vlm_lab.generation import CaptionGenerator, GenerationSettings, SpecialTokens, decode_captions
-
-    if module.caption_head is None:
-        raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
-    options = GenerationSettings.from_config(module.hparams.model.get("generation"), **settings)
-    special = SpecialTokens.of(module.tokenizer)
-    was_training = module.training
-    module.eval()
-    try:
-        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, options)
-    finally:
-        module.train(was_training)
-    return decode_captions(module.tokenizer, ids, special)
-
-
 def log_caption_examples(module: Any, stage: str, rows: Sequence[tuple[int, str, list[str]]]) -> None:
     """Show a few generated captions beside a reference: in the log, and as text in TensorBoard/W&B
     when such a logger is attached."""

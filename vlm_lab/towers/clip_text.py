@@ -103,21 +103,10 @@ class ClipTextTower(nn.Module):
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    # Set by from_pretrained: the checkpoint directory, and its tokenizer directory (or None).
+    # Set by clip_text_pretrained (vlm_lab/interop/pretrained.py): the checkpoint directory, and its
+    # tokenizer directory (or None).
     pretrained_path: str | None = None
     tokenizer_path: str | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str, grad_checkpointing: bool = False) -> ClipTextTower:
-        """The text tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
-
-        The architecture, vocabulary size and pooling rule come from the checkpoint's config and every
-        weight must load; the module then uses the checkpoint's tokenizer unless
-        ``model.tokenizer.path`` names one. Registered as ``clip_text_pretrained``.
-        """
-        from vlm_lab.interop.pretrained import load_tower  # interop imports this module
-
-        return load_tower(cls, "text", path, grad_checkpointing=grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -145,5 +134,3 @@ class ClipTextTower(nn.Module):
         pooled = last_hidden_state[torch.arange(batch, device=input_ids.device), index]
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=attention_mask)
 
-
-register_text_tower("clip_text_pretrained", ClipTextTower.from_pretrained)

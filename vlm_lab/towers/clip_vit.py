@@ -234,19 +234,9 @@ class ClipVisionTower(nn.Module):
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    # Where from_pretrained loaded the weights from (None: built from arguments).
+    # Where clip_vit_pretrained (vlm_lab/interop/pretrained.py) loaded the weights from (None: built
+    # from arguments).
     pretrained_path: str | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str, grad_checkpointing: bool = False) -> ClipVisionTower:
-        """The vision tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
-
-        The architecture (sizes, activation, LayerNorm eps, image mean/std) comes from the
-        checkpoint's config and every weight must load; registered as ``clip_vit_pretrained``.
-        """
-        from vlm_lab.interop.pretrained import load_tower  # interop imports this module
-
-        return load_tower(cls, "vision", path, grad_checkpointing=grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -257,5 +247,3 @@ class ClipVisionTower(nn.Module):
         pooled = self.post_layernorm(last_hidden_state[:, 0])
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=None)
 
-
-register_vision_tower("clip_vit_pretrained", ClipVisionTower.from_pretrained)
