@@ -236,7 +236,7 @@ def format_retrieval_table(metrics: dict[str, float], stage: str = "val") -> str
             if key in metrics:
                 chance = metrics.get(f"{stage}/chance_{direction}_R@{k}", float("nan"))
                 rows.append(f"{key:<16}{metrics[key]:>8.2f}%{chance:>8.2f}%")
-    for key in (f"{stage}/bleu4", f"{stage}/cider"):  # a CoCa model's captions (vlm_lab/eval/captioning.py)
+    for key in (f"{stage}/bleu4", f"{stage}/cider"):  # a CoCa model's captions (vlm_lab/eval/caption_metrics.py)
         if key in metrics:
             rows.append(f"{key:<16}{metrics[key]:>9.4f}{'':>9}")
     if len(rows) == 1:

@@ -1,13 +1,15 @@
-"""Caption generation for a CoCa model: greedy, sampling and beam search, with a KV cache.
+"""Caption decoding for a CoCa model: greedy, sampling and beam search, with a KV cache.
 
 The logits pipeline is transformers' (``LogitsProcessorList`` with ``MinLengthLogitsProcessor``,
 ``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
 ``TopPLogitsWarper``) and so are the stopping criteria of greedy/sampled decoding
 (``MaxLengthCriteria``, ``EosTokenCriteria``), so the controls mean what they mean in
 ``model.generate`` of transformers. The loop itself is ours, because the model is not a transformers
-model: each step runs the text tower and the multimodal decoder on the new token only, reading the
-earlier positions' keys and values from :class:`vlm_lab.captioning.DecodingCache`
-(``use_cache=False`` recomputes the whole prefix each step, the reference the cache is tested against).
+model: each step runs the text tower and the multimodal decoder on the new token only, their
+attention layers reading the earlier positions' keys and values from a :class:`DecodingCache` (the
+same forward passes training runs, given a cache; ``use_cache=False`` recomputes the whole prefix each
+step, the reference the cache is tested against). How to decode is one typed object, the config's
+``model.generation`` section (``vlm_lab.schema.GenerationSettings``).
 
 Sequences start with the tokenizer's BOS (``[CLS]`` for WordPiece) and end with its EOS (``[SEP]``);
 rows that finish early are padded.
@@ -15,7 +17,7 @@ rows that finish early are padded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,10 +31,11 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
-from vlm_lab.captioning import CocaCaptionHead, DecodingCache, text_states
 from vlm_lab.errors import ConfigError
+from vlm_lab.heads.coca import CocaCaptionHead, DecoderCache
 from vlm_lab.schema import GenerationSettings
 from vlm_lab.towers.clip_text import ClipTextTower
+from vlm_lab.towers.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,24 @@ class SpecialTokens:
         if bos is None or eos is None:
             raise ConfigError("generation: the tokenizer has neither bos/eos nor cls/sep tokens to start and end captions")
         return cls(bos, eos, pad)
+
+
+@dataclass
+class DecodingCache:
+    """What incremental decoding keeps between steps: the text tower's keys and values and the decoder's."""
+
+    text: KVCache = field(default_factory=KVCache)
+    decoder: DecoderCache = field(default_factory=DecoderCache)
+
+    @property
+    def length(self) -> int:
+        """Positions already encoded."""
+        return self.text.length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
+        self.text.reorder(index)
+        self.decoder.reorder(index)
 
 
 class CaptionGenerator:
@@ -72,14 +93,12 @@ class CaptionGenerator:
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def _new_cache(self) -> DecodingCache:
-        return DecodingCache.empty(len(self.text.encoder.layers), len(self.head.layers))
-
     def _next_logits(self, ids: torch.Tensor, image: torch.Tensor, cache: DecodingCache | None) -> torch.Tensor:
         """Logits for the token after ``ids``; with a cache only the positions it lacks are computed."""
-        new = ids if cache is None else ids[:, cache.length:]
-        states = text_states(self.text, new, cache)
-        return self.head.decode(states, image, cache)[:, -1].float()
+        if cache is None:
+            return self.head.decode(self.text(ids).tokens, image)[:, -1].float()
+        states = self.text(ids[:, cache.length:], cache=cache.text).tokens
+        return self.head.decode(states, image, cache.decoder)[:, -1].float()
 
     def _processors(self, settings: GenerationSettings, sampling: bool) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -105,7 +124,7 @@ class CaptionGenerator:
         generator = None
         if settings.do_sample and settings.seed is not None:
             generator = torch.Generator(device=image.device).manual_seed(settings.seed)
-        cache = self._new_cache() if settings.use_cache else None
+        cache = DecodingCache() if settings.use_cache else None
         finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         while True:
             scores = processors(ids, self._next_logits(ids, image, cache))
@@ -130,7 +149,7 @@ class CaptionGenerator:
         processors = self._processors(settings, sampling=False)
         ids = start.repeat_interleave(beams, dim=0)
         image = image.repeat_interleave(beams, dim=0)
-        cache = self._new_cache() if settings.use_cache else None
+        cache = DecodingCache() if settings.use_cache else None
         beam_scores = torch.full((batch, beams), -float("inf"), device=ids.device)
         beam_scores[:, 0] = 0.0  # identical beams at the start: only the first may expand
         hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]

@@ -44,8 +44,9 @@ LAYERS: tuple[Layer, ...] = (
                          "vlm_lab.registry", "vlm_lab.distributed",
                          "vlm_lab.eval.templates")),  # prompt lists only; the schema checks names against them
     Layer("config", ("vlm_lab.schema", "vlm_lab.config")),
-    Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking")),
-    Layer("heads", ("vlm_lab.heads", "vlm_lab.captioning")),
+    Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking",
+                    "vlm_lab.contracts")),
+    Layer("heads", ("vlm_lab.heads",)),
     Layer("data", ("vlm_lab.data", "vlm_lab.embedding_cache")),
     Layer("evaluation", ("vlm_lab.eval", "vlm_lab.generation")),
     Layer("module", ("vlm_lab.module",)),

@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 from vlm_lab import registry
 from vlm_lab.distributed import any_rank, world_info
-from vlm_lab.captioning import build_caption_head
 from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.captioning import CaptionScorer, batch_references, log_caption_examples
+from vlm_lab.contracts import ContrastiveLoss, TextTower, VisionTower
+from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
 from vlm_lab.generation import generate_captions
+from vlm_lab.heads.coca import build_caption_head
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import lock_tower
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
@@ -45,9 +46,9 @@ class VisionLanguageModule(L.LightningModule):
         # saved sections lack take their defaults.
         settings = ModelSettings.from_config(model)
         self.optim_settings = OptimSettings.from_config(optim)
-        self.vision = registry.build("vision_tower", settings.vision)
+        self.vision = registry.build("vision_tower", settings.vision, contract=VisionTower)
         self.text, self.tokenizer = _text_tower_and_tokenizer(settings)
-        # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built at all.
+        # CoCa (vlm_lab/heads/coca.py): a weight of 0 means that part is not built at all.
         self.contrastive_weight = settings.contrastive_weight
         self.caption_weight = settings.caption_weight
         self.caption_head = build_caption_head(settings.caption_head, self.vision, self.text) \
@@ -58,7 +59,7 @@ class VisionLanguageModule(L.LightningModule):
             image_dim = self.vision.output_dim if self._contrastive_pooler is None else self.caption_head.output_dim
             self.vision_head = registry.build("head", settings.vision_head, in_dim=image_dim, out_dim=embed_dim)
             self.text_head = registry.build("head", settings.text_head, in_dim=self.text.output_dim, out_dim=embed_dim)
-            self.loss = registry.build("loss", settings.loss)
+            self.loss = registry.build("loss", settings.loss, contract=ContrastiveLoss)
         elif self.caption_head is not None:
             self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
         # model.init_from: the module has the checkpoint's architecture (the config's model section
@@ -66,7 +67,7 @@ class VisionLanguageModule(L.LightningModule):
         # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
         self.vision_locked = lock_tower(self.vision, settings.vision_lock, "model.vision_lock")
         self.text_locked = lock_tower(self.text, settings.text_lock, "model.text_lock")
-        tower_limit = getattr(self.text, "max_length", None) or math.inf
+        tower_limit = self.text.max_length or math.inf
         self.max_length = int(min(settings.tokenizer.max_length, tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self._caption_scorer = CaptionScorer()
@@ -329,7 +330,7 @@ class VisionLanguageModule(L.LightningModule):
 
 
     # ---------------------------------------------------------------------------------------------
-    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/captioning.py)
+    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/caption_metrics.py)
 
     def _score_captions(self, batch: dict[str, Any], vision: TowerOutput) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
@@ -399,9 +400,9 @@ def _text_tower_and_tokenizer(model: ModelSettings) -> tuple[torch.nn.Module, An
     takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
     if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
         tokenizer = load_tokenizer(path)
-        return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}), tokenizer
+        return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}, contract=TextTower), tokenizer
 
-    text = registry.build("text_tower", spec)
+    text = registry.build("text_tower", spec, contract=TextTower)
     if path is None:
         source = model.init_from or getattr(text, "pretrained_path", None)
         path = getattr(text, "tokenizer_path", None)
@@ -409,10 +410,9 @@ def _text_tower_and_tokenizer(model: ModelSettings) -> tuple[torch.nn.Module, An
             raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
                               f"to the tokenizer its text tower was trained with (README: Interop)")
     tokenizer = load_tokenizer(path)
-    vocab_size = getattr(text, "vocab_size", None)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
+    if text.vocab_size is not None and len(tokenizer) > text.vocab_size:
         raise ConfigError(f"model.tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the text tower's "
-                          f"vocabulary only {vocab_size}; use the tokenizer the tower was trained with")
+                          f"vocabulary only {text.vocab_size}; use the tokenizer the tower was trained with")
     return text, tokenizer
 
 

@@ -261,10 +261,35 @@ def spec_arguments(kind: str, spec: Mapping[str, Any], provided: Mapping[str, An
     return constructor, arguments
 
 
-def build(kind: str, spec: Mapping[str, Any], **provided: Any) -> Any:
-    """Build the object a spec names: ``build("vision_tower", {"name": "clip_vit", "layers": 2})``."""
+def build(kind: str, spec: Mapping[str, Any], *, contract: type | None = None, **provided: Any) -> Any:
+    """Build the object a spec names: ``build("vision_tower", {"name": "clip_vit", "layers": 2})``.
+
+    ``contract`` (a ``typing.Protocol``, see ``vlm_lab/contracts.py``) lists attributes and methods the
+    built object must have; a missing one is a one-line ``ConfigError`` naming it.
+    """
     constructor, arguments = spec_arguments(kind, spec, provided)
-    return constructor(**arguments)
+    built = constructor(**arguments)
+    if contract is not None:
+        missing = [member for member in protocol_members(contract) if not hasattr(built, member)]
+        if missing:
+            raise ConfigError(
+                f"{kind} {spec['name']!r} ({type(built).__name__}) has no {', '.join(missing)}: a {kind} must "
+                f"provide {', '.join(protocol_members(contract))} (vlm_lab/contracts.py, {contract.__name__})"
+            )
+    return built
+
+
+def protocol_members(contract: type) -> list[str]:
+    """The attributes and methods a ``typing.Protocol`` declares (its own and its bases'), ``forward`` aside:
+    every ``torch.nn.Module`` has one."""
+    members: dict[str, None] = {}
+    for cls in reversed(contract.__mro__):
+        if cls is object or cls is typing.Protocol or cls.__module__ == "typing":
+            continue
+        members.update(dict.fromkeys(getattr(cls, "__annotations__", {})))
+        members.update(dict.fromkeys(name for name, value in vars(cls).items()
+                                     if callable(value) and not name.startswith("_")))
+    return [name for name in members if name != "forward"]
 
 
 def _parameters(constructor: Callable[..., Any]) -> dict[str, inspect.Parameter]:

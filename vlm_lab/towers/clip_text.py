@@ -17,6 +17,7 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_text_tower
 from vlm_lab.towers.base import TowerOutput
 from vlm_lab.towers.clip_vit import ClipEncoder
+from vlm_lab.towers.kv_cache import KVCache, causal_mask
 
 
 class ClipTextEmbeddings(nn.Module):
@@ -27,9 +28,10 @@ class ClipTextEmbeddings(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings; ``start`` is the first token's position (decoding steps)."""
         seq = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:seq].unsqueeze(0)
+        return self.token_embedding(input_ids) + self.position_embedding.weight[start:start + seq].unsqueeze(0)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,17 +113,33 @@ class ClipTextTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> TowerOutput:
+        """Encode ``input_ids`` ``[batch, seq]``.
+
+        With a ``cache`` (incremental decoding, ``vlm_lab/generation.py``) ``input_ids`` are the positions
+        after those the cache holds, every layer appends its keys and values to it, and
+        ``attention_mask`` (if given) covers the cached positions and the new ones; ``tokens`` and
+        ``pooled`` then come from the new positions. Without one this is the training forward pass.
+        """
         batch, seq = input_ids.shape
-        if seq > self.max_length:
+        past = 0 if cache is None else cache.length
+        if past + seq > self.max_length:
             raise ValueError(
-                f"clip_text: sequence length {seq} exceeds context_length {self.max_length}; "
+                f"clip_text: sequence length {past + seq} exceeds context_length {self.max_length}; "
                 f"truncate the text to at most {self.max_length} tokens"
             )
-        if attention_mask is None:
+        if cache is not None and attention_mask is None:
+            mask = causal_mask(seq, past, input_ids.device)  # no padding: causality alone
             attention_mask = torch.ones_like(input_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            mask = causal_padding_mask(attention_mask)
+            if past:  # the new positions' rows; the mask returned covers them only
+                mask, attention_mask = mask[:, :, past:], attention_mask[:, past:]
 
-        hidden_states = self.encoder(self.embeddings(input_ids), causal_padding_mask(attention_mask))
+        hidden_states = self.encoder(self.embeddings(input_ids, start=past), mask, cache)
         last_hidden_state = self.final_layer_norm(hidden_states)
 
         if self.pooling == "argmax":

@@ -314,6 +314,7 @@ class HFTextTower(nn.Module):
         self.output_dim = int(model_config.hidden_size)
         self.token_dim = int(model_config.hidden_size)
         self.max_length: int | None = getattr(model_config, "max_position_embeddings", None)
+        self.vocab_size: int | None = getattr(model_config, "vocab_size", None)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_grad_checkpointing("hf_text", self.model, enable)

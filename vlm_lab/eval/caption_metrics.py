@@ -6,10 +6,15 @@ are removed. That tokenizer is Java; :func:`ptb_tokenize` reimplements the rules
 captions in Python (lower-casing, splitting off punctuation and the clitics ``'s n't 're 've 'll 'd
 'm``, keeping hyphenated words and abbreviations whole, brackets as ``-lrb-``..., dropping the same
 punctuation list); it tokenises 35,449 of Flickr8k's 35,455 captions exactly as the Java tokenizer
-does (the rest hold ``at&t``, ``slip 'n' slide`` and the like), so evaluation needs no Java. :func:`bleu` and :func:`cider` are line-by-line ports of pycocoevalcap's ``BleuScorer``
+does (the rest hold ``at&t``, ``slip 'n' slide`` and the like), so evaluation needs no Java.
+:func:`bleu` and :func:`cider` are line-by-line ports of pycocoevalcap's ``BleuScorer``
 (corpus BLEU, "closest" reference length) and ``CiderScorer`` (CIDEr-D: sigma 6, clipped tf-idf
 n-grams 1-4, document frequencies from the references of the evaluated set, x10);
 ``tests/test_caption_metrics.py`` pins their values to pycocoevalcap 1.2's on fixed inputs.
+
+The module's caption evaluation uses the rest: :class:`CaptionScorer` collects an epoch's captions
+and scores them, :func:`batch_references` and :func:`log_caption_examples`. The captions themselves
+are decoded by ``vlm_lab/generation.py``.
 """
 
 from __future__ import annotations
