@@ -125,6 +125,8 @@ def test_the_reference_has_one_table_per_section_with_every_key():
         assert "| `batch_size` | an integer | `64` |" in tables[f"data: {name}"]
     assert "| `nonfinite_loss` | one of 'error', 'skip' | `error` |" in tables["optim"]
     assert "| `tokenizer` |" not in tables["data: coco_captions"]  # supplied by vlm-lab, not a setting
+    prose = "".join(part for index, part in enumerate(text.split("`")) if index % 2 == 0)
+    assert "<" not in prose and "``" not in text  # no stray HTML, no reST code left
 
 
 def test_config_reference_command(capsys):

@@ -204,10 +204,10 @@ def reference_markdown() -> str:
     for title, introduction, rows in reference_tables():
         header = ("argument", "type", "default") if title.startswith("data: ") else \
             ("name", "what", "") if title.endswith(" names") else ("key", "type", "default")
-        out += [f"## {title}", "", introduction, ""]
+        out += [f"## {title}", "", _cell(introduction), ""]
         if header[2]:
             out += [f"| {header[0]} | {header[1]} | {header[2]} | description |", "|---|---|---|---|"]
-            out += [f"| `{key}` | {_cell(kind)} | `{_cell(default)}` | {_cell(text)} |"
+            out += [f"| `{key}` | {_cell(kind)} | {_code(default)} | {_cell(text)} |"
                     for key, kind, default, text in rows]
         else:
             out += [f"| {header[0]} | {header[1]} | description |", "|---|---|---|"]
@@ -294,8 +294,16 @@ def _inline(value: Any) -> str:
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell (docstrings' reST ````code```` becomes Markdown's)."""
-    return text.replace("``", "`").replace("|", "\\|").replace("\n", " ")
+    """Text safe in Markdown, in a table cell too: docstrings' reST ````code```` becomes Markdown's,
+    ``|`` is escaped, and ``<``/``>`` outside code would read as HTML."""
+    parts = text.replace("``", "`").replace("|", "\\|").replace("\n", " ").split("`")
+    return "`".join(part if index % 2 else part.replace("<", "&lt;").replace(">", "&gt;")
+                    for index, part in enumerate(parts))
+
+
+def _code(value: str) -> str:
+    """A default as inline code; nothing for a section (no default of its own) or a required argument."""
+    return f"`{_cell(value)}`" if value and value != "(required)" else value
 
 
 def _plain(text: str) -> str:

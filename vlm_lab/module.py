@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lab import registry
-from vlm_lab.distributed import any_rank, world_info
-from vlm_lab.data.transforms import normalize_pixels
-from vlm_lab.errors import ConfigError
 from vlm_lab.contracts import ContrastiveLoss, TextTower, VisionTower
+from vlm_lab.data.transforms import normalize_pixels
+from vlm_lab.distributed import any_rank, world_info
+from vlm_lab.errors import ConfigError
 from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
+from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.generation import generate_captions
 from vlm_lab.heads.coca import build_caption_head
-from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import lock_tower
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
