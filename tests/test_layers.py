@@ -42,3 +42,10 @@ def test_the_checker_reads_every_form_of_import():
                                            "vlm_lab.heads.projection", "vlm_lab.api"]
     assert layer_of("vlm_lab.eval.templates") < layer_of("vlm_lab.config") < layer_of("vlm_lab.eval.zeroshot")
     assert layer_of("vlm_lab") == len(LAYERS) - 1 and layer_of("vlm_lab.nowhere") is None
+
+
+def test_the_architecture_page_shows_every_layer():
+    root = PACKAGE.parent
+    page = (root / "docs" / "explanation" / "architecture.md").read_text()
+    assert all(f"| {layer.name} |" in page for layer in LAYERS)
+    assert "](../figures/layers.png)" in page and (root / "docs" / "figures" / "layers.png").is_file()
