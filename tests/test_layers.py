@@ -28,13 +28,15 @@ def test_a_planted_back_import_is_caught(tmp_path):
     tower.write_text(tower.read_text() + "\n\ndef _load(path):\n    from vlm_lab.interop.pretrained import load_tower\n"
                                          "    return load_tower\n")
     found = problems(copy)
-    assert len(found) == 1 and "vlm_lab.towers.clip_vit (parts) imports vlm_lab.interop.pretrained (interop)" in found[0]
+    assert len(found) == 1
+    assert "vlm_lab.towers.clip_vit (parts) imports vlm_lab.interop.pretrained (interop)" in found[0]
     lines = tower.read_text().count("\n")
     assert f"clip_vit.py:{lines - 1}:" in found[0]  # the line of the planted import
 
 
 def test_the_checker_reads_every_form_of_import():
-    known = {"vlm_lab.config", "vlm_lab.module", "vlm_lab.heads", "vlm_lab.heads.coca", "vlm_lab.heads.projection"}
+    known = {"vlm_lab.config", "vlm_lab.module", "vlm_lab.heads", "vlm_lab.heads.coca",
+             "vlm_lab.heads.projection"}
     source = ("import vlm_lab.config\nfrom vlm_lab import module\nfrom vlm_lab.heads import coca, CocaCaptionHead\n"
               "from . import projection\nimport torch\n\nclass A:\n    def f(self):\n        import vlm_lab.api as api\n")
     found = imports_of(source, "vlm_lab.heads.linear", is_package=False, known=known)

@@ -186,10 +186,11 @@ def reference_tables() -> list[tuple[str, str, list[Row]]]:
         for name in registry.names(kind):
             card = cards.get(name) if name not in registry.constructors(kind) else None
             origin = f"card of `{card.builds}`: `{_inline(card.args)}`" if card else "code"
-            text = _first_sentence(card.description if card else inspect.getdoc(registry.constructors(kind)[name]) or "")
-            rows.append((name, origin, "", text))
+            doc = card.description if card else inspect.getdoc(registry.constructors(kind)[name]) or ""
+            rows.append((name, origin, "", _first_sentence(doc)))
         supplied = "".join(f" For `{'.'.join(path)}` vlm-lab supplies {', '.join(field.metadata['provided'])}."
-                           for path, field in specs.items() if field.metadata["spec"] == kind and field.metadata["provided"])
+                           for path, field in specs.items()
+                           if field.metadata["spec"] == kind and field.metadata["provided"])
         tables.append((f"{kind} names", f"Names a `{kind}` spec may take; `vlm-lab describe NAME` shows a "
                                          f"constructor's arguments.{supplied}", rows))
     return tables
