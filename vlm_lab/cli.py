@@ -7,6 +7,7 @@
     vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
+    vlm-lab config-reference [SECTION] [--markdown]
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
     vlm-lab checkpoint show CKPT | upgrade OLD NEW
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
@@ -151,6 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; a reference)")
     _add_debug(sub)
     sub.set_defaults(handler=_caption)
+
+    sub = commands.add_parser("config-reference", help="every config key with its type, default and help")
+    sub.add_argument("section", nargs="?", help="only this section, e.g. optim, model.generation, data")
+    sub.add_argument("--markdown", action="store_true", help="Markdown tables (docs/reference/config.md)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_config_reference)
 
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
@@ -308,15 +315,25 @@ def _checkpoint_upgrade(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from vlm_lab.generation import caption_images
+    from vlm_lab.api import caption_images
 
-    settings = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
-    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, **settings)):
+    options = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
+    changes = {key: value for key, value in options.items() if value is not None}  # unset: the checkpoint's
+    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, changes)):
         print(f"{path}\t{caption}")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from vlm_lab.config import reference_markdown, reference_text
+
+    if args.markdown and args.section:
+        raise ConfigError("config-reference: --markdown renders every section; leave out SECTION")
+    print(reference_markdown() if args.markdown else reference_text(args.section))
     return 0
 
 

@@ -61,7 +61,7 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over all ranks, as a new tensor outside the autograd graph.
 
     For normalisers that must be global, such as the number of caption tokens a loss averages over
-    (see :meth:`vlm_lab.captioning.CocaCaptionHead.caption_loss`).
+    (see :meth:`vlm_lab.heads.coca.CocaCaptionHead.caption_loss`).
     """
     _, world_size = world_info()
     total = tensor.detach().clone()

@@ -21,6 +21,8 @@ A ``CacheableImages`` dataset has ``image_rows()``, ``image_identity()``, ``imag
 and an ``embeddings`` attribute: when set, its items carry ``vision_pooled`` (and ``vision_tokens``)
 from ``embeddings.lookup(row)`` in place of ``pixel_values``. The collate function stacks whichever
 of these keys the samples have, and the module uses ``vision_pooled`` when a batch has it.
+
+Settings: the ``embedding_cache`` config section (``CacheSettings``, declared in ``vlm_lab/schema.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Protocol
 
 import lightning as L
 import numpy as np
@@ -40,9 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from vlm_lab.config import dataclass_from_section
-from vlm_lab.errors import ConfigError, did_you_mean
-from vlm_lab.paths import cache_root
+from vlm_lab.errors import ConfigError
+from vlm_lab.schema import CacheSettings
 from vlm_lab.towers.base import TowerOutput
 
 log = logging.getLogger(__name__)
@@ -64,40 +64,6 @@ class CacheableImages(Protocol):
 
     def image_row_pixels(self, row: int) -> torch.Tensor | None:
         """The transformed image of a row, or None when it cannot be used (counted as bad when served)."""
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """The ``embedding_cache`` config section.
-
-    Attributes:
-        enabled: cache a fully locked vision tower's outputs on splits with deterministic images.
-        storage: ``memory`` (each process its own copy) or ``disk`` (``.npy`` files, shared by runs).
-        dir: the disk cache's folder (default ``$XDG_CACHE_HOME/vlm-lab/embeddings``, else
-            ``~/.cache/vlm-lab/embeddings``).
-        tokens: also store the token outputs (for heads that attend to them; large).
-        batch_size, num_workers: the loader that fills the cache.
-    """
-
-    enabled: bool = True
-    storage: str = "memory"
-    dir: str | None = None
-    tokens: bool = False
-    batch_size: int = 64
-    num_workers: int = 0
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> "CacheSettings":
-        settings = dataclass_from_section(cls, section, "embedding_cache")
-        if settings.storage not in ("memory", "disk"):
-            raise ConfigError(f"embedding_cache.storage={settings.storage!r} is not one of 'memory', 'disk'"
-                              f"{did_you_mean(settings.storage, ('memory', 'disk'))}")
-        return settings
-
-    def directory(self) -> Path:
-        if self.dir is not None:
-            return Path(self.dir)
-        return cache_root() / "embeddings"
 
 
 # --------------------------------------------------------------------------------------------------

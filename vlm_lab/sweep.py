@@ -39,6 +39,7 @@ import yaml
 from omegaconf import DictConfig
 
 from vlm_lab import shipped
+from vlm_lab.api import load_config
 from vlm_lab.errors import ConfigError, did_you_mean
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs", "slurm")
@@ -66,8 +67,6 @@ class Run:
 
     def config(self) -> DictConfig:
         """The run's resolved config, exactly what its ``vlm-lab fit`` will train (nothing runs)."""
-        from vlm_lab.config import load_config
-
         return load_config(*self.files, overrides=self.overrides)
 
     def command(self, run_dir: Path, resume: bool) -> list[str]:

@@ -10,7 +10,8 @@ and modules), ``parts.py`` (a trained module as plain numbers), ``exporting.py``
 from vlm_lab.interop.checkpoint import ClipCheckpoint, read_clip_checkpoint
 from vlm_lab.interop.exporting import export, load_module
 from vlm_lab.interop.open_clip import clip_tokenizer_from_bpe
-from vlm_lab.interop.pretrained import init_model_section, load_into_module
+from vlm_lab.interop.pretrained import (init_model_section, load_into_module, pretrained_text_tower,
+                                        pretrained_vision_tower)
 
 __all__ = [
     "ClipCheckpoint",
@@ -19,5 +20,7 @@ __all__ = [
     "init_model_section",
     "load_into_module",
     "load_module",
+    "pretrained_text_tower",
+    "pretrained_vision_tower",
     "read_clip_checkpoint",
 ]
