@@ -94,8 +94,8 @@ def test_a_card_clashing_with_a_built_in_one_is_one_line_naming_both_files(tmp_p
     err = one_line_error(capsys, ["list"])
     assert (f"vision_tower card 'clip_vit_tiny' is defined twice: {ROOT / 'registry/vision_tower/clip_vit_tiny.yaml'}"
             f" and {mine.resolve() / 'vision_tower/clip_vit_tiny.yaml'}") in err
-    with pytest.raises(ConfigError, match="defined twice"):
-        vlm_lab.load_config(ROOT / "tests" / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError, match="defined twice"):  # a config naming a card of that kind
+        vlm_lab.load_config(ROOT / "experiments" / "quickstart.yaml")
 
 
 def test_two_user_folders_clash_and_a_card_may_not_take_a_constructor_name(tmp_path, user_catalogs, capsys):

@@ -4,8 +4,16 @@ Importing the package registers every built-in tower, head, loss and data module
 """
 
 from vlm_lab import data, heads, interop, losses, towers  # noqa: F401  (registers the built-ins)
-from vlm_lab.api import build_datamodule, build_module, build_trainer, fit, load_config, test, upgrade_checkpoint,
-                         validate
+from vlm_lab.api import (
+    build_datamodule,
+    build_module,
+    build_trainer,
+    fit,
+    load_config,
+    test,
+    upgrade_checkpoint,
+    validate,
+)
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.registry import (
     add_catalog,

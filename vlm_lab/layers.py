@@ -4,12 +4,13 @@ This table is the one place the layering is written down; ``tests/test_layers.py
 module of the package (imports inside functions included) and fails on an import that runs up a
 layer. ``python -m vlm_lab.layers`` prints the same check. Why this order:
 
-* **foundation**: errors, the registry and small helpers every layer uses. They know nothing of
+* **foundation**: errors, the registry, where shipped cards and experiments live, and small helpers every layer uses. They know nothing of
   models or configs; the registry finds higher-layer code by *name* (that is what it is for).
 * **config**: what a config may say (``schema``) and reading it (``config``). Every part below the
   module reads its settings from here, so it sits under all of them and reaches no checkpoint,
   model or data code: ``model.init_from`` is resolved by ``vlm_lab.api.load_config``.
-* **parts**: towers, losses, tokenizers, locking and the contracts the module relies on.
+* **parts**: towers, losses, tokenizers, locking, the contracts the module relies on, and what a
+  checkpoint carries to rebuild them (``checkpoint_format``: architecture specs and tokenizer files).
 * **heads**: projection heads, attentional poolers and CoCa's decoder; the decoder is built from the
   towers' attention and MLP layers, so heads sit above towers.
 * **data**: data modules, transforms and the embedding cache, fed with a tower's ``ImageConfig``.
@@ -40,12 +41,13 @@ class Layer:
 
 
 LAYERS: tuple[Layer, ...] = (
-    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.seeding", "vlm_lab.typecheck",
+    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.seeding", "vlm_lab.typecheck",
                          "vlm_lab.registry", "vlm_lab.distributed",
                          "vlm_lab.eval.templates")),  # prompt lists only; the schema checks names against them
     Layer("config", ("vlm_lab.schema", "vlm_lab.config")),
     Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking",
-                    "vlm_lab.contracts")),
+                    "vlm_lab.contracts",
+                    "vlm_lab.checkpoint_format")),  # a checkpoint's rebuild spec: towers and tokenizer files
     Layer("heads", ("vlm_lab.heads",)),
     Layer("data", ("vlm_lab.data", "vlm_lab.embedding_cache")),
     Layer("evaluation", ("vlm_lab.eval", "vlm_lab.generation")),
