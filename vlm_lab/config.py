@@ -8,6 +8,7 @@ A config has these top-level sections::
     data:    a data module spec: {name: ..., <its arguments>}
     optim:   AdamW and the cosine schedule
     trainer: passed to ``lightning.Trainer``
+    loggers, callbacks, default_callbacks: tracking (vlm_lab/tracking.py, vlm_lab/callbacks.py)
 
 Every key is checked: an unknown key anywhere is an error that suggests the closest valid one, and
 registry specs are checked against their constructors before anything is built.
@@ -83,6 +84,12 @@ DEFAULTS: dict[str, Any] = {
     "embedding_cache": {"enabled": True, "storage": "memory", "dir": None, "tokens": False,
                         "batch_size": 64, "num_workers": 0},
     "trainer": {},
+    # Where metrics go (vlm_lab/tracking.py): logger specs; [] (or trainer.logger: false) logs nothing.
+    "loggers": [{"name": "csv"}],
+    # Callback specs added to the run (vlm_lab/callbacks.py), after the defaults below; one that builds
+    # the same class as a default replaces it. The defaults log lr, gradient norm and samples/s.
+    "callbacks": [],
+    "default_callbacks": ["lr_monitor", "grad_norm", "throughput"],
 }
 
 # Where the registry specs sit in a config, and their kinds.
@@ -95,6 +102,8 @@ SPECS = {
     ("model", "loss"): "loss",
     ("data",): "datamodule",
 }
+# Where lists of registry specs sit, and their kinds.
+SPEC_LISTS = {("loggers",): "logger", ("callbacks",): "callback"}
 
 # The type each plain (non-spec) setting must have; a float setting accepts integers.
 SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
@@ -145,6 +154,9 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("optim", "lr_scale", "vision"): float,
     ("optim", "lr_scale", "text"): float,
     ("optim", "nonfinite_loss"): str,
+    ("loggers",): list,
+    ("callbacks",): list,
+    ("default_callbacks",): list,
 }
 
 # Settings that take one of a few words.
@@ -182,6 +194,11 @@ def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_
             name = (_get(merged, path) or {}).get("name")
             if isinstance(name, str) and ":" in name:
                 registry.register_import_path(kind, name)
+        for path, kind in SPEC_LISTS.items():
+            for spec in _get(merged, path) if isinstance(_get(merged, path), list) else ():
+                name = spec.get("name") if isinstance(spec, Mapping) else None
+                if isinstance(name, str) and ":" in name:
+                    registry.register_import_path(kind, name)
     validate(merged)
     return OmegaConf.create(merged)
 
@@ -226,6 +243,16 @@ def validate(config: Mapping[str, Any]) -> None:
         spec = _get(config, path)
         provided = PROVIDED[kind] + PROVIDED_AT.get(path, ())
         registry.spec_arguments(kind, spec, provided={p: None for p in provided})
+    for path, kind in SPEC_LISTS.items():
+        for i, spec in enumerate(_get(config, path)):
+            try:
+                registry.spec_arguments(kind, spec, provided={p: None for p in PROVIDED[kind]})
+            except ConfigError as e:
+                raise ConfigError(f"{'.'.join(path)}[{i}]: {e}") from None
+    for i, name in enumerate(config.get("default_callbacks") or ()):
+        if not isinstance(name, str):
+            raise ConfigError(f"default_callbacks[{i}]={name!r} should be a callback name, e.g. grad_norm")
+        registry.resolve("callback", name)
     _check_trainer(config.get("trainer") or {})
 
 
@@ -236,6 +263,8 @@ PROVIDED: dict[str, tuple[str, ...]] = {
     "head": ("in_dim", "out_dim"),
     "loss": (),
     "datamodule": ("tokenizer", "image_config", "max_length"),
+    "logger": ("run_dir", "config_name"),
+    "callback": (),
 }
 # ... and those it supplies to one spec only.
 PROVIDED_AT: dict[tuple[str, ...], tuple[str, ...]] = {("model", "caption_head"): ("text_dim",)}
@@ -270,6 +299,9 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
             )
     if trainer.get("precision") is not None:
         _check_precision(trainer["precision"])
+    if trainer.get("logger") not in (True, False, None):
+        raise ConfigError(f"trainer.logger={trainer['logger']!r} should be true or false; choose loggers with "
+                          f"the top-level list, e.g. loggers: [{{name: csv}}, {{name: tensorboard}}]")
 
 
 def _check_precision(value: Any) -> None:
