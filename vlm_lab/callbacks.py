@@ -239,12 +239,12 @@ class EMA(Callback):
 
     After every ``every_n_steps``-th optimizer step from ``start_step`` on, ``average = decay *
     average + (1 - decay) * weights``; before ``start_step`` the average simply follows the weights.
-    It covers the trainable parameters and the floating-point buffers (batch-norm statistics); a
-    locked tower never changes, so it is not copied (a LiT run keeps no second image tower).
+    It covers the trainable parameters and the floating-point buffers (batch-norm statistics); locked
+    parameters never change, so they are not copied (a LiT run keeps no second image tower).
 
     * Validation during the fit, and the zero-shot evaluation with it, run on the averaged weights.
     * A checkpoint's ``state_dict`` holds the averaged weights, so everything that loads one
-      (``vlm-lab validate/test/zeroshot ckpt_path=...``, ``vlm-lab export``, ``init_from``) uses them;
+      (``vlm-lab validate/test/zeroshot ckpt_path=...``, ``vlm-lab export``) uses them;
       the raw weights are kept beside them under ``current_model_state`` (the key Lightning's own
       ``WeightAveraging`` uses), and ``--resume`` restores both, so the average carries on.
     * When the fit ends, the module holds the averaged weights (as the last checkpoint does).
