@@ -114,7 +114,7 @@ def test_wandb_runs_are_finished_so_the_next_fit_gets_its_own(tmp_path, offline_
     ("callbacks=[{name: early_stopping}]", "callback 'early_stopping' is missing required argument(s) monitor"),
     ("callbacks=[{name: early_stopping, monitor: val/loss, mode: maximum}]",
      "argument mode='maximum' is not one of 'min', 'max'"),
-    ("default_callbacks=[grad_nrom]", "unknown callback 'grad_nrom'. Did you mean 'grad_norm'?"),
+    ("default_callbacks=[grad_nrom]", "default_callbacks[0]: unknown callback 'grad_nrom'. Did you mean 'grad_norm'?"),
     ("loggers={name: csv}", "loggers={'name': 'csv'} should be a list"),
     ("trainer.logger=tensorboard", "trainer.logger='tensorboard' should be true or false"),
     ("callbacks=[{name: ema, decay: 1.5}]", "callback ema: decay=1.5 should be in [0, 1)"),

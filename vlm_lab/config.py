@@ -252,7 +252,10 @@ def validate(config: Mapping[str, Any]) -> None:
     for i, name in enumerate(config.get("default_callbacks") or ()):
         if not isinstance(name, str):
             raise ConfigError(f"default_callbacks[{i}]={name!r} should be a callback name, e.g. grad_norm")
-        registry.resolve("callback", name)
+        try:
+            registry.resolve("callback", name)
+        except ConfigError as e:
+            raise ConfigError(f"default_callbacks[{i}]: {e}") from None
     _check_trainer(config.get("trainer") or {})
 
 
