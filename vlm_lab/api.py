@@ -84,7 +84,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         callbacks.append(checkpoints)
     if loggers:
         callbacks.append(ConfigHyperparameters(_plain(cfg)))
-    # The config's callbacks (vlm_lab/callbacks.py): the default loggers of training and the user's.
+    # The config's callbacks (vlm_lab/callbacks.py): the default logging ones (lr, gradient norm, samples/s), the user's.
     callbacks += build_callbacks(_plain(cfg.get("callbacks", [])), _plain(cfg.get("default_callbacks", [])),
                                  logging=bool(loggers))
     return L.Trainer(callbacks=callbacks, **options)
