@@ -58,13 +58,13 @@ class GradientNorm(Callback):
     are already averaged over ranks; under FSDP each rank sees its own shard, and the norm is that shard's.
 
     Args:
-        norm_type: the p of the p-norm (``inf`` for the largest absolute value).
+        norm_type: the p of the p-norm (``.inf`` in YAML for the largest absolute value).
         per_part: also log each part's norm.
     """
 
     def __init__(self, norm_type: float = 2.0, per_part: bool = True) -> None:
         if norm_type <= 0:
-            raise ConfigError(f"callback grad_norm: norm_type={norm_type} should be positive (2.0, or inf)")
+            raise ConfigError(f"callback grad_norm: norm_type={norm_type} should be positive (2.0, or .inf)")
         self.norm_type = float(norm_type)
         self.per_part = per_part
 
