@@ -3,7 +3,7 @@
 Importing the package registers every built-in tower, head, loss and data module.
 """
 
-from vlm_lab import data, heads, interop, losses, towers  # noqa: F401  (registers the built-ins)
+from vlm_lab import callbacks, data, heads, interop, losses, towers, tracking  # noqa: F401  (registers the built-ins)
 from vlm_lab.api import (
     build_datamodule,
     build_module,
@@ -19,13 +19,17 @@ from vlm_lab.registry import (
     add_catalog,
     build,
     describe,
+    list_callbacks,
     list_datamodules,
     list_heads,
+    list_loggers,
     list_losses,
     list_text_towers,
     list_vision_towers,
+    register_callback,
     register_datamodule,
     register_head,
+    register_logger,
     register_loss,
     register_text_tower,
     register_vision_tower,
@@ -42,14 +46,18 @@ __all__ = [
     "build_trainer",
     "describe",
     "fit",
+    "list_callbacks",
     "list_datamodules",
     "list_heads",
+    "list_loggers",
     "list_losses",
     "list_text_towers",
     "list_vision_towers",
     "load_config",
+    "register_callback",
     "register_datamodule",
     "register_head",
+    "register_logger",
     "register_loss",
     "register_text_tower",
     "register_vision_tower",

@@ -5,7 +5,8 @@
     metrics = fit(cfg, run_dir="runs/try")
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt`` and
-the per-epoch ones), ``logs/version_N/metrics.csv`` (the training log, one version per launch) and ``metrics.json`` (the latest evaluation
+the per-epoch ones), ``logs/version_N/metrics.csv`` (the training log, one version per launch; other
+loggers of ``loggers:`` write beside it: docs/how-to/tracking.md) and ``metrics.json`` (the latest evaluation
 metrics, flat keys such as ``val/i2t_R@1``, read by sweeps and benchmarks).
 """
 
@@ -20,11 +21,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
 
 from vlm_lab import checkpoint_format, config, registry
+from vlm_lab.callbacks import build_callbacks
 from vlm_lab.config import to_yaml
 from vlm_lab.data.collate import image_to_tensor
 from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
@@ -34,6 +35,7 @@ from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.seeding import EpochSeeding
+from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
 
 RUNS_DIR = Path("runs")
 
@@ -75,9 +77,13 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
-    if options.get("logger", True) is True:
-        # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
-        options["logger"] = CSVLogger(str(run_dir), name="logs")
+    # trainer.logger is Lightning's switch: false turns every logger off; else the `loggers` list.
+    loggers = build_loggers(_plain(cfg.get("loggers", [])), run_dir, cfg.name or "run") \
+        if options.get("logger", True) is not False else []
+    options["logger"] = loggers or False
+    # Every logger gets the whole resolved config (ConfigHyperparameters), not only the module's arguments.
+    options.setdefault("enable_autolog_hparams", False)
+    quiet_lightning_tips()
     # Written at the end of every epoch (atomically); --resume continues from last.ckpt, always that
     # name: without a version counter a fresh fit in the same directory overwrites it, not last-v1.ckpt.
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
@@ -95,6 +101,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         callbacks.append(ZeroShotCallback(zeroshot_settings))
     if options.get("enable_checkpointing", True):
         callbacks.append(checkpoints)
+    if loggers:
+        callbacks.append(ConfigHyperparameters(_plain(cfg)))
+    # The config's callbacks (vlm_lab/callbacks.py): the default logging ones (lr, gradient norm, samples/s), the user's.
+    callbacks += build_callbacks(_plain(cfg.get("callbacks", [])), _plain(cfg.get("default_callbacks", [])),
+                                 logging=bool(loggers))
     return L.Trainer(callbacks=callbacks, **options)
 
 
@@ -116,7 +127,7 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir):
+    with share_run_dir(run_dir), finishing_runs(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return read_metrics(run_dir)
 
@@ -138,7 +149,7 @@ def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str |
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir):
+    with share_run_dir(run_dir), finishing_runs(trainer):
         getattr(trainer, stage)(module, datamodule=datamodule)
     return read_metrics(run_dir)
 

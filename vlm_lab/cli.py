@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -92,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("list", help="list registered names, catalog cards (with their folder) and "
                                            "packaged experiments")
     sub.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'clip_*'")
-    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule, "
-                                    "or experiment: the packaged experiments)")
+    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule, logger, "
+                                    "callback, or experiment: the packaged experiments)")
     _add_debug(sub)
     sub.set_defaults(handler=_list)
 
@@ -206,7 +207,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         module = vlm_lab.build_module(cfg)
         datamodule = vlm_lab.build_datamodule(cfg, module)
         datamodule.setup("fit")
-        vlm_lab.build_trainer(cfg, args.run_dir or "runs/check")  # checks the trainer arguments; writes nothing
+        with tempfile.TemporaryDirectory() as scratch:  # some loggers (MLflow) create their store when built
+            vlm_lab.build_trainer(cfg, scratch)  # checks the trainer arguments and builds the loggers
         parameters = sum(p.numel() for p in module.parameters())
         print(f"config OK: {cfg.name} builds a {parameters / 1e6:.2f}M-parameter model "
               f"({cfg.model.vision.name} + {cfg.model.text.name}, {cfg.model.loss.name} loss) "

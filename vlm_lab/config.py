@@ -27,11 +27,13 @@ from omegaconf.errors import OmegaConfBaseException
 from vlm_lab import registry
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.shipped import config_source
-from vlm_lab.schema import ExperimentConfig, declarations, defaults, from_section, spec_fields
+from vlm_lab.schema import ExperimentConfig, declarations, defaults, from_section, spec_fields, spec_list_fields
 from vlm_lab.typecheck import type_name
 
 # Where the registry specs sit in a config, and their kinds (from the schema).
 SPECS: dict[tuple[str, ...], str] = {path: field.metadata["spec"] for path, field in spec_fields().items()}
+# ... and the lists of specs (loggers, callbacks).
+SPEC_LISTS: dict[tuple[str, ...], str] = {path: field.metadata["spec_list"] for path, field in spec_list_fields().items()}
 
 
 def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False,
@@ -67,6 +69,11 @@ def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_
             name = (_get(merged, path) or {}).get("name")
             if isinstance(name, str) and ":" in name:
                 registry.register_import_path(kind, name)
+        for path, kind in SPEC_LISTS.items():
+            for spec in _get(merged, path) if isinstance(_get(merged, path), list) else ():
+                name = spec.get("name") if isinstance(spec, Mapping) else None
+                if isinstance(name, str) and ":" in name:
+                    registry.register_import_path(kind, name)
     validate(merged)
     return OmegaConf.create(merged)
 
@@ -247,6 +254,10 @@ def _section_tables(cls: type, where: str) -> list[tuple[str, str, list[Row]]]:
             kind = declaration.metadata["spec"]
             rows.append((key, f"{kind} spec", _inline(getattr(default, key)),
                          f"{help_}: `{{name: ..., <arguments>}}` (see {kind} names)"))
+        elif "spec_list" in declaration.metadata:
+            kind = declaration.metadata["spec_list"]
+            rows.append((key, f"list of {kind} specs", _inline(getattr(default, key)),
+                         f"{help_}: `[{{name: ..., <arguments>}}, ...]` (see {kind} names)"))
         elif dataclasses.is_dataclass(hint):
             rows.append((key, "section", "", f"{help_} (see `{path}`)"))
             nested += _section_tables(hint, path)

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.errors import ConfigError
 from vlm_lab.schema import CacheSettings
+from vlm_lab.progress import progress
 from vlm_lab.towers.base import TowerOutput
 
 log = logging.getLogger(__name__)
@@ -197,11 +198,12 @@ def _collate_rows(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch.T
 
 
 def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch.Tensor], TowerOutput],
-         device: torch.device, batch_size: int, num_workers: int) -> int:
+         device: torch.device, batch_size: int, num_workers: int, desc: str = "embedding cache") -> int:
     """Run ``encode`` over the cache's missing rows and store the outputs; return how many it encoded.
 
     The loader draws its worker seeds from a generator of its own, so filling the cache leaves the
-    global random state (and with it the training data order) as it was.
+    global random state (and with it the training data order) as it was. A progress bar (``desc``,
+    vlm_lab/progress.py) counts the images: the fill can take minutes before the first training step.
     """
     missing = cache.missing_rows()
     if not missing:
@@ -209,11 +211,13 @@ def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch
     loader = DataLoader(_MissingRows(images, missing), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate_rows, generator=torch.Generator().manual_seed(0))
     encoded = 0
-    for rows, pixels, unusable in loader:
-        cache.mark_unusable(unusable)
-        if pixels is not None:
-            cache.store(rows, encode(pixels.to(device)))
-            encoded += len(rows)
+    with progress(total=len(missing), desc=desc, unit="img") as bar:
+        for rows, pixels, unusable in loader:
+            cache.mark_unusable(unusable)
+            if pixels is not None:
+                cache.store(rows, encode(pixels.to(device)))
+                encoded += len(rows)
+            bar.update(len(rows) + len(unusable))
     return encoded
 
 
@@ -267,7 +271,7 @@ class LockedTowerCache(Callback):
                 log.info("embedding cache: the %s images are not deterministic (augmentation?); not cached", split)
                 continue
             start, cpu_start = time.perf_counter(), time.process_time()
-            cache, encoded = self._prepare(trainer, pl_module, images, tower_hash)
+            cache, encoded = self._prepare(trainer, pl_module, images, tower_hash, f"embedding cache ({split})")
             datamodule.use_embedding_cache(split, cache)
             self.report[split] = {"encoded": encoded, "seconds": time.perf_counter() - start,
                                   "cpu_seconds": time.process_time() - cpu_start, **cache.counts()}
@@ -275,7 +279,7 @@ class LockedTowerCache(Callback):
                      cache.rows, encoded, self.report[split]["seconds"])
 
     def _prepare(self, trainer: L.Trainer, pl_module: Any, images: CacheableImages,
-                 tower_hash: str) -> tuple[EmbeddingCache, int]:
+                 tower_hash: str, desc: str) -> tuple[EmbeddingCache, int]:
         def encode(pixels: torch.Tensor) -> TowerOutput:
             # The same numerics as an uncached training step: eval mode, no graph, the run's precision.
             with torch.no_grad(), trainer.precision_plugin.forward_context():
@@ -291,12 +295,12 @@ class LockedTowerCache(Callback):
             cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
             settings = self.settings
             if cache.folder is None:
-                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
             encoded = 0
             if trainer.is_global_zero:
                 with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
                     cache.create_files()
-                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
                     cache.flush()
             trainer.strategy.barrier("embedding_cache")
             cache.reopen()  # every rank maps the files rank 0 wrote

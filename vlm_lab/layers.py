@@ -10,7 +10,8 @@ layer. ``python -m vlm_lab.layers`` prints the same check. Why this order:
   module reads its settings from here, so it sits under all of them and reaches no checkpoint,
   model or data code: ``model.init_from`` is resolved by ``vlm_lab.api.load_config``.
 * **parts**: towers, losses, tokenizers, locking, the contracts the module relies on, and what a
-  checkpoint carries to rebuild them (``checkpoint_format``: architecture specs and tokenizer files).
+  checkpoint carries to rebuild them (``checkpoint_format``: architecture specs and tokenizer files),
+  and the loggers and Lightning callbacks a config names (``tracking``, ``callbacks``).
 * **heads**: projection heads, attentional poolers and CoCa's decoder; the decoder is built from the
   towers' attention and MLP layers, so heads sit above towers.
 * **data**: data modules, transforms and the embedding cache, fed with a tower's ``ImageConfig``.
@@ -41,13 +42,14 @@ class Layer:
 
 
 LAYERS: tuple[Layer, ...] = (
-    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.seeding", "vlm_lab.typecheck",
+    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.progress", "vlm_lab.seeding", "vlm_lab.typecheck",
                          "vlm_lab.registry", "vlm_lab.distributed",
                          "vlm_lab.eval.templates")),  # prompt lists only; the schema checks names against them
     Layer("config", ("vlm_lab.schema", "vlm_lab.config")),
     Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking",
                     "vlm_lab.contracts",
-                    "vlm_lab.checkpoint_format")),  # a checkpoint's rebuild spec: towers and tokenizer files
+                    "vlm_lab.checkpoint_format",  # a checkpoint's rebuild spec: towers and tokenizer files
+                    "vlm_lab.tracking", "vlm_lab.callbacks")),  # loggers and callbacks by name  # a checkpoint's rebuild spec: towers and tokenizer files
     Layer("heads", ("vlm_lab.heads",)),
     Layer("data", ("vlm_lab.data", "vlm_lab.embedding_cache")),
     Layer("evaluation", ("vlm_lab.eval", "vlm_lab.generation")),

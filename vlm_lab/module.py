@@ -313,7 +313,9 @@ class VisionLanguageModule(L.LightningModule):
             groups.setdefault((scale.get(tower, 1.0), decays), []).append(parameter)
         # Decaying groups first. LambdaLR scales each group's own initial lr, so lr_scale holds throughout.
         optimizer = torch.optim.AdamW(
-            [{"params": params, "lr": cfg.lr * lr_scale, "weight_decay": cfg.weight_decay if decays else 0.0}
+            # "name": how the lr_monitor callback labels the group's learning rate (train/lr/decay_x1).
+            [{"params": params, "lr": cfg.lr * lr_scale, "weight_decay": cfg.weight_decay if decays else 0.0,
+              "name": f"{'decay' if decays else 'no_decay'}_x{lr_scale:g}"}
              for (lr_scale, decays), params in sorted(groups.items(), key=lambda g: (not g[0][1], g[0][0]))],
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
             fused=_fused_adamw([p for params in groups.values() for p in params]),
@@ -321,7 +323,7 @@ class VisionLanguageModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = cosine_with_warmup(cfg.warmup_steps, total, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     # ---------------------------------------------------------------------------------------------
     # Evaluation: multi-caption retrieval over the whole split

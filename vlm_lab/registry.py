@@ -1,4 +1,4 @@
-"""Names for interchangeable parts: towers, heads, losses and data modules.
+"""Names for interchangeable parts: towers, heads, losses, data modules, loggers and callbacks.
 
 One flat dict per kind maps a name to a constructor (a class or a function), in the style of timm's
 ``_registry.py``. Registration returns the object unchanged, so a decorated class is still a plain
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
 
 T = TypeVar("T")
 
-KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule")
+KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule", "logger", "callback")
 
 _constructors: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
@@ -122,6 +122,17 @@ def register_loss(name: str, obj: T | None = None, *, override: bool = False) ->
 
 def register_datamodule(name: str, obj: T | None = None, *, override: bool = False) -> Any:
     return register("datamodule", name, obj, override=override)
+
+
+def register_logger(name: str, obj: T | None = None, *, override: bool = False) -> Any:
+    """A logger for the ``loggers:`` list: a function of ``run_dir`` and ``config_name`` (supplied by
+    vlm-lab) and its own arguments, returning a ``lightning.pytorch.loggers.Logger`` (vlm_lab/tracking.py)."""
+    return register("logger", name, obj, override=override)
+
+
+def register_callback(name: str, obj: T | None = None, *, override: bool = False) -> Any:
+    """A ``lightning.pytorch.Callback`` (class or factory) for the ``callbacks:`` list (vlm_lab/callbacks.py)."""
+    return register("callback", name, obj, override=override)
 
 
 def register_import_path(kind: str, path: str) -> Any:
@@ -297,6 +308,14 @@ def list_losses(pattern: str = "*") -> list[str]:
 
 def list_datamodules(pattern: str = "*") -> list[str]:
     return list_names("datamodule", pattern)
+
+
+def list_loggers(pattern: str = "*") -> list[str]:
+    return list_names("logger", pattern)
+
+
+def list_callbacks(pattern: str = "*") -> list[str]:
+    return list_names("callback", pattern)
 
 
 def resolve(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:

@@ -61,6 +61,13 @@ def spec(kind: str, default: str, help: str, provided: tuple[str, ...] = ()) -> 
                              metadata={"help": help, "spec": kind, "provided": provided})
 
 
+def spec_list(kind: str, default: list[dict[str, Any]], help: str, provided: tuple[str, ...] = ()) -> Any:
+    """A list of registry specs of ``kind`` (``loggers: [{name: csv}, {name: tensorboard}]``), each checked
+    like a spec; an error names its position (``loggers[1]: ...``)."""
+    return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
+                             metadata={"help": help, "spec_list": kind, "provided": provided})
+
+
 class Section:
     """Base of the section dataclasses: building one from its config mapping, and its own checks."""
 
@@ -296,6 +303,22 @@ def check_trainer_arguments(trainer: Any, where: str) -> None:
                               f"{did_you_mean(key, valid)}")
     if trainer.get("precision") is not None:
         _check_precision(trainer["precision"], f"{where}.precision")
+    if trainer.get("logger") not in (True, False, None):
+        raise ConfigError(f"{where}.logger={trainer['logger']!r} should be true or false; choose loggers with "
+                          f"the top-level list, e.g. loggers: [{{name: csv}}, {{name: tensorboard}}]")
+
+
+def check_callback_names(names: Any, where: str) -> None:
+    """``default_callbacks``: a list of registered callback names."""
+    if not isinstance(names, list):
+        raise ConfigError(f"{where}={names!r} should be a list of callback names, e.g. [lr_monitor, grad_norm]")
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}[{i}]={name!r} should be a callback name, e.g. grad_norm")
+        try:
+            registry.resolve("callback", name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}[{i}]: {e}") from None
 
 
 def _check_precision(value: Any, where: str) -> None:
@@ -323,6 +346,14 @@ class ExperimentConfig(Section):
     embedding_cache: CacheSettings = subsection(CacheSettings, "the locked-tower embedding cache")
     trainer: dict[str, Any] = setting({}, "lightning.Trainer arguments (max_epochs, precision, devices...)",
                                       check=check_trainer_arguments)
+    # Tracking (vlm_lab/tracking.py, vlm_lab/callbacks.py; docs/how-to/tracking.md).
+    loggers: list[dict[str, Any]] = spec_list("logger", [{"name": "csv"}],
+                                              "where metrics go; [] (or trainer.logger: false) logs nothing",
+                                              provided=("run_dir", "config_name"))
+    callbacks: list[dict[str, Any]] = spec_list("callback", [], "Lightning callbacks by name (ema, early_stopping...)")
+    default_callbacks: list[str] = setting(["lr_monitor", "grad_norm", "throughput"],
+                                           "callbacks every run with a logger gets; one in callbacks replaces its default",
+                                           check=check_callback_names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,6 +386,16 @@ def from_section(cls: type[S], section: Any, where: str, *, unknown: str = "key"
             provided = {argument: None for argument in declaration.metadata["provided"]}
             registry.spec_arguments(declaration.metadata["spec"], value, provided=provided)
             value = dict(value)
+        elif "spec_list" in declaration.metadata:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}={value!r} should be a list of {{name: ...}} specs")
+            provided = {argument: None for argument in declaration.metadata["provided"]}
+            for i, item in enumerate(value):
+                try:
+                    registry.spec_arguments(declaration.metadata["spec_list"], item, provided=provided)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}[{i}]: {e}") from None
+            value = [dict(item) for item in value]
         elif "check" in declaration.metadata:
             declaration.metadata["check"](value, path)
         else:
@@ -392,6 +433,11 @@ def spec_fields(cls: type = ExperimentConfig, prefix: tuple[str, ...] = ()) -> d
         elif dataclasses.is_dataclass(hints[declaration.name]):
             found.update(spec_fields(hints[declaration.name], path))
     return found
+
+
+def spec_list_fields() -> dict[tuple[str, ...], dataclasses.Field]:
+    """Where the lists of registry specs sit (top level only): ``{("loggers",): <field>, ...}``."""
+    return {(f.name,): f for f in dataclasses.fields(ExperimentConfig) if "spec_list" in f.metadata}
 
 
 def declarations(cls: type = ExperimentConfig) -> list[tuple[dataclasses.Field, Any]]:

@@ -29,6 +29,7 @@ from vlm_lab.data.transforms import build_transform, decode_size, open_image
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.templates import resolve_templates
 from vlm_lab.schema import ZeroShotSettings
+from vlm_lab.progress import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -98,7 +99,7 @@ def class_embeddings(module: Any, classnames: Sequence[str], templates: Sequence
                      batch_size: int = 256) -> torch.Tensor:
     """``[classes, embed_dim]``: each class's prompt-ensemble text embedding (CLIP's recipe)."""
     rows = []
-    for name in classnames:
+    for name in progress(classnames, desc="zero-shot classes", unit="class"):
         prompts = [template.format(name) for template in templates]
         embeddings = torch.cat([module.encode_text(prompts[i:i + batch_size])
                                 for i in range(0, len(prompts), batch_size)])
@@ -125,7 +126,7 @@ def zero_shot_accuracy(module: Any, settings: ZeroShotSettings) -> dict[str, flo
                             batch_size=settings.batch_size, num_workers=settings.num_workers)
         k = min(5, len(folder.classnames))
         top1 = top5 = 0
-        for pixels, labels in loader:
+        for pixels, labels in progress(loader, desc="zero-shot images", unit="batch"):
             logits = module.encode_image(pixels.to(module.device)).float() @ classifier.T.to(module.device)
             best = logits.topk(k, dim=-1).indices.cpu()
             top1 += int((best[:, 0] == labels).sum())
