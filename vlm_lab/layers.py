@@ -42,14 +42,14 @@ class Layer:
 
 
 LAYERS: tuple[Layer, ...] = (
-    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.progress", "vlm_lab.seeding", "vlm_lab.typecheck",
-                         "vlm_lab.registry", "vlm_lab.distributed",
+    Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.progress",
+                         "vlm_lab.seeding", "vlm_lab.typecheck", "vlm_lab.registry", "vlm_lab.distributed",
                          "vlm_lab.eval.templates")),  # prompt lists only; the schema checks names against them
     Layer("config", ("vlm_lab.schema", "vlm_lab.config")),
     Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking",
                     "vlm_lab.contracts",
                     "vlm_lab.checkpoint_format",  # a checkpoint's rebuild spec: towers and tokenizer files
-                    "vlm_lab.tracking", "vlm_lab.callbacks")),  # loggers and callbacks by name  # a checkpoint's rebuild spec: towers and tokenizer files
+                    "vlm_lab.tracking", "vlm_lab.callbacks")),  # loggers and callbacks by name
     Layer("heads", ("vlm_lab.heads",)),
     Layer("data", ("vlm_lab.data", "vlm_lab.embedding_cache")),
     Layer("evaluation", ("vlm_lab.eval", "vlm_lab.generation")),
