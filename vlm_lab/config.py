@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
         # while its new projection head learns at the full rate. Heads, poolers, decoder: optim.lr.
         "lr_scale": {"vision": 1.0, "text": 1.0},
         "nonfinite_loss": "error",
+        # Run the towers on N chunks of each batch with gradient caching (vlm_lab/gradient_cache.py).
+        "contrastive_chunks": 1,
     },
     # Zero-shot classification on an image folder (vlm_lab/eval/zeroshot.py); off while root is null.
     "zeroshot": {
@@ -144,6 +146,7 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("optim", "lr_scale", "vision"): float,
     ("optim", "lr_scale", "text"): float,
     ("optim", "nonfinite_loss"): str,
+    ("optim", "contrastive_chunks"): int,
 }
 
 # Settings that take one of a few words.
