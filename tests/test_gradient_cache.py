@@ -297,6 +297,7 @@ def test_twenty_steps_with_four_chunks_end_with_the_same_weights(tmp_path):
     expected, plain = _fit_weights(tmp_path, 1)
     weights, chunked = _fit_weights(tmp_path, 4)
     assert plain.global_step == chunked.global_step == 20  # one optimizer step per batch
+    L.seed_everything(0, verbose=False)  # the initial weights of the fits (the config's seed)
     initial = vlm_lab.build_module(vlm_lab.load_config(TINY)).state_dict()
     moved = max((expected[k].double() - initial[k].double()).abs().max().item() for k in initial)
     assert moved > 1e-3  # the fit trained (gradient clipping, warm-up and cosine schedule included)
@@ -395,13 +396,39 @@ def test_two_processes_chunked_equal_unchunked_and_one_process(two_process_resul
     rank0, rank1 = two_process_results
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() without a Trainer
-        one_process = step(build(DDP_CASES[case], 1), _batch("float64"))
+        losses, grads = step(build(DDP_CASES[case], 1), _batch("float64"))
+    one_process = ({"loss": losses["loss"]}, grads)  # the ranks' mean of the total loss (CoCa: both terms)
     unchunked, chunked = rank0[case, 1], rank0[case, 3]
     assert_same_step(one_process, unchunked)
     assert_same_step(unchunked, chunked)
     assert_same_step(one_process, chunked)
     for name, grad in chunked[1].items():  # both ranks hold the same averaged gradients
         assert torch.equal(grad, rank1[case, 3][1][name]), name
+
+
+@pytest.mark.slow
+def test_lightning_ddp_fit_with_chunks_matches_without(tmp_path):
+    """Lightning's own DDP launcher and automatic optimization, two processes: two steps with three
+    chunks per rank end with the weights of two steps without chunks (float64)."""
+    from test_distributed_launch import _is_launcher_variable
+
+    env = {k: v for k, v in os.environ.items() if not _is_launcher_variable(k)}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), env.get("PYTHONPATH", "")])
+    procs = {chunks: subprocess.Popen(
+        [sys.executable, "-m", "vlm_lab.cli", "fit", str(TINY), "trainer.devices=2", "trainer.strategy=ddp",
+         "trainer.max_steps=2", "trainer.limit_val_batches=0", "trainer.precision=64-true",
+         f"optim.contrastive_chunks={chunks}", "--run-dir", str(tmp_path / f"chunks{chunks}")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for chunks in (1, 3)}
+    for proc in procs.values():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output.decode()[-4000:]
+    weights = {chunks: torch.load(tmp_path / f"chunks{chunks}" / "checkpoints" / "last.ckpt",
+                                  weights_only=True)["state_dict"] for chunks in procs}
+    L.seed_everything(0, verbose=False)  # the initial weights of the fits (the config's seed)
+    initial = vlm_lab.build_module(vlm_lab.load_config(TINY)).state_dict()
+    assert max((weights[1][k].double() - v.double()).abs().max().item() for k, v in initial.items()) > 1e-4
+    worst = max((weights[3][k] - v).abs().max().item() for k, v in weights[1].items())
+    assert worst <= 1e-10
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
