@@ -94,9 +94,11 @@ def cached_encode(encode: Encode, batch: Mapping[str, Tensor], chunks: int, para
     present = [key for key in PAIR_KEYS if key in batch]
     if not present:
         raise ValueError(f"cached_encode: the batch holds none of {', '.join(PAIR_KEYS)}")
-    size = len(batch[present[0]])
-    run = _ChunkedRun(encode, freeze, [{key: batch[key][rows] for key in present} for rows in chunk_rows(size, chunks)],
-                      [p for p in parameters if p.requires_grad], _device_of(batch[key] for key in present))
+    inputs = [{key: batch[key][rows] for key in present} for rows in chunk_rows(len(batch[present[0]]), chunks)]
+    if len(inputs) == 1:  # a batch of one pair: nothing to split, no second pass to pay for
+        return encode(inputs[0], freeze(inputs[0]) if freeze is not None else {})
+    run = _ChunkedRun(encode, freeze, inputs, [p for p in parameters if p.requires_grad],
+                      _device_of(batch[key] for key in present))
     outputs = _CachedEncode.apply(run, *run.parameters)
     return dict(zip(run.keys, outputs))
 
