@@ -54,7 +54,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -162,13 +162,22 @@ def build(system: str, args: argparse.Namespace):
 
 def peak_memory(system: str, args: argparse.Namespace) -> dict[str, float]:
     """Peak tensor memory of one step after a warm-up step (torch's CPU memory profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     stepper = build(system, args)
     stepper.step()  # the optimizer's state exists from here on, as in any later step
     stepper.optimizer.zero_grad(set_to_none=True)
+    return {"tensors_mb": tensor_peak(stepper.step) / 2**20}
+
+
+def tensor_peak(run: Callable[[], Any]) -> int:
+    """The most CPU tensor memory ``run()`` holds at once beyond what existed before, in bytes.
+
+    Read from torch's memory profiler, which records every allocation and free with the running
+    total. Call it once per process: the profiler's running total carries over between sessions.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stepper.step()
+        run()
     with tempfile.TemporaryDirectory() as tmp:
         prof.export_chrome_trace(f"{tmp}/trace.json")
         events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
@@ -176,8 +185,7 @@ def peak_memory(system: str, args: argparse.Namespace) -> dict[str, float]:
                     key=lambda e: e["ts"])
     # "Total Allocated" runs on from whatever the reporter counted before profiling; start from zero.
     start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    peak = max(e["args"]["Total Allocated"] for e in memory) - start
-    return {"tensors_mb": peak / 2**20}
+    return max(e["args"]["Total Allocated"] for e in memory) - start
 
 
 def measure_in_fresh_processes(args: argparse.Namespace) -> dict[str, dict[str, float]]:
