@@ -25,7 +25,6 @@ transfers to a GPU up to what its kernels keep (measure there with
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -32,7 +32,8 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # the worker script imports its sibling test modules as pytest does
 
 import vlm_lab  # noqa: E402
-from test_distributed import BATCH, OVERRIDES, WORLD_SIZE, _batch, _shard, _TrainingStep  # noqa: E402
+from test_distributed import (BATCH, OVERRIDES, WORLD_SIZE, _batch, _shard, _TrainingStep, init_gloo,  # noqa: E402
+                              run_workers)
 from vlm_lab import gradient_cache  # noqa: E402
 from vlm_lab.cli import main  # noqa: E402
 from vlm_lab.errors import ConfigError  # noqa: E402
@@ -360,9 +361,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    init_gloo(init_file, rank)
     results = {}
     for case, chunks in itertools.product(DDP_CASES, DDP_CHUNKS):
         module = build(DDP_CASES[case], chunks)
@@ -380,14 +379,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp_chunks")
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(tmp / "store"), str(tmp / f"{rank}.pt"),
-                               str(rank)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for rank in range(WORLD_SIZE)]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output.decode()[-3000:]
-    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_workers(__file__, tmp_path_factory.mktemp("ddp_chunks"))
 
 
 @pytest.mark.slow
