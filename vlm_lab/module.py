@@ -33,6 +33,7 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.generation import generate_captions
+from vlm_lab.gradient_cache import cached_encode, check_trainer
 from vlm_lab.heads.coca import build_caption_head
 from vlm_lab.locking import lock_tower
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
@@ -81,6 +82,8 @@ class VisionLanguageModule(L.LightningModule):
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self._caption_scorer = CaptionScorer()
         self.skipped_nonfinite_steps = 0
+        # Checkpoints saved before the option existed have no value: one chunk, as they trained.
+        self.contrastive_chunks = self.optim_settings.contrastive_chunks  # checked by the schema
         self._discard_gradients = False  # set when a non-finite loss is skipped (see _nonfinite)
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
@@ -217,6 +220,10 @@ class VisionLanguageModule(L.LightningModule):
         self._keep_locked_parts_in_eval()
         return self
 
+    def on_fit_start(self) -> None:
+        # Known only now: what the trainer's accumulation and strategy mean for the contrastive batch.
+        check_trainer(self.trainer, self.contrastive_chunks, self.loss is not None, self)
+
     def on_train_epoch_start(self) -> None:
         # Lightning restores the train/eval flags it captured before validation module by module,
         # bypassing train(); re-apply the locks at every epoch so no path leaves them in train mode.
@@ -247,27 +254,70 @@ class VisionLanguageModule(L.LightningModule):
         """``loss`` (the weighted sum) and, with both heads built, ``contrastive_loss`` and ``caption_loss``.
 
         The batch holds one caption per image (training). The text tower runs once: its pooled output
-        feeds the contrastive loss and its token states the caption decoder.
+        feeds the contrastive loss and its token states the caption decoder. With
+        ``optim.contrastive_chunks: N`` the towers run on N chunks of the batch in turn, with gradient
+        caching (vlm_lab/gradient_cache.py): the same loss and gradients, a fraction of the memory.
         """
-        vision = self.batch_vision_output(batch)
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
-            text = self.text(input_ids, attention_mask)
+        if self.contrastive_chunks > 1:
+            encoded = cached_encode(self.encode_pairs, batch, self.contrastive_chunks, self._encoder_parameters(),
+                                    freeze=self.frozen_outputs)
+        else:
+            encoded = self.encode_pairs(batch)
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
-            text_features = F.normalize(self.text_head(text.pooled), dim=-1)
-            terms["contrastive_loss"] = self.loss(self._image_embedding(vision), text_features)
+            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"])
         if self.caption_head is not None:
-            logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
-            terms["caption_loss"] = self.caption_head.caption_loss(logits, input_ids, attention_mask)
+            terms["caption_loss"] = self.caption_head.caption_loss_from_sum(encoded["caption_token_losses"],
+                                                                            batch["attention_mask"])
         weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
         loss = sum(weights[name] * value for name, value in terms.items())
-        if self.caption_head is not None and (self._contrastive_pooler is not None or self.loss is None):
-            # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
-            # only the pooled output (clip_vit's post_layernorm) would get no gradient, which DDP
-            # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
-            loss = loss + 0.0 * vision.pooled.sum()
+        if "unread_pooled" in encoded:
+            loss = loss + encoded["unread_pooled"]
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
+
+    def encode_pairs(self, batch: dict[str, torch.Tensor], frozen: dict[str, TowerOutput] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The part of the training loss that treats each pair on its own (what chunks may split).
+
+        ``image_features`` and ``text_features`` (``[B, embed_dim]``, normalised) with a contrastive
+        loss; ``caption_token_losses``, the caption cross-entropy summed over the batch's tokens, with a
+        caption head. ``frozen`` holds tower outputs already computed (``frozen_outputs``).
+        """
+        frozen = frozen or {}
+        vision = frozen["vision"] if "vision" in frozen else self.batch_vision_output(batch)
+        text = frozen["text"] if "text" in frozen else self._text_output(batch)
+        encoded: dict[str, torch.Tensor] = {}
+        if self.loss is not None:
+            encoded["image_features"] = self._image_embedding(vision)
+            encoded["text_features"] = F.normalize(self.text_head(text.pooled), dim=-1)
+        if self.caption_head is not None:
+            logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
+            encoded["caption_token_losses"] = self.caption_head.caption_token_losses(
+                logits, batch["input_ids"], batch["attention_mask"])
+            if self._contrastive_pooler is not None or self.loss is None:
+                # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
+                # only the pooled output (clip_vit's post_layernorm) would get no gradient, which DDP
+                # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
+                encoded["unread_pooled"] = 0.0 * vision.pooled.sum()
+        return encoded
+
+    def frozen_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, TowerOutput]:
+        """The outputs of towers with nothing to train: a fully locked tower, or the embedding cache's
+        rows. The chunked step computes them once, without a graph, and never recomputes them."""
+        frozen = {}
+        if "vision_pooled" in batch or self.vision_locked.fully_locked:
+            frozen["vision"] = self.batch_vision_output(batch)
+        if self.text_locked.fully_locked:
+            frozen["text"] = self._text_output(batch)
+        return frozen
+
+    def _text_output(self, batch: dict[str, torch.Tensor]) -> TowerOutput:
+        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
+            return self.text(batch["input_ids"], batch["attention_mask"])
+
+    def _encoder_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable weights ``encode_pairs`` uses: all but the loss's temperature and bias."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("loss.")]
 
     def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
         """A NaN/Inf loss on some rank: stop with a clear message, or skip the optimizer step

@@ -244,10 +244,16 @@ class OptimSettings(Section):
     lr_scale: LrScale = subsection(LrScale, "per-tower learning-rate multipliers")
     nonfinite_loss: Literal["error", "skip"] = setting("error", "a NaN/Inf training loss stops the run (error) or "
                                                                 "skips the optimizer step (skip)")
+    contrastive_chunks: int = setting(1, "run the towers on N chunks of each batch with cached embedding gradients: "
+                                         "the whole batch's loss and negatives, 1/N of the graph "
+                                         "(docs/how-to/contrastive-chunks.md)")
 
     def check(self, where: str) -> None:
         if len(self.betas) != 2:
             raise ConfigError(f"{where}.betas={self.betas!r} should be two numbers")
+        if self.contrastive_chunks < 1:
+            raise ConfigError(f"{where}.contrastive_chunks={self.contrastive_chunks} should be a positive integer: the "
+                              f"number of chunks a batch's towers run in (1: the whole batch at once)")
 
 
 @dataclasses.dataclass(frozen=True)

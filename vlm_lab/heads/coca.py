@@ -182,11 +182,21 @@ class CocaCaptionHead(nn.Module):
         On one process this is the plain token average. Checked against one process in
         ``tests/test_distributed.py``.
         """
+        return self.caption_loss_from_sum(self.caption_token_losses(logits, input_ids, attention_mask), attention_mask)
+
+    def caption_token_losses(self, logits: torch.Tensor, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor) -> torch.Tensor:
+        """``S_r``: the cross-entropy summed over the batch's non-padding tokens. A sum over pairs,
+        so the chunks of a chunked step (vlm_lab/gradient_cache.py) add up to the batch's."""
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        summed = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                 label_smoothing=self.label_smoothing, reduction="sum")
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing, reduction="sum")
+
+    def caption_loss_from_sum(self, summed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``W * S_r / N`` (``caption_loss``) from ``S_r``, with ``N`` counted on the whole batch's
+        ``attention_mask`` (every position but the first predicts a token) and over all ranks."""
         _, world_size = world_info()
-        tokens = sum_over_ranks((targets != -100).sum()).clamp_min(1)
+        tokens = sum_over_ranks((attention_mask[:, 1:] != 0).sum()).clamp_min(1)
         return summed * world_size / tokens
 
 
