@@ -30,6 +30,7 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.seeding import EpochSeeding
+from vlm_lab.sharding import build_strategy
 
 RUNS_DIR = Path("runs")
 
@@ -56,6 +57,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
+    # trainer.strategy: fsdp2 (or {name: fsdp2, ...}) becomes a strategy object (vlm_lab/sharding.py).
+    options["strategy"] = build_strategy(options)
     if options.get("logger", True) is True:
         # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
         options["logger"] = CSVLogger(str(run_dir), name="logs")
@@ -89,7 +92,7 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     ckpt_path = None
     if resume:
         last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():  # a file, or a directory with checkpoint: sharded (vlm_lab/sharding.py)
             raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
         ckpt_path = str(last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -210,7 +213,7 @@ def _run_dir(cfg: DictConfig, run_dir: str | Path | None, resume: bool) -> Path:
     base = RUNS_DIR / (cfg.name or "run")
     if resume:
         # Newest by checkpoint time, not by name: launcher-named runs (slurm-123) do not sort by date.
-        previous = sorted((p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()),
+        previous = sorted((p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").exists()),
                           key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
         if not previous:
             raise ConfigError(f"--resume: no earlier run with a checkpoint under {base}/; pass --run-dir")

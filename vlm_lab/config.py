@@ -270,6 +270,9 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
             )
     if trainer.get("precision") is not None:
         _check_precision(trainer["precision"])
+    from vlm_lab.sharding import check_strategy  # imported here: vlm_lab.sharding reads this module
+
+    check_strategy(trainer)
 
 
 def _check_precision(value: Any) -> None:

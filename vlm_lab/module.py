@@ -29,6 +29,7 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.locking import TowerLock, lock_tower
+from vlm_lab.sharding import configure_sharding
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
@@ -153,6 +154,11 @@ class VisionLanguageModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------
     # Training
+
+    def configure_model(self) -> None:
+        # trainer.strategy: fsdp2 shards towers, heads and loss over the processes (vlm_lab/sharding.py);
+        # any other strategy leaves the module as built.
+        configure_sharding(self)
 
     def train(self, mode: bool = True) -> "VisionLanguageModule":
         """Switch train/eval mode; locked parts stay in eval mode whatever ``mode`` is."""

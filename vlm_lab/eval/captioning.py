@@ -178,6 +178,7 @@ def generate_captions(module: Any, image_tokens: torch.Tensor, **settings: Any) 
     """Captions from a CoCa module's vision tokens; ``settings`` override ``model.generation``."""
     from vlm_lab.errors import ConfigError
     from vlm_lab.generation import CaptionGenerator, GenerationSettings, SpecialTokens, decode_captions
+    from vlm_lab.sharding import gathered_parameters
 
     if module.caption_head is None:
         raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
@@ -188,7 +189,10 @@ def generate_captions(module: Any, image_tokens: torch.Tensor, **settings: Any) 
     was_training = module.training
     module.eval()
     try:
-        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, options)
+        # Incremental decoding runs the text tower's layers piece by piece, not through their forward:
+        # under trainer.strategy=fsdp2 their parameters are gathered for the whole generation.
+        with gathered_parameters(module.text, module.caption_head):
+            ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, options)
     finally:
         module.train(was_training)
     return decode_captions(module.tokenizer, ids, special)
