@@ -210,7 +210,10 @@ def configure_sharding(module: Any) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import FSDPModule
 
-    strategy = module.trainer.strategy
+    try:
+        strategy = module.trainer.strategy
+    except RuntimeError:  # load_from_checkpoint calls configure_model too, on a module with no trainer
+        return
     if not isinstance(strategy, ModelParallelStrategy):
         return
     if any(isinstance(m, FSDPModule) for m in module.modules()):
