@@ -177,6 +177,148 @@ def test_locked_parameters_are_sharded_or_replicated_as_asked(two_process_result
 
 
 # --------------------------------------------------------------------------------------------------
+# The YAML, the units, one process
+
+
+@pytest.mark.parametrize("value, settings", [
+    ("fsdp2", {}),
+    ("{name: fsdp2, locked: replicate, checkpoint: sharded, reshard_after_forward: false}",
+     {"locked": "replicate", "checkpoint": "sharded", "reshard_after_forward": False}),
+])
+def test_strategy_by_name_or_mapping_builds_the_sharded_strategy(value, settings, tmp_path):
+    import vlm_lab
+    from vlm_lab.sharding import ShardedStrategy, ShardingSettings
+
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=[f"trainer.strategy={value}"])
+    trainer = vlm_lab.build_trainer(cfg, tmp_path)
+    assert isinstance(trainer.strategy, ShardedStrategy) and trainer.strategy.sharding == ShardingSettings(**settings)
+    assert trainer.strategy.expected_world_size == 1
+
+
+def test_other_strategies_reach_lightning_unchanged(tmp_path):
+    import vlm_lab
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=ddp"])
+    assert isinstance(vlm_lab.build_trainer(cfg, tmp_path).strategy, DDPStrategy)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.strategy=fsdp3", "trainer.strategy='fsdp3' is not a strategy; valid: auto, fsdp2, ddp"),
+    ("trainer.strategy=fsdp", "needs a CUDA accelerator; on the CPU use trainer.strategy=fsdp2"),
+    ("trainer.strategy={name: ddp}", "needs name: fsdp2 (got name: 'ddp')"),
+    ("trainer.strategy={name: fsdp2, lockd: shard}", "unknown key 'trainer.strategy.lockd'. Did you mean 'locked'?"),
+    ("trainer.strategy={name: fsdp2, checkpoint: consolidated}", "trainer.strategy.checkpoint='consolidated' is not"),
+    ("trainer.strategy={name: fsdp2, reshard_after_forward: 2}", "should be true or false"),
+    ("trainer.strategy=[fsdp2]", "should be a strategy name or a mapping"),
+])
+def test_bad_strategy_is_one_line(override, message, capsys, tmp_path):
+    from vlm_lab.cli import main
+
+    assert main(["check", str(TINY_CONFIG), override, "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_precision_the_strategy_refuses_is_one_line():
+    import vlm_lab
+    from vlm_lab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="64-true.*does not work with trainer.strategy=fsdp2.*bf16-mixed"):
+        vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=fsdp2", "trainer.precision=64-true"])
+
+
+@pytest.mark.parametrize("trainer, processes", [
+    ({"accelerator": "cpu", "devices": 2}, 2),
+    ({"accelerator": "cpu", "devices": "auto"}, 1),
+    ({"accelerator": "cpu", "devices": 2, "num_nodes": 3}, 6),
+])
+def test_the_shard_dimension_spans_every_process(trainer, processes):
+    from vlm_lab.sharding import build_strategy
+
+    strategy = build_strategy({**trainer, "strategy": "fsdp2"})
+    assert strategy.expected_world_size == processes
+
+
+@pytest.mark.parametrize("spec, count", [
+    ({"name": "clip_vit", "image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "heads": 2}, 3),
+    ({"name": "timm", "model_name": "test_vit"}, None),  # timm's blocks: an nn.Sequential of one class
+])
+def test_units_are_the_blocks_of_each_stack(spec, count):
+    from vlm_lab import build
+    from vlm_lab.sharding import repeated_blocks
+
+    tower = build("vision_tower", spec)
+    blocks = repeated_blocks(tower)
+    expected = len(tower.model.blocks) if count is None else count
+    assert len(blocks) == expected and len({type(b) for b in blocks}) == 1
+    assert all(type(b).__name__.endswith(("Layer", "Block")) for b in blocks)
+
+
+def test_tied_caption_embedding_is_refused_in_one_line():
+    import vlm_lab
+    from vlm_lab.errors import ConfigError
+    from vlm_lab.sharding import shard_module
+
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=[*COCA, "model.caption_head.tie_embedding=true"])
+    with pytest.raises(ConfigError, match="tie_embedding: false with trainer.strategy=fsdp2"):
+        shard_module(vlm_lab.build_module(cfg), mesh=None)
+
+
+@pytest.fixture
+def process_group_cleanup():
+    """A one-process fit under the strategy starts a gloo group in this process; end it afterwards,
+    so that later tests that start their own group find none."""
+    import torch.distributed as dist
+
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_one_process_sharded_fit(tmp_path, process_group_cleanup):
+    """The strategy on one process (what the GPU check runs on one GPU): the parts become units, the
+    parameters DTensors, and the checkpoint an ordinary one."""
+    import vlm_lab
+    from lightning.pytorch.callbacks import Callback
+    from torch.distributed.fsdp import FSDPModule
+
+    class Seen(Callback):
+        def on_train_end(self, trainer, module):
+            self.units = [name for name, m in module.named_modules() if isinstance(m, FSDPModule)]
+            self.dtensors = all(hasattr(p, "to_local") for p in module.vision.parameters())
+
+    seen = Seen()
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=fsdp2", "data.train_size=32",
+                                                      "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0"])
+    module = vlm_lab.build_module(cfg)
+    trainer = vlm_lab.build_trainer(cfg, tmp_path)
+    trainer.callbacks.append(seen)
+    trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+    assert {"vision", "vision.encoder.layers.0", "text", "text.encoder.layers.0", "vision_head", "text_head"} <= \
+        set(seen.units)
+    assert "loss" not in seen.units  # its one parameter is a scalar: replicated (see vlm_lab/sharding.py)
+    assert seen.dtensors
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_contrastive_chunks_under_the_sharded_strategy(tmp_path, process_group_cleanup):
+    """optim.contrastive_chunks (gradient caching, wip/gradcache) runs its second pass inside backward,
+    which FSDP2's gather hooks do not cover: it must be refused in one line, not train wrongly.
+    Skipped until that option exists on this branch."""
+    import vlm_lab
+    from vlm_lab.config import DEFAULTS
+    from vlm_lab.errors import ConfigError
+
+    if "contrastive_chunks" not in DEFAULTS["optim"]:
+        pytest.skip("optim.contrastive_chunks is not merged yet (wip/gradcache)")
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=fsdp2", "optim.contrastive_chunks=2",
+                                                      "trainer.num_sanity_val_steps=0"])
+    with pytest.raises(ConfigError, match="contrastive_chunks"):
+        vlm_lab.fit(cfg, run_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
 # Through Lightning: real 2-process fits under torchrun (each process runs _fits; the runs in sequence)
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
