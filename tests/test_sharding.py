@@ -85,6 +85,15 @@ def _step(module, batch, step=None) -> dict:
             "params": {name: _full(p.detach()).clone() for name, p in module.named_parameters()}}
 
 
+def _captions(module) -> list[str]:
+    """Greedy captions of two fixed images: generation reaches inside the text tower's units."""
+    from vlm_lab.eval.captioning import generate_captions
+
+    with torch.no_grad():
+        tokens = module.vision_tower_output(_batch("float64")["pixel_values"][:2]).tokens
+    return generate_captions(module, tokens, max_new_tokens=6)
+
+
 def _worker(init_file: str, out_file: str, rank: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -102,7 +111,9 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
         module = _module(case)
         if kind == "sharded":
             units = shard_module(module, mesh, ShardingSettings(**CASES[case][1]))
+            captions = _captions(module) if case == "coca" else None
             result = _step(module, shard)
+            result["captions"] = captions
             result["units"] = len(units)
             result["local_numel"] = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                                         for p in module.parameters())
@@ -164,6 +175,13 @@ def test_sharded_step_equals_ddp_and_one_process(two_process_results, case):
         assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
     total = sum(p.numel() for p in expected["params"].values())
     assert rank0["local_numel"] + rank1["local_numel"] < 1.1 * total
+
+
+@pytest.mark.slow
+def test_sharded_caption_generation_equals_one_process(two_process_results):
+    captions = [results["coca", "sharded"]["captions"] for results in two_process_results]
+    assert captions[0] == captions[1] == _captions(_module("coca"))
+    assert any(caption.strip() for caption in captions[0])
 
 
 @pytest.mark.slow

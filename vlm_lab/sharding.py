@@ -38,14 +38,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from vlm_lab.config import dataclass_from_section
 from vlm_lab.errors import ConfigError, did_you_mean
 
 STRATEGY_NAME = "fsdp2"
 # Lightning's ModelParallelStrategy accepts these precisions (it refuses 64-true and 16-mixed).
-PRECISIONS = ("32", "32-true", "bf16-mixed", "bf16-true", "16-true")
+PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-true")
 # The LightningModule's parts, sharded in this order, each as its own unit (after its blocks).
 PARTS = ("vision", "text", "caption_head", "vision_head", "text_head", "loss")
 # Methods that read a unit's parameters without going through its forward: FSDP2 must gather around
@@ -100,7 +105,7 @@ class ShardingSettings:
             chosen = getattr(settings, key)
             if chosen not in choices:
                 raise ConfigError(f"trainer.strategy.{key}={chosen!r} is not one of "
-                                  f"{', '.join(map(repr, choices))}{did_you_mean(chosen, choices)}")
+                                  f"{', '.join(map(repr, choices))}.{did_you_mean(chosen, choices)}")
         if not isinstance(settings.reshard_after_forward, bool):
             raise ConfigError(f"trainer.strategy.reshard_after_forward={settings.reshard_after_forward!r} "
                               f"should be true or false")
@@ -122,8 +127,6 @@ def check_strategy(trainer: Mapping[str, Any]) -> None:
         if not isinstance(value, str):
             raise ConfigError(f"trainer.strategy={value!r} should be a strategy name or a mapping with "
                               f"name: {STRATEGY_NAME}")
-        from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
-
         names = ["auto", STRATEGY_NAME, *StrategyRegistry.available_strategies()]
         if value not in names:
             raise ConfigError(f"trainer.strategy={value!r} is not a strategy; valid: {', '.join(names)}."
@@ -161,8 +164,6 @@ def _devices_per_node(accelerator: Any, devices: Any) -> int:
     works out the process count only inside the Trainer, so it is worked out here the same way, with
     Lightning's own parsers (and ``ShardedStrategy.setup_environment`` checks the two agree).
     """
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
-
     if accelerator == "auto":
         accelerator = "cuda" if CUDAAccelerator.is_available() else "cpu"
     kinds = {"cpu": CPUAccelerator, "cuda": CUDAAccelerator, "gpu": CUDAAccelerator}
@@ -174,13 +175,7 @@ def _devices_per_node(accelerator: Any, devices: Any) -> int:
     return len(kind.get_parallel_devices(kind.parse_devices(devices)))
 
 
-def _model_parallel_strategy() -> type:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy
-
-
-class ShardedStrategy(_model_parallel_strategy()):  # type: ignore[misc]
+class ShardedStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` with FSDP2 over one data-parallel dimension of every
     process (no tensor parallelism), carrying the :class:`ShardingSettings` that ``configure_model``
     applies. Checkpoints: ``full`` is one file written by rank 0, ``sharded`` a directory."""
@@ -207,9 +202,6 @@ def configure_sharding(module: Any) -> None:
     """Shard ``module`` (a ``VisionLanguageModule``) when its trainer's strategy is a
     ``ModelParallelStrategy``; otherwise do nothing. Called from its ``configure_model`` hook,
     which Lightning may call more than once: a module already sharded is left as it is."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch.distributed.fsdp import FSDPModule
-
     try:
         strategy = module.trainer.strategy
     except RuntimeError:  # load_from_checkpoint calls configure_model too, on a module with no trainer
@@ -233,8 +225,6 @@ def shard_module(module: nn.Module, mesh: Any, settings: ShardingSettings = Shar
     not made a unit. Each part is a root of its own: the module has no forward of its own for
     FSDP2 to hook, so Lightning's ``training_step`` reaches the parts one by one.
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
     _check_shardable(module)
     units: list[nn.Module] = []
     for name in PARTS:
@@ -291,8 +281,6 @@ def _check_shardable(module: nn.Module) -> None:
 
 
 def _in_unit(parameter: nn.Parameter) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(parameter, DTensor)  # fully_shard turned it into a shard already
 
 
@@ -309,24 +297,22 @@ def _average_over(group: Any):
 
 @contextlib.contextmanager
 def gathered_parameters(*parts: nn.Module | None) -> Iterator[None]:
-    """While inside, the FSDP units in ``parts`` hold their full parameters and keep them across
-    forwards; outside, they are sharded again. A no-op for modules that are not sharded.
+    """While inside, the FSDP units in ``parts`` hold their full parameters; outside, they are
+    sharded again. A no-op for modules that are not sharded. Every process must enter it together.
 
     For code that reaches into a unit without calling its forward: CoCa's incremental generation
-    runs the text tower's layers piece by piece. Every process must enter it together.
+    runs the text tower's layers piece by piece. A unit whose forward *is* called inside frees its
+    parameters after that forward as usual (``reshard_after_forward``) and gathers them again at
+    its next one, so only units used without their forward need to stay gathered, and they do.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     units = [m for part in parts if part is not None for m in part.modules() if isinstance(m, FSDPModule)]
     for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
     try:
         yield
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,8 +333,6 @@ def consolidate_checkpoint(path: str | Path, out: str | Path) -> Path:
     ``load_from_checkpoint``, ``vlm-lab export`` and ``validate ckpt_path=`` read it. The optimizer
     states are dropped: resume from the directory itself, which keeps them sharded.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     path, out = Path(path), Path(out)
     if not is_sharded_checkpoint(path):
         raise ConfigError(f"consolidate: {path} is not a sharded checkpoint directory (no {METADATA_FILE} in it)")
