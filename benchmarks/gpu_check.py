@@ -91,6 +91,18 @@ class Check:
             return f"ERROR: exit {done.returncode}: {lines[-1][:160] if lines else ''}"
         return None
 
+    def benchmark(self, name: str, script: str, arguments: list[str], timeout: float) -> dict | Row:
+        """Run ``benchmarks/<script>`` on this check's device in bf16: its ``--json`` figures, or the
+        row that says why there are none."""
+        out = self.work / f"{Path(script).stem}.json"
+        command = [sys.executable, str(BENCHMARKS / script), "--device", self.device, "--precision", "bf16-mixed",
+                   *arguments, "--json", str(out)]
+        done, seconds = self.run(name, command, timeout)
+        error = self.failure(done, timeout)
+        if error:
+            return Row(name, "", error, seconds)
+        return {**json.loads(out.read_text()), "seconds": seconds}
+
     # ----------------------------------------------------------------------------------------------
     # Rows 1-3: the quickstart fit, plain, sharded, compiled
 
@@ -142,19 +154,14 @@ class Check:
 
     def throughput(self) -> Row:
         name = "throughput vs open_clip"
-        out = self.work / "throughput.json"
         size = ["--tiny", "--batch-size", "4", "--warmup", "1", "--steps", "2"] if self.dry_run else \
             ["--batch-size", "256", "--warmup", "3", "--steps", "20"]
-        command = [sys.executable, str(BENCHMARKS / "vs_open_clip_throughput.py"), "--device", self.device,
-                   "--precision", "bf16-mixed", *size, "--json", str(out)]
-        done, seconds = self.run(name, command, timeout=240)
-        error = self.failure(done, 240)
-        if error:
-            return Row(name, "", error, seconds)
-        figures = json.loads(out.read_text())
+        figures = self.benchmark(name, "vs_open_clip_throughput.py", size, timeout=240)
+        if isinstance(figures, Row):
+            return figures
         ours, theirs = (figures["rows"][key]["samples_per_s"] for key in ("vlm-lab (Lightning)", "open_clip"))
         return Row(name, f"batch {figures['batch_size']} bf16: vlm-lab {ours:.0f} samples/s, open_clip {theirs:.0f} "
-                         f"samples/s: {ours / theirs:.2f}x", "ok", seconds)
+                         f"samples/s: {ours / theirs:.2f}x", "ok", figures["seconds"])
 
     # ----------------------------------------------------------------------------------------------
     # Row 5: the LiT epoch against open_clip
@@ -163,24 +170,19 @@ class Check:
         name = "LiT epoch vs open_clip"
         if not FLICKR.is_dir():
             return Row(name, "", f"skip: no Flickr8k at {FLICKR}", 0.0)
-        out = self.work / "lit.json"
         if self.dry_run:
             overrides = [f"data.train_ann={self.flickr_subset(16)}", "data.batch_size=8", "data.num_workers=0",
                          "embedding_cache.storage=memory", "embedding_cache.num_workers=0"]
         else:
             overrides = ["data.num_workers=6", "embedding_cache.num_workers=6"]
-        command = [sys.executable, str(BENCHMARKS / "vs_open_clip_lit_epoch.py"), "--device", self.device,
-                   "--precision", "bf16-mixed", "--json", str(out), *[f"--override={o}" for o in overrides]]
-        done, seconds = self.run(name, command, timeout=300)
-        error = self.failure(done, 300)
-        if error:
-            return Row(name, "", error, seconds)
-        figures = json.loads(out.read_text())
+        figures = self.benchmark(name, "vs_open_clip_lit_epoch.py", [f"--override={o}" for o in overrides], timeout=300)
+        if isinstance(figures, Row):
+            return figures
         rows = figures["rows"]
         ours = rows["vlm-lab, embedding cache warm"]["wall_s"]
         theirs = rows["open_clip, `lock_image_tower()`"]["wall_s"]
         return Row(name, f"{figures['steps']} steps: vlm-lab (cache) {ours:.1f} s, open_clip {theirs:.1f} s: "
-                         f"{theirs / ours:.2f}x faster", "ok", seconds)
+                         f"{theirs / ours:.2f}x faster", "ok", figures["seconds"])
 
     def flickr_subset(self, images: int) -> Path:
         """The first ``images`` training images of Flickr8k and their captions, as a COCO captions file."""
@@ -197,20 +199,15 @@ class Check:
 
     def memory(self) -> Row:
         name = "peak memory, grad checkpointing"
-        out = self.work / "checkpointing.json"
         size = ["--tiny", "--batch-size", "4", "--steps", "1"] if self.dry_run else ["--batch-size", "128", "--steps", "2"]
-        command = [sys.executable, str(BENCHMARKS / "checkpointing.py"), "--device", self.device,
-                   "--precision", "bf16-mixed", *size, "--json", str(out)]
-        done, seconds = self.run(name, command, timeout=240)
-        error = self.failure(done, 240)
-        if error:
-            return Row(name, "", error, seconds)
-        figures = json.loads(out.read_text())
+        figures = self.benchmark(name, "checkpointing.py", size, timeout=240)
+        if isinstance(figures, Row):
+            return figures
         off, on = (figures["runs"][key][0] for key in ("False", "True"))
         what = off["memory"]
         return Row(name, f"batch {off['batch_size']} bf16, {what}: {off['peak_mib'] / 1024:.2f} GiB without, "
                          f"{on['peak_mib'] / 1024:.2f} GiB with ({figures['ratio_memory']:.2f}x; "
-                         f"step {figures['ratio_time']:.2f}x)", "ok", seconds)
+                         f"step {figures['ratio_time']:.2f}x)", "ok", figures["seconds"])
 
     # ----------------------------------------------------------------------------------------------
 

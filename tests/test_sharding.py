@@ -28,7 +28,8 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from test_distributed import BATCH, TINY_CONFIG, WORLD_SIZE, _batch, _shard, _TrainingStep  # noqa: E402
+from test_distributed import (BATCH, TINY_CONFIG, WORLD_SIZE, _batch, _shard, _TrainingStep, init_gloo,  # noqa: E402
+                              run_workers)
 
 DEEPER = ["model.vision.layers=2", "model.text.layers=2"]
 COCA = ["model.caption_weight=1.0", "model.caption_head.layers=2", "model.caption_head.heads=2",
@@ -101,9 +102,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
 
     from vlm_lab.sharding import ShardingSettings, shard_module
 
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+    init_gloo(init_file, rank)
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     results = {}
     for case, kind in itertools.product(CASES, ("sharded", "ddp")):
@@ -131,18 +130,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", str(tmp / "store"), str(tmp / f"{rank}.pt"), str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, output.decode()[-3000:]
-    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_workers(__file__, tmp_path_factory.mktemp("fsdp"))
 
 
 def _worst(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
