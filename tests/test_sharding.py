@@ -310,14 +310,10 @@ def test_one_process_sharded_fit(tmp_path, process_group_cleanup):
 
 def test_contrastive_chunks_under_the_sharded_strategy(tmp_path, process_group_cleanup):
     """optim.contrastive_chunks (gradient caching, wip/gradcache) runs its second pass inside backward,
-    which FSDP2's gather hooks do not cover: it must be refused in one line, not train wrongly.
-    Skipped until that option exists on this branch."""
+    which FSDP2's gather hooks do not cover: it must be refused in one line, not train wrongly."""
     import vlm_lab
-    from vlm_lab.config import DEFAULTS
     from vlm_lab.errors import ConfigError
 
-    if "contrastive_chunks" not in DEFAULTS["optim"]:
-        pytest.skip("optim.contrastive_chunks is not merged yet (wip/gradcache)")
     cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=fsdp2", "optim.contrastive_chunks=2",
                                                       "trainer.num_sanity_val_steps=0"])
     with pytest.raises(ConfigError, match="contrastive_chunks"):
