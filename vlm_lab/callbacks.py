@@ -73,8 +73,10 @@ class GradientNorm(Callback):
         per_part: dict[str, list[torch.Tensor]] = defaultdict(list)
         for name, parameter in pl_module.named_parameters():
             if parameter.grad is not None:
-                # float32 norms: bf16 gradients would round them, and stack needs one dtype.
-                norm = torch.linalg.vector_norm(parameter.grad.detach(), self.norm_type, dtype=torch.float32)
+                # At least float32 (bf16 gradients would round the norm), float64 for a float64 run
+                # (vector_norm refuses to narrow). stack below needs one dtype: a module's gradients share one.
+                dtype = torch.promote_types(parameter.grad.dtype, torch.float32)
+                norm = torch.linalg.vector_norm(parameter.grad.detach(), self.norm_type, dtype=dtype)
                 per_part[name.split(".", 1)[0]].append(norm)
         if not per_part:
             return  # every parameter is locked, or the step has no gradients
