@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import webdataset as wds
 from torch.utils.data import Dataset
 
 from vlm_lab.data.base import CaptionDataModule
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples, read_caption_table
-from vlm_lab.data.shards import (ShardStream, expand_shards, image_member, key_to_id, sample_captions,
-                                 shard_sample_count, skip_and_count)
-from vlm_lab.data.transforms import open_image
+from vlm_lab.data.shards import ShardStream, TarShards, expand_shards, stream_raw_samples
 from vlm_lab.distributed import world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
@@ -65,7 +62,7 @@ class CC3MDataModule(CaptionDataModule):
                          seed, worker_slots)
         self.shuffle_buffer = shuffle_buffer
         self.samples = {"train": train_samples, "val": val_samples}
-        self.urls: dict[str, list[str]] = {}
+        self.shards: dict[str, TarShards] = {}
         self.tables: dict[str, list[Record]] = {}
         for split, shards, table, images in (("train", train_shards, train_table, train_images),
                                              ("val", val_shards, val_table, val_images)):
@@ -74,24 +71,20 @@ class CC3MDataModule(CaptionDataModule):
             if images is not None and table is None:
                 raise ConfigError(f"data.{split}_images is the folder of data.{split}_table, which is not set")
             if shards is not None:
-                self.urls[split] = expand_shards(shards, f"{split}_shards")
+                self.shards[split] = TarShards(expand_shards(shards, f"{split}_shards"), f"data.{split}_shards")
             elif table is not None:
                 self.tables[split] = read_caption_table(table, images, f"{split}_table")
-        if not self.urls and not self.tables:
+        if not self.shards and not self.tables:
             raise ConfigError("cc3m needs data.train_shards or data.train_table (and optionally the val_ ones)")
-        self._counts: dict[str, list[int] | None] = {}
 
     def _check_split(self, split: str) -> None:
-        if split not in self.urls and split not in self.tables:
+        if split not in self.shards and split not in self.tables:
             hint = "; evaluate on val (vlm-lab validate)" if split == "test" else ""
             raise ConfigError(f"cc3m has no {split} split: set data.{split}_shards or data.{split}_table{hint}")
 
     def shard_counts(self, split: str) -> list[int] | None:
         """Samples per shard (stats files, else a scan of local tars), or None if some are unknown."""
-        if split not in self._counts:
-            counts = [shard_sample_count(url) for url in self.urls[split]]
-            self._counts[split] = None if any(c is None for c in counts) else counts
-        return self._counts[split]
+        return self.shards[split].counts()
 
     def dataset(self, split: str) -> Dataset:
         self._check_split(split)
@@ -104,16 +97,14 @@ class CC3MDataModule(CaptionDataModule):
         """The shard stream of ``split`` as process ``rank`` of ``world_size`` reads it."""
         self._check_split(split)
         samples = self.samples.get(split)
-        counts = None if samples is not None else self.shard_counts(split)
-        if counts is None and samples is None:
+        if samples is None and self.shard_counts(split) is None:
             raise ConfigError(f"data.{split}_shards: some shards are remote or lack img2dataset stats files, so "
                               f"the epoch length is unknown; set data.{split}_samples")
         return ShardStream(
-            self.urls[split], split, self.transform(split), self.collate(split),
+            [self.shards[split]], split, self.transform(split), self.collate(split),
             self.batch_size if split == "train" else self.eval_batch_size, self.bad_samples[split],
-            rank=rank, world_size=world_size, num_workers=self.num_workers, counts=counts,
-            samples_per_epoch=samples, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-            decode_size=self.decode_size,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, samples_per_epoch=samples,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, decode_size=self.decode_size,
         )
 
     def raw_samples(self, split: str) -> Iterator[RawSample]:
@@ -121,17 +112,7 @@ class CC3MDataModule(CaptionDataModule):
         if split in self.tables:
             yield from raw_samples(self.tables[split])
             return
-        bad = self.bad_samples[split]
-        for url in self.urls[split]:
-            for raw in wds.tarfile_samples([{"url": url}], handler=skip_and_count(bad, url)):
-                where = f"{url} key {raw.get('__key__')}"
-                image_bytes, captions = image_member(raw), sample_captions(raw)
-                if image_bytes is None or isinstance(captions, str):
-                    bad.record("missing image" if image_bytes is None else captions, where)
-                    continue
-                # Decoded only when asked: caption statistics need no pixels.
-                yield RawSample(tuple(captions), key_to_id(raw["__key__"]), where,
-                                lambda data=image_bytes: open_image(data))
+        yield from stream_raw_samples(self.shards[split], self.bad_samples[split])
 
     def split_summary(self, split: str) -> dict[str, int | None]:
         self._check_split(split)
@@ -139,4 +120,4 @@ class CC3MDataModule(CaptionDataModule):
             return {"images": len(self.tables[split]), "captions": len(self.tables[split]), "shards": None}
         counts = self.shard_counts(split)
         total = sum(counts) if counts is not None else self.samples.get(split)
-        return {"images": total, "captions": None, "shards": len(self.urls[split])}
+        return {"images": total, "captions": None, "shards": self.shards[split].num_shards}

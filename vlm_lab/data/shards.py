@@ -1,12 +1,18 @@
-"""Streaming webdataset shards (img2dataset's layout) across processes and loader workers.
+"""Streaming shards across processes and loader workers: webdataset tars, or a ``datasets`` stream.
+
+A stream reads one or more *sources*, each a list of shards read sample by sample in storage order
+(:class:`StreamSource`). Two kinds exist: :class:`TarShards`, webdataset tars as img2dataset writes
+them, here; and the shards of a Hugging Face ``datasets`` ``IterableDataset``
+(``vlm_lab/data/hf_datasets.py``). Deciding which process and worker reads what is done here, for
+every kind alike, because the exact-coverage guarantees below are this module's contract.
 
 img2dataset writes ``00000.tar, 00001.tar, ...`` holding ``KEY.jpg`` (the image), ``KEY.txt`` (the
 caption) and ``KEY.json`` (url, sizes...), plus ``00000_stats.json`` beside each shard whose
 ``successes`` is the number of samples in it. The ``webdataset`` library reads the tars (local files,
-``pipe:`` commands or URLs) and groups their members into samples. Deciding which process and worker
-reads what is done here, because the exact-coverage guarantees below are this module's contract.
+``pipe:`` commands or URLs) and groups their members into samples.
 
-Who reads what: the ``R x W`` readers (ranks x loader workers, "slots") split the shards once:
+Who reads what: the shards of all sources, one after the other, make one list of ``S`` shards, which
+the ``R x W`` readers (ranks x loader workers, "slots") split once:
 
 - ``S // (R*W) * (R*W)`` shards are dealt out whole, round robin (each is read by one slot);
 - each of the ``S mod (R*W)`` leftover shards goes to a group of about ``R*W / leftover`` slots, which
@@ -14,7 +20,7 @@ Who reads what: the ``R x W`` readers (ranks x loader workers, "slots") split th
 
 So every sample belongs to exactly one slot, whatever the counts, and slots get nearly equal shares.
 Only the leftover shards are read more than once; a shard count that is a multiple of ``R*W`` reads
-every shard once.
+every shard once. A slot's position in an epoch is (which of its portions, which sample of it).
 
 Equal lengths: under DDP every rank must run the same number of batches or the collective calls
 hang. Each worker index gets a quota of samples, the largest share of that worker index over the
@@ -25,8 +31,8 @@ that number split evenly instead, and slots cycle through (or stop early in) the
 
 Epochs: the shard-to-slot assignment is fixed; each epoch, a training slot reads its shards in a new
 order through a shuffle buffer, both seeded by (seed, epoch, slot), as are a loader worker's own
-random streams (crops, caption draws). The epoch comes from
-:class:`StreamLoader`, which sets it before the workers start each pass.
+random streams (crops, caption draws). The epoch comes from :class:`StreamLoader`, which sets it
+before the workers start each pass.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import random
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import webdataset as wds
@@ -51,6 +57,7 @@ from webdataset.tariterators import base_plus_ext
 from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
+from vlm_lab.data.records import RawSample
 from vlm_lab.data.transforms import open_image
 from vlm_lab.errors import ConfigError
 from vlm_lab.seeding import epoch_seed, seed_process
@@ -61,7 +68,66 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 # --------------------------------------------------------------------------------------------------
-# Shard lists and their sample counts
+# Sources
+
+
+class StreamSource(Protocol):
+    """One source of a :class:`ShardStream`: shards read sample by sample, in storage order.
+
+    A raw sample is a dict with ``__key__`` (unique within the source) and ``__url__`` (its shard's
+    name), plus whatever the source stores; ``decode`` turns it into what the stream needs.
+    """
+
+    name: str
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards the source has."""
+
+    def shard_name(self, shard: int) -> str:
+        """A shard's name for messages (a path or URL)."""
+
+    def counts(self) -> list[int] | None:
+        """Samples per shard, or None when some are unknown (the epoch length must then be given)."""
+
+    def read(self, shard: int, on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+        """The raw samples of a shard in storage order; unreadable data goes to ``on_error`` (which
+        returns True to carry on)."""
+
+    def decode(self, raw: dict[str, Any], decode_size: tuple[int, int] | None,
+               with_image: bool = True) -> dict[str, Any] | str:
+        """``{"image", "captions", "image_id", "key"}`` of a raw sample, or the bad-sample reason
+        (``health.REASONS``) why it cannot be used. ``with_image=False`` checks that the image is
+        there but does not decode it (``image`` is None)."""
+
+
+def where(raw: dict[str, Any]) -> str:
+    """A raw sample's place, for the bad-sample log: its shard and key."""
+    return f"{raw.get('__url__')} key {raw.get('__key__')}"
+
+
+def stream_raw_samples(source: StreamSource, bad: BadSampleCounter) -> Iterator[RawSample]:
+    """A source's samples in storage order, untransformed, for ``vlm-lab data inspect``."""
+    for shard in range(source.num_shards):
+        for raw in source.read(shard, skip_and_count(bad, source.shard_name(shard))):
+            sample = source.decode(raw, None, with_image=False)
+            if isinstance(sample, str):
+                bad.record(sample, where(raw))
+                continue
+            # Decoded only when asked: caption statistics need no pixels.
+            yield RawSample(tuple(sample["captions"]), sample["image_id"], where(raw),
+                            lambda raw=raw: _decoded_image(source, raw))
+
+
+def _decoded_image(source: StreamSource, raw: dict[str, Any]) -> Image.Image:
+    sample = source.decode(raw, None)
+    if isinstance(sample, str):
+        raise ValueError(sample)
+    return sample["image"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Webdataset tars: shard lists, their sample counts, their samples
 
 
 def is_local(url: str) -> bool:
@@ -130,6 +196,108 @@ def count_tar_samples(path: str) -> int:
     return count
 
 
+class TarShards:
+    """Webdataset tars (img2dataset's layout) as a :class:`StreamSource`.
+
+    ``urls`` is the expanded shard list (:func:`expand_shards`); the per-shard counts are read from
+    the stats files (or a scan of local tars) the first time they are asked for.
+    """
+
+    def __init__(self, urls: list[str], name: str = "shards") -> None:
+        self.urls, self.name = urls, name
+        self._counts: list[int | None] | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.urls)
+
+    def shard_name(self, shard: int) -> str:
+        return self.urls[shard]
+
+    def counts(self) -> list[int] | None:
+        if self._counts is None:
+            self._counts = [shard_sample_count(url) for url in self.urls]
+        return None if any(c is None for c in self._counts) else list(self._counts)  # type: ignore[arg-type]
+
+    def read(self, shard: int, on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+        return wds.tarfile_samples([{"url": self.urls[shard]}], handler=on_error)
+
+    def decode(self, raw: dict[str, Any], decode_size: tuple[int, int] | None,
+               with_image: bool = True) -> dict[str, Any] | str:
+        return decode_sample(raw, decode_size, with_image)
+
+
+def skip_and_count(bad: BadSampleCounter, url: str) -> Callable[[Exception], bool]:
+    """A webdataset error handler that counts the error as a bad sample and carries on."""
+
+    def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
+        bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
+        return True
+
+    return skip
+
+
+def image_member(raw: dict[str, Any]) -> bytes | None:
+    """The encoded image of a webdataset sample, whichever its extension."""
+    return next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+
+
+def sample_captions(raw: dict[str, Any]) -> list[str] | str:
+    """A webdataset sample's captions, or the reason it has none.
+
+    The caption is the ``.txt`` member (UTF-8; other bytes make an "undecodable caption"). A ``.json``
+    member with a ``captions`` list (written by ``vlm-lab data convert --per image``) gives every
+    caption of the image; a ``captions`` that is not a list of strings is a schema error
+    (``ConfigError`` naming the shard, the key and the field), while a ``.json`` that is not JSON at
+    all is ignored (img2dataset's metadata is optional).
+    """
+    if "txt" not in raw:
+        return "missing caption"
+    try:
+        caption = raw["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "undecodable caption"
+    if not caption:
+        return "empty caption"
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except ValueError:
+            meta = None  # metadata is optional: a broken one does not spoil the sample
+        listed = meta.get("captions") if isinstance(meta, dict) else None
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+                raise ConfigError(f"{raw.get('__url__')}: {raw.get('__key__')}.json field 'captions' should be a "
+                                  f"list of strings, not {json.dumps(listed)[:60]}")
+            return [c.strip() for c in listed if c.strip()] or [caption]
+    return [caption]
+
+
+def decode_sample(raw: dict[str, Any], decode_size: tuple[int, int] | None = None,
+                  with_image: bool = True) -> dict[str, Any] | str:
+    """A webdataset sample -> ``{"image", "captions", "image_id", "key"}``, or the reason it is unusable."""
+    image_bytes = image_member(raw)
+    if image_bytes is None:
+        return "missing image"
+    captions = sample_captions(raw)
+    if isinstance(captions, str):
+        return captions
+    image = None
+    if with_image:
+        try:
+            image = open_image(image_bytes, decode_size)
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            return "undecodable image"
+    return {"image": image, "captions": captions, "image_id": key_to_id(raw["__key__"]), "key": raw["__key__"]}
+
+
+def key_to_id(key: str) -> int:
+    """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
+    if key.isdigit():
+        return int(key)
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") >> 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Who reads what
 
@@ -167,10 +335,10 @@ def assign_shards(num_shards: int, num_slots: int) -> list[list[Portion]]:
 
 
 class ShardStream(IterableDataset):
-    """Batches from webdataset shards for one rank: each sample of the split once per epoch.
+    """Batches from the shards of one or more sources for one rank: each sample once per epoch.
 
     Args:
-        urls: the expanded shard list.
+        sources: the sources, whose shards are read as one list (module docstring).
         split: ``train`` (shuffled, whole batches) or ``val`` / ``test`` (storage order).
         transform: PIL image -> tensor.
         collate: list of samples -> batch (tokenises).
@@ -178,36 +346,45 @@ class ShardStream(IterableDataset):
         bad: where skipped samples are counted.
         rank, world_size: this process among the data-parallel ones.
         num_workers: the DataLoader's worker count (0 counts as 1 reader).
-        counts: samples per shard, or None when ``samples_per_epoch`` is given instead.
-        samples_per_epoch: a fixed epoch size over all ranks (overrides the counts).
+        samples_per_epoch: a fixed epoch size over all ranks; without it the sources' counts fix it.
         shuffle_buffer: samples held by each training worker's shuffle buffer.
         seed: fixes the order of every epoch.
         decode_size: lets JPEGs decode at a reduced scale (see ``transforms.open_image``).
     """
 
-    def __init__(self, urls: list[str], split: str, transform: Callable[[Image.Image], torch.Tensor],
+    def __init__(self, sources: list[StreamSource], split: str, transform: Callable[[Image.Image], torch.Tensor],
                  collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], batch_size: int,
                  bad: BadSampleCounter, rank: int, world_size: int, num_workers: int,
-                 counts: list[int] | None, samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 1000, seed: int = 0,
+                 samples_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  decode_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if counts is None and samples_per_epoch is None:
-            raise ConfigError(f"{split}: cannot tell the epoch length; give the samples per epoch")
-        self.urls, self.split, self.train = urls, split, split == "train"
+        self.sources, self.split, self.train = sources, split, split == "train"
         self.transform, self.collate, self.batch_size, self.bad = transform, collate, batch_size, bad
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.counts, self.samples_per_epoch = counts, samples_per_epoch
+        self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer, self.seed, self.decode_size = shuffle_buffer, seed, decode_size
-        self.assignment = assign_shards(len(urls), world_size * self.num_workers)
+        # The shards of all sources as one list: (source index, shard index within the source).
+        self.shards = [(s, k) for s, source in enumerate(sources) for k in range(source.num_shards)]
+        self.counts = None if samples_per_epoch is not None else self._counts()
+        self.assignment = assign_shards(len(self.shards), world_size * self.num_workers)
         self.quotas = self._quotas()
         if sum(self.quotas) == 0:
-            total = samples_per_epoch if samples_per_epoch is not None else sum(counts or [])
+            total = samples_per_epoch if samples_per_epoch is not None else sum(self.counts or [])
             need = f"at least batch_size={batch_size} per rank in training" if self.train else "at least one"
-            raise ConfigError(f"{split}: {total} sample(s) in {len(urls)} shard(s) leave rank {rank} of {world_size} "
-                              f"nothing to read; it needs {need}")
+            raise ConfigError(f"{split}: {total} sample(s) in {len(self.shards)} shard(s) leave rank {rank} of "
+                              f"{world_size} nothing to read; it needs {need}")
         # Shared memory: the workers read the epoch the main process sets before each pass.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def _counts(self) -> list[int]:
+        counts: list[int] = []
+        for source in self.sources:
+            known = source.counts()
+            if known is None:
+                raise ConfigError(f"{self.split}: {source.name}: the samples per shard are unknown (remote shards, or "
+                                  f"no stats files), so the epoch length is unknown; set data.{self.split}_samples")
+            counts += known
+        return counts
 
     # ---------------------------------------------------------------------------------------------
     # Sizes
@@ -290,92 +467,22 @@ class ShardStream(IterableDataset):
 
     def _read(self, portions: list[Portion], count_bad: bool) -> Iterator[dict[str, Any]]:
         for portion in portions:
-            url = self.urls[portion.shard]
-            samples = wds.tarfile_samples([{"url": url}], handler=self._handler(url, count_bad))
-            for position, sample in enumerate(samples):
+            source_index, shard = self.shards[portion.shard]
+            source = self.sources[source_index]
+            handler = skip_and_count(self.bad, source.shard_name(shard)) if count_bad else (lambda error: True)
+            for position, sample in enumerate(source.read(shard, handler)):
                 if portion.keeps(position):
+                    sample["__source__"] = source_index
                     yield sample
 
-    def _handler(self, url: str, count_bad: bool) -> Callable[[Exception], bool]:
-        return skip_and_count(self.bad, url) if count_bad else (lambda error: True)
-
     def _decode(self, raw: dict[str, Any], count_bad: bool) -> dict[str, Any] | None:
-        sample = decode_sample(raw, self.decode_size)
+        sample = self.sources[raw["__source__"]].decode(raw, self.decode_size)
         if isinstance(sample, str):
             if count_bad:
-                self.bad.record(sample, f"{raw.get('__url__')} key {raw.get('__key__')}")
+                self.bad.record(sample, where(raw))
             return None
-        image = sample.pop("image")
-        sample["pixel_values"] = self.transform(image)
-        return sample
-
-
-def skip_and_count(bad: BadSampleCounter, url: str) -> Callable[[Exception], bool]:
-    """A webdataset error handler that counts the error as a bad sample and carries on."""
-
-    def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
-        bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
-        return True
-
-    return skip
-
-
-def image_member(raw: dict[str, Any]) -> bytes | None:
-    """The encoded image of a webdataset sample, whichever its extension."""
-    return next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-
-
-def sample_captions(raw: dict[str, Any]) -> list[str] | str:
-    """A webdataset sample's captions, or the reason it has none.
-
-    The caption is the ``.txt`` member (UTF-8; other bytes make an "undecodable caption"). A ``.json``
-    member with a ``captions`` list (written by ``vlm-lab data convert --per image``) gives every
-    caption of the image; a ``captions`` that is not a list of strings is a schema error
-    (``ConfigError`` naming the shard, the key and the field), while a ``.json`` that is not JSON at
-    all is ignored (img2dataset's metadata is optional).
-    """
-    if "txt" not in raw:
-        return "missing caption"
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "undecodable caption"
-    if not caption:
-        return "empty caption"
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            meta = None  # metadata is optional: a broken one does not spoil the sample
-        listed = meta.get("captions") if isinstance(meta, dict) else None
-        if listed is not None:
-            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
-                raise ConfigError(f"{raw.get('__url__')}: {raw.get('__key__')}.json field 'captions' should be a "
-                                  f"list of strings, not {json.dumps(listed)[:60]}")
-            return [c.strip() for c in listed if c.strip()] or [caption]
-    return [caption]
-
-
-def decode_sample(raw: dict[str, Any], decode_size: tuple[int, int] | None = None) -> dict[str, Any] | str:
-    """A webdataset sample -> ``{"image", "captions", "image_id"}``, or the reason it is unusable."""
-    image_bytes = image_member(raw)
-    if image_bytes is None:
-        return "missing image"
-    captions = sample_captions(raw)
-    if isinstance(captions, str):
-        return captions
-    try:
-        image = open_image(image_bytes, decode_size)
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        return "undecodable image"
-    return {"image": image, "captions": captions, "image_id": key_to_id(raw["__key__"])}
-
-
-def key_to_id(key: str) -> int:
-    """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
-    if key.isdigit():
-        return int(key)
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") >> 1
+        return {"pixel_values": self.transform(sample["image"]), "captions": sample["captions"],
+                "image_id": sample["image_id"]}
 
 
 class StreamLoader(EpochLoader):
