@@ -57,6 +57,7 @@ from webdataset.tariterators import base_plus_ext
 from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
+from vlm_lab.data.mixtures import interleave, mixture_weights, weighted_draws
 from vlm_lab.data.records import RawSample
 from vlm_lab.data.transforms import open_image
 from vlm_lab.errors import ConfigError
@@ -65,6 +66,8 @@ from vlm_lab.seeding import epoch_seed, seed_process
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A resampled source that gives this many unusable samples in a row is broken, not unlucky.
+MAX_UNUSABLE_IN_A_ROW = 100_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -347,7 +350,9 @@ class ShardStream(IterableDataset):
         rank, world_size: this process among the data-parallel ones.
         num_workers: the DataLoader's worker count (0 counts as 1 reader).
         samples_per_epoch: a fixed epoch size over all ranks; without it the sources' counts fix it.
-        shuffle_buffer: samples held by each training worker's shuffle buffer.
+        resampled: draw samples with replacement (``mixtures.py``); needs ``samples_per_epoch``.
+        weights: each source's weight in a resampled stream (None: by size; see ``mixtures.py``).
+        shuffle_buffer: samples held by each training worker's shuffle buffer (per source when resampled).
         seed: fixes the order of every epoch.
         decode_size: lets JPEGs decode at a reduced scale (see ``transforms.open_image``).
     """
@@ -355,16 +360,24 @@ class ShardStream(IterableDataset):
     def __init__(self, sources: list[StreamSource], split: str, transform: Callable[[Image.Image], torch.Tensor],
                  collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], batch_size: int,
                  bad: BadSampleCounter, rank: int, world_size: int, num_workers: int,
-                 samples_per_epoch: int | None = None, shuffle_buffer: int = 1000, seed: int = 0,
+                 samples_per_epoch: int | None = None, resampled: bool = False,
+                 weights: list[float | None] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  decode_size: tuple[int, int] | None = None) -> None:
         super().__init__()
+        if resampled and samples_per_epoch is None:
+            raise ConfigError(f"data.resampled=true draws samples with replacement, so it needs the epoch length: "
+                              f"set data.{split}_samples")
         self.sources, self.split, self.train = sources, split, split == "train"
         self.transform, self.collate, self.batch_size, self.bad = transform, collate, batch_size, bad
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.samples_per_epoch = samples_per_epoch
+        self.samples_per_epoch, self.resampled = samples_per_epoch, resampled
+        self.weights = list(weights) if weights is not None else [None] * len(sources)
         self.shuffle_buffer, self.seed, self.decode_size = shuffle_buffer, seed, decode_size
         # The shards of all sources as one list: (source index, shard index within the source).
         self.shards = [(s, k) for s, source in enumerate(sources) for k in range(source.num_shards)]
+        # Samples per shard, per source (None: unknown). Read here, once: the workers inherit them.
+        self.source_counts = [source.counts() for source in sources] \
+            if resampled or samples_per_epoch is None else [None] * len(sources)
         self.counts = None if samples_per_epoch is not None else self._counts()
         self.assignment = assign_shards(len(self.shards), world_size * self.num_workers)
         self.quotas = self._quotas()
@@ -378,8 +391,7 @@ class ShardStream(IterableDataset):
 
     def _counts(self) -> list[int]:
         counts: list[int] = []
-        for source in self.sources:
-            known = source.counts()
+        for source, known in zip(self.sources, self.source_counts):
             if known is None:
                 raise ConfigError(f"{self.split}: {source.name}: the samples per shard are unknown (remote shards, or "
                                   f"no stats files), so the epoch length is unknown; set data.{self.split}_samples")
@@ -430,13 +442,14 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"this {self.split} stream was planned for {self.num_workers} loader worker(s) "
                                f"but is read by {workers}; build its DataLoader with the same num_workers")
         slot, quota = self.slot(self.rank, worker), self.quotas[worker]
-        rng = random.Random(f"{self.seed}-{self.split}-{self.epoch}-{slot}")
+        rng = self._rng(slot)
         if info is not None and self.train:
             # A persistent worker carries its random state over epochs; the random crops and caption
             # draws it makes must depend on the epoch only (vlm_lab/seeding.py).
             seed_process(epoch_seed(self.seed, self.epoch, slot))
+        samples = self._resampled(slot, rng) if self.resampled else self._passes(slot, rng)
         batch: list[dict[str, Any]] = []
-        for sample in itertools.islice(self._passes(slot, rng), quota):
+        for sample in itertools.islice(samples, quota):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self.collate(batch)
@@ -465,15 +478,79 @@ class ShardStream(IterableDataset):
                     log.warning("%s: reader %d found no usable sample in its share of the shards", self.split, slot)
                 return
 
+    def _rng(self, slot: int, *more: object) -> random.Random:
+        """The random stream of a reader (and, resampled, of one of its sources) in this epoch."""
+        return random.Random("-".join(map(str, (self.seed, self.split, self.epoch, slot, *more))))
+
+    def _resampled(self, slot: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Samples drawn with replacement: a source by weight per sample, shards by size per source."""
+        sizes = [sum(counts) if counts is not None else None for counts in self.source_counts]
+        streams = [self._endless(index, self._rng(slot, "source", index)) for index in range(len(self.sources))]
+        return interleave(streams, mixture_weights(self.weights, sizes), rng)
+
+    def _endless(self, index: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Decoded samples of source ``index`` forever, its shards drawn with replacement. Each draw is
+        a fresh read, so its bad samples are counted each time."""
+        source = self.sources[index]
+        raw: Iterator[dict[str, Any]] = self._drawn_shards(index, rng)
+        if self.shuffle_buffer > 1:
+            raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
+        unusable = 0
+        for sample in raw:
+            decoded = self._decode(sample, count_bad=True)
+            if decoded is not None:
+                unusable = 0
+                yield decoded
+                continue
+            unusable += 1
+            if unusable == MAX_UNUSABLE_IN_A_ROW:
+                raise ConfigError(f"{self.split}: source {source.name}: {unusable} samples in a row were unusable "
+                                  f"(see the bad-sample log); is the source's data broken?")
+
+    def _drawn_shards(self, index: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        source = self.sources[index]
+        empty: set[int] = set()
+        for shard in weighted_draws(self.source_counts[index], source.num_shards, rng):
+            read = 0
+            for sample in self._shard(index, shard, Portion(shard), count_bad=True):
+                read += 1
+                yield sample
+            if read == 0:
+                empty.add(shard)
+                if len(empty) == source.num_shards:
+                    raise ConfigError(f"{self.split}: source {source.name}: none of its {source.num_shards} shard(s) "
+                                      f"holds a readable sample")
+
     def _read(self, portions: list[Portion], count_bad: bool) -> Iterator[dict[str, Any]]:
         for portion in portions:
-            source_index, shard = self.shards[portion.shard]
-            source = self.sources[source_index]
-            handler = skip_and_count(self.bad, source.shard_name(shard)) if count_bad else (lambda error: True)
-            for position, sample in enumerate(source.read(shard, handler)):
-                if portion.keeps(position):
-                    sample["__source__"] = source_index
-                    yield sample
+            yield from self._shard(*self.shards[portion.shard], portion, count_bad)
+
+    def _shard(self, index: int, shard: int, portion: Portion, count_bad: bool) -> Iterator[dict[str, Any]]:
+        """The raw samples of ``portion`` (of shard ``shard`` of source ``index``).
+
+        A damaged shard loses its samples from the damage on: an error webdataset reports counts one
+        of them, and when the shard's count is known the rest are counted too. A tar cut between two
+        members reports no error at all; only the count tells.
+        """
+        source = self.sources[index]
+        errors = 0
+
+        def skip(error: Exception) -> bool:
+            nonlocal errors
+            errors += 1
+            return skip_and_count(self.bad, source.shard_name(shard))(error) if count_bad else True
+
+        kept = 0
+        for position, sample in enumerate(source.read(shard, skip)):
+            if portion.keeps(position):
+                sample["__source__"] = index
+                kept += 1
+                yield sample
+        counts = self.source_counts[index]
+        lost = portion.size(counts[shard]) - kept - errors if counts is not None else 0
+        if count_bad and lost > 0:
+            self.bad.record("unreadable shard data", f"{source.shard_name(shard)}: {lost} more sample(s) than read "
+                                                     f"(its count says {counts[shard]})", count=lost)
 
     def _decode(self, raw: dict[str, Any], count_bad: bool) -> dict[str, Any] | None:
         sample = self.sources[raw["__source__"]].decode(raw, self.decode_size)
