@@ -30,6 +30,7 @@ same however often it is read, and a resumed run's epoch is the one it lost.
 from __future__ import annotations
 
 import bisect
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
@@ -104,12 +105,9 @@ def mixture_weights(weights: Sequence[float | None], sizes: Sequence[int | None]
 def interleave(streams: Sequence[Iterator[Any]], probabilities: Sequence[float],
                rng: random.Random) -> Iterator[Any]:
     """Each item from a stream drawn at random with ``probabilities`` (the streams never end)."""
-    cumulative, total = [], 0.0
-    for p in probabilities:
-        total += p
-        cumulative.append(total)
+    cumulative = list(itertools.accumulate(probabilities))
     while True:
-        index = min(bisect.bisect_right(cumulative, rng.random() * total), len(streams) - 1)
+        index = min(bisect.bisect_right(cumulative, rng.random() * cumulative[-1]), len(streams) - 1)
         yield next(streams[index])
 
 
@@ -118,9 +116,6 @@ def weighted_draws(counts: Sequence[int] | None, size: int, rng: random.Random) 
     if counts is None or sum(counts) == 0:
         while True:
             yield rng.randrange(size)
-    cumulative, total = [], 0
-    for count in counts:
-        total += count
-        cumulative.append(total)
+    cumulative = list(itertools.accumulate(counts))
     while True:
-        yield bisect.bisect_right(cumulative, rng.random() * total)
+        yield bisect.bisect_right(cumulative, rng.random() * cumulative[-1])

@@ -60,6 +60,7 @@ from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.mixtures import interleave, mixture_weights, weighted_draws
 from vlm_lab.data.records import RawSample
 from vlm_lab.data.transforms import open_image
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.seeding import epoch_seed, seed_process
 
@@ -298,7 +299,16 @@ def key_to_id(key: str) -> int:
     """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
     if key.isdigit():
         return int(key)
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") >> 1
+    return _hash63(key)
+
+
+def sample_key(source: str, key: str) -> int:
+    """The embedding cache's key of a sample: its source's name and its own key, hashed to 63 bits."""
+    return _hash63(f"{source}\x00{key}")
+
+
+def _hash63(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,6 +398,8 @@ class ShardStream(IterableDataset):
                               f"{world_size} nothing to read; it needs {need}")
         # Shared memory: the workers read the epoch the main process sets before each pass.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
+        self.embeddings: EmbeddingCache | None = None
 
     def _counts(self) -> list[int]:
         counts: list[int] = []
@@ -553,13 +565,67 @@ class ShardStream(IterableDataset):
                                                      f"(its count says {counts[shard]})", count=lost)
 
     def _decode(self, raw: dict[str, Any], count_bad: bool) -> dict[str, Any] | None:
-        sample = self.sources[raw["__source__"]].decode(raw, self.decode_size)
+        source = self.sources[raw["__source__"]]
+        cached = self.embeddings is not None
+        sample = source.decode(raw, self.decode_size, with_image=not cached)
+        if not isinstance(sample, str) and cached:  # the locked tower's stored outputs stand in for the image
+            try:
+                outputs = self.embeddings.lookup_key(sample_key(source.name, sample["key"]))
+            except KeyError:
+                raise RuntimeError(f"{where(raw)} is not in the embedding cache: the shards changed since it was "
+                                   f"filled; delete {self.embeddings.folder or 'the cache'} and run again") from None
+            if outputs is None:  # unusable when the cache was filled: counted as an uncached epoch would
+                sample = "undecodable image"
+            else:
+                return {**outputs, "captions": sample["captions"], "image_id": sample["image_id"]}
         if isinstance(sample, str):
             if count_bad:
                 self.bad.record(sample, where(raw))
             return None
         return {"pixel_values": self.transform(sample["image"]), "captions": sample["captions"],
                 "image_id": sample["image_id"]}
+
+    # ---------------------------------------------------------------------------------------------
+    # The embedding cache's interface for streams (vlm_lab/embedding_cache.py, CacheableStream)
+
+    def cacheable(self) -> bool:
+        """Whether every shard's sample count is known: the cache allocates its rows from them."""
+        return all(source.counts() is not None for source in self.sources)
+
+    def image_rows(self) -> int:
+        return sum(sum(source.counts() or []) for source in self.sources)
+
+    def image_identity(self) -> str:
+        shards = [(source.name, [source.shard_name(k) for k in range(source.num_shards)], source.counts())
+                  for source in self.sources]
+        digest = hashlib.sha1(repr(shards).encode()).hexdigest()
+        return f"shard_stream {self.image_rows()} samples {digest} decode_size={self.decode_size} {self.transform}"
+
+    def keyed_images(self) -> "KeyedImages":
+        return KeyedImages(self.sources, self.transform, self.decode_size)
+
+
+class KeyedImages(IterableDataset):
+    """Every image of some sources once, as ``(sample key, transformed image or None)``: what fills a
+    stream's embedding cache. Loader workers take every ``num_workers``-th shard; samples whose
+    captions are unusable are left out (the stream skips them before looking images up)."""
+
+    def __init__(self, sources: list[StreamSource], transform: Callable[[Image.Image], torch.Tensor],
+                 decode_size: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.sources, self.transform, self.decode_size = sources, transform, decode_size
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = [(source, k) for source in self.sources for k in range(source.num_shards)]
+        for source, shard in shards[worker::workers]:
+            for raw in source.read(shard, lambda error: True):  # the stream counts what is unreadable
+                sample = source.decode(raw, self.decode_size)
+                if sample == "undecodable image":  # the stream looks it up, finds it unusable and counts it
+                    yield sample_key(source.name, raw["__key__"]), None
+                elif not isinstance(sample, str):
+                    yield sample_key(source.name, sample["key"]), self.transform(sample["image"])
 
 
 class StreamLoader(EpochLoader):
