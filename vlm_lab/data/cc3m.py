@@ -3,7 +3,7 @@
 Two layouts, per split:
 
 - webdataset shards as img2dataset writes them (``data.train_shards``: a brace pattern such as
-  ``cc3m/{00000..00331}.tar``, or a list), streamed (see ``shards.py``); for training, several
+  ``cc3m/{00000..00331}.tar``, or a list), streamed (see ``shards.py`` and ``tar_shards.py``); for training, several
   sources of shards mixed in one stream (``data.train_sources``, optionally ``data.resampled``;
   see ``mixtures.py``);
 - a caption table, ``filepath<TAB>caption`` (``.tsv``) or ``filepath,caption`` (``.csv``), with the
@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from vlm_lab.data.base import CaptionDataModule
 from vlm_lab.data.mixtures import parse_sources
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples, read_caption_table
-from vlm_lab.data.shards import ShardStream, TarShards, expand_shards, stream_raw_samples
+from vlm_lab.data.shards import ShardStream, stream_raw_samples
+from vlm_lab.data.tar_shards import TarShards, expand_shards
 from vlm_lab.distributed import world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
@@ -80,8 +81,8 @@ class CC3MDataModule(CaptionDataModule):
                 raise ConfigError(f"data.train_sources and {given} are both set; list every training source in "
                                   f"data.train_sources")
             specs = parse_sources(train_sources, "train_sources", resampled)
-            self.sources["train"] = [TarShards(expand_shards(spec.shards, f"train_sources[{i}] ({spec.name})"),
-                                               spec.name) for i, spec in enumerate(specs)]
+            self.sources["train"] = [TarShards(expand_shards(spec.shards, _source_field(i, spec.name)), spec.name)
+                                     for i, spec in enumerate(specs)]
             self.weights = [spec.weight for spec in specs]
         for split, shards, table, images in (("train", train_shards, train_table, train_images),
                                              ("val", val_shards, val_table, val_images)):
@@ -161,3 +162,9 @@ class CC3MDataModule(CaptionDataModule):
         counts = self.shard_counts(split)
         total = sum(counts) if counts is not None else self.samples.get(split)
         return {"images": total, "captions": None, "shards": sum(s.num_shards for s in self.sources[split])}
+
+
+def _source_field(index: int, name: str) -> str:
+    """How messages name a source: ``train_sources[1] (laion)``, or ``train_sources[1]`` unnamed."""
+    field = f"train_sources[{index}]"
+    return field if name == field else f"{field} ({name})"
