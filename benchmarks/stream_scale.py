@@ -177,7 +177,8 @@ def exact_epoch(root: Path, shards: int, per_shard: int, tokenizer) -> dict:
                 next_mark = 100_000 if next_mark == 20_000 else next_mark + 100_000
         print(f"  rank {rank}: first batch after {firsts[-1]:.2f} s (data module + plan {planned:.2f} s), "
               f"{total:,} samples so far, RSS {rss_mb():.0f} MB", flush=True)
-    rss.append((total, rss_mb()))
+    if rss[-1][0] != total:
+        rss.append((total, rss_mb()))
     counts = collections.Counter(seen.tolist())
     return {"first_batch_s": firsts, "plan_s": plans, "rss": rss, "samples": total, "seen_counts": dict(counts)}
 
@@ -267,7 +268,7 @@ def main() -> None:
     print(f"   samples read {exact['samples']:,} of {total:,}; times seen: "
           f"{', '.join(f'{n}x: {c:,}' for n, c in sorted(exact['seen_counts'].items()))}")
     print(f"   main-process RSS: {after_20k[1]:.0f} MB after {after_20k[0]:,} samples, {exact['rss'][-1][1]:.0f} MB "
-          f"after {exact['rss'][-1][0]:,} (+{exact['rss'][-1][1] - after_20k[1]:.0f} MB; target < +100 MB); "
+          f"after {exact['rss'][-1][0]:,} ({exact['rss'][-1][1] - after_20k[1]:+.0f} MB; target < +100 MB); "
           f"along the way: {', '.join(f'{n // 1000}k {mb:.0f}' for n, mb in exact['rss'])}")
     print(f"2. resampled mixture, weights {WEIGHTS} ({resampled_wall:.0f} s wall, {resampled_cpu:.0f} s CPU): "
           f"{resampled['samples']:,} samples, shares "
