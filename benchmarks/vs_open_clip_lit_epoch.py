@@ -3,6 +3,10 @@
     python benchmarks/vs_open_clip_lit_epoch.py                      # the full epoch: 6,091 images, 48 steps
     python benchmarks/vs_open_clip_lit_epoch.py --limit-batches 3    # a quick look during development
     python benchmarks/vs_open_clip_lit_epoch.py --device cuda --precision bf16-mixed   # on a GPU
+    # the same epoch streamed from webdataset shards (the cc3m module), made outside the repository with
+    vlm-lab data convert --ann ../shared/data/flickr8k/annotations/captions_train.json \
+        --images ../shared/data/flickr8k/images --out /tmp/flickr8k_shards --per image --shard-size 1000
+    python benchmarks/vs_open_clip_lit_epoch.py --shards /tmp/flickr8k_shards
 
 The model is the LiT headline recipe (``experiments/lit/flickr8k_lit.yaml``) at the settings the
 benchmarks/README.md's figures were measured with: EfficientNet-Lite0 at 224 px locked, MiniLM-L6 tuned, linear
@@ -22,7 +26,10 @@ AdamW. Three epochs over the same batches of ``../shared/data/flickr8k`` (train)
   step on image features and tokens already in memory, in a plain loop (no data loading).
 
 The two epochs read the same data module's loader (``data.num_workers`` workers, batch 128, the
-same order); only vlm-lab's serves cached rows. Data loading counts in both. The CPU seconds add the
+same order); only vlm-lab's serves cached rows. With ``--shards DIR`` that data module is ``cc3m``
+streaming the shards in ``DIR`` (one sample per image with all its captions, ``--per image``): the
+cache is then the stream's, keyed by sample key, and its warm epoch reads the tars but decodes no
+image. Data loading counts in both. The CPU seconds add the
 loader workers' (``RUSAGE_CHILDREN``: the workers end with the epoch). Prints the table and the
 ratios (targets: open_clip / vlm-lab >= 3, vlm-lab / text alone <= 1.15).
 
@@ -97,8 +104,17 @@ def on_device(batch: dict) -> dict:
             for key, value in batch.items()}
 
 
-def overrides(limit_batches: int | None, extra: list[str] = ()) -> list[str]:
-    run = [f"trainer.accelerator={DEVICE.type}", "trainer.devices=1", f"trainer.precision={PRECISION}","model.embed_dim=256", "data.batch_size=128", "data.train_sampling=image",
+def overrides(limit_batches: int | None, extra: list[str] = (), shards: Path | None = None) -> list[str]:
+    if shards is None:
+        data = ["data.batch_size=128", "data.train_sampling=image"]
+    else:  # the recipe's loader settings, on the shards
+        tars = sorted(shards.glob("*.tar"))
+        if not tars:
+            sys.exit(f"no .tar shards in {shards}; make them with vlm-lab data convert (see the docstring)")
+        data = [f"data={{name: cc3m, train_shards: '{shards}/{{{tars[0].stem}..{tars[-1].stem}}}.tar', "
+                f"batch_size: 128, num_workers: 2}}"]
+    run = [f"trainer.accelerator={DEVICE.type}", "trainer.devices=1", f"trainer.precision={PRECISION}",
+           "model.embed_dim=256", *data,
            "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
            "trainer.logger=false", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false", "zeroshot.root=null"]
@@ -174,6 +190,8 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both systems (repeatable)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--shards", type=Path, help="stream Flickr8k train from these shards (vlm-lab data convert "
+                                                    "--per image) with the cc3m module")
     args = parser.parse_args()
     global DEVICE, PRECISION
     DEVICE, PRECISION = torch.device(args.device), args.precision
@@ -182,8 +200,9 @@ def main() -> None:
     # The config's data paths are relative to the repository root; the cache key holds them as
     # written, so the LiT runs' disk cache is found from there.
     os.chdir(ROOT)
-    cfg = vlm_lab.load_config(CONFIG, overrides=overrides(args.limit_batches, args.override))
-    module, reference = lit_pair(overrides(args.limit_batches, args.override))
+    shards = args.shards.resolve() if args.shards is not None else None
+    cfg = vlm_lab.load_config(CONFIG, overrides=overrides(args.limit_batches, args.override, shards))
+    module, reference = lit_pair(overrides(args.limit_batches, args.override, shards))
     print(f"\n{machine()}\nstart {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -200,8 +219,9 @@ def main() -> None:
         sys.exit(f"the epochs differ in length: {steps} and {their_steps} steps")
 
     images = sum(len(b["image_ids"]) for b in batches)
-    print(f"\none epoch of Flickr8k train: {steps} steps, {images} images, batch {cfg.data.batch_size}, "
-          f"{cfg.data.num_workers} loader workers; end {time.strftime('%H:%M:%S')}\n")
+    source = f"shards in {shards} (cc3m)" if shards is not None else "images (coco_captions)"
+    print(f"\none epoch of Flickr8k train from {source}: {steps} steps, {images} images, batch "
+          f"{cfg.data.batch_size}, {cfg.data.num_workers} loader workers; end {time.strftime('%H:%M:%S')}\n")
     print("| | epoch: wall (CPU) | per step: wall (CPU) | vs vlm-lab, wall (CPU) |\n|---|---|---|---|")
     rows = [("vlm-lab, embedding cache warm", ours), ("open_clip, `lock_image_tower()`", theirs),
             ("text tower alone (the limit)", alone)]

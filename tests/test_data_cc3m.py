@@ -217,7 +217,7 @@ def test_bad_configs_say_what_is_wrong(tokenizer, tmp_path):
         datamodule(tokenizer, train_shards=str(tmp_path / "00000.tar"), train_images=str(tmp_path))
     with pytest.raises(ConfigError, match="both set"):
         datamodule(tokenizer, train_shards=str(tmp_path / "00000.tar"), train_table="x.tsv")
-    with pytest.raises(ConfigError, match="needs data.train_shards or data.train_table"):
+    with pytest.raises(ConfigError, match="needs data.train_shards, data.train_sources or data.train_table"):
         datamodule(tokenizer)
     remote = datamodule(tokenizer, train_shards=f"pipe:cat {tmp_path / '00000.tar'}")
     with pytest.raises(ConfigError, match="set data.train_samples"):

@@ -88,11 +88,12 @@ def _step(module, batch, step=None) -> dict:
 
 def _captions(module) -> list[str]:
     """Greedy captions of two fixed images: generation reaches inside the text tower's units."""
-    from vlm_lab.eval.captioning import generate_captions
+    from vlm_lab.generation import generate_captions
+    from vlm_lab.schema import GenerationSettings
 
     with torch.no_grad():
         tokens = module.vision_tower_output(_batch("float64")["pixel_values"][:2]).tokens
-    return generate_captions(module, tokens, max_new_tokens=6)
+    return generate_captions(module, tokens, GenerationSettings(max_new_tokens=6))
 
 
 def _worker(init_file: str, out_file: str, rank: int) -> None:

@@ -11,7 +11,7 @@
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
     vlm-lab checkpoint show CKPT | upgrade OLD NEW
     vlm-lab consolidate CKPT_DIR --out CKPT   (a sharded checkpoint of trainer.strategy=fsdp2 as one file)
-    vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
+    vlm-lab data convert (--ann FILE --images DIR | --hf PATH) --out DIR [--to shards|parquet|imagefolder|coco]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
     vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
     vlm-lab sweep-report DIR

@@ -22,6 +22,14 @@ and an ``embeddings`` attribute: when set, its items carry ``vision_pooled`` (an
 from ``embeddings.lookup(row)`` in place of ``pixel_values``. The collate function stacks whichever
 of these keys the samples have, and the module uses ``vision_pooled`` when a batch has it.
 
+Streams (shards read in order, no random access) are ``CacheableStream``s instead: they give every
+image once with its *sample key* (a 63-bit hash of the source's name and the sample's key,
+``vlm_lab.data.shards.sample_key``) through ``keyed_images()``, and look their rows up by that key
+(``embeddings.lookup_key``). So a second pass over the shards, in any order, on any rank or worker,
+or a resampled stream that draws a sample many times, never runs the locked tower again. Such a
+cache is filled in one go (a disk cache is marked complete when it is) and its rows are the images
+in the order they were read; a sorted copy of the keys finds them.
+
 Settings: the ``embedding_cache`` config section (``CacheSettings``, declared in ``vlm_lab/schema.py``).
 """
 
@@ -67,6 +75,22 @@ class CacheableImages(Protocol):
         """The transformed image of a row, or None when it cannot be used (counted as bad when served)."""
 
 
+class CacheableStream(Protocol):
+    """A stream whose images a locked tower's stored outputs, found by sample key, can stand in for."""
+
+    embeddings: "EmbeddingCache | None"
+
+    def image_rows(self) -> int:
+        """At most how many images the stream holds (rows to allocate)."""
+
+    def image_identity(self) -> str:
+        """Which images the stream holds and how they are transformed: equal strings, equal pixels."""
+
+    def keyed_images(self) -> Dataset:
+        """An iterable dataset of ``(sample key, transformed image or None when unusable)``, every
+        image once; its loader workers split it among themselves."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Storage
 
@@ -79,16 +103,22 @@ class EmbeddingCache:
     re-opens them rather than receive a pickled copy).
     """
 
+    DTYPES = {"state": (np.uint8, torch.uint8), "keys": (np.int64, torch.int64)}  # the others: float32
+
     def __init__(self, key: str, rows: int, pooled_shape: tuple[int, ...], tokens_shape: tuple[int, ...] | None,
-                 folder: Path | None) -> None:
-        self.key, self.rows, self.folder = key, rows, folder
+                 folder: Path | None, keyed: bool = False) -> None:
+        self.key, self.rows, self.folder, self.keyed = key, rows, folder, keyed
         self.shapes = {"pooled": (rows, *pooled_shape), "state": (rows,)}
         if tokens_shape is not None:
             self.shapes["tokens"] = (rows, *tokens_shape)
+        if keyed:  # rows found by sample key (CacheableStream); see key_index
+            self.shapes["keys"] = (rows,)
         self._arrays: dict[str, torch.Tensor] | None = None
         self._maps: dict[str, np.memmap] = {}
+        self._index: tuple[np.ndarray, np.ndarray] | None = None
+        self._complete = False
         if folder is None:
-            self._arrays = {name: torch.zeros(shape, dtype=torch.uint8 if name == "state" else torch.float32)
+            self._arrays = {name: torch.zeros(shape, dtype=self.DTYPES.get(name, (None, torch.float32))[1])
                             .share_memory_() for name, shape in self.shapes.items()}
 
     @property
@@ -102,10 +132,11 @@ class EmbeddingCache:
     def reopen(self) -> None:
         """Forget the memory maps; the next access maps the files again (another process wrote them)."""
         if self.folder is not None:
-            self._arrays, self._maps = None, {}
+            self._arrays, self._maps, self._index = None, {}, None
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        state["_index"] = None  # rebuilt where it is used
         if self.folder is not None:
             state["_arrays"], state["_maps"] = None, {}  # memory maps are re-opened, not pickled
         return state
@@ -118,7 +149,7 @@ class EmbeddingCache:
             path = self.folder / f"{name}.npy"
             if path.is_file() and np.load(path, mmap_mode="r").shape == shape:
                 continue
-            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8 if name == "state" else np.float32,
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=self.DTYPES.get(name, (np.float32,))[0],
                                               shape=shape)
             array.flush()
             del array
@@ -155,6 +186,67 @@ class EmbeddingCache:
         if "tokens" in arrays:
             sample["vision_tokens"] = arrays["tokens"][row].clone()
         return sample
+
+    # Keyed caches (CacheableStream): rows found by sample key.
+
+    def store_keyed(self, first_row: int, keys: torch.Tensor, output: TowerOutput | None,
+                    unusable: list[int]) -> int:
+        """Store a batch's outputs under their keys from row ``first_row`` on (then the unusable
+        images' keys, marked so); return the next free row."""
+        arrays, usable = self.arrays, len(keys)
+        end = first_row + usable + len(unusable)
+        if end > self.rows:
+            raise ConfigError(f"embedding cache: the stream holds more images than its shard counts say ({self.rows}); "
+                              f"are the stats files out of date?")
+        if usable:
+            rows = torch.arange(first_row, first_row + usable)
+            self.store(rows, output)
+            arrays["keys"][rows] = keys
+        if unusable:
+            rows = torch.arange(first_row + usable, end)
+            arrays["keys"][rows] = torch.tensor(unusable, dtype=torch.int64)
+            arrays["state"][rows] = UNUSABLE
+        return end
+
+    def key_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the stored keys, sorted; the row of each): built once per process from the ``keys`` array.
+
+        Raises ``ConfigError`` when two images share a key (a source whose samples repeat a key)."""
+        if self._index is None:
+            state = self.arrays["state"].numpy()
+            rows = np.flatnonzero(state != MISSING)
+            keys = self.arrays["keys"].numpy()[rows]
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            repeated = int(np.count_nonzero(sorted_keys[1:] == sorted_keys[:-1]))
+            if repeated:
+                raise ConfigError(f"embedding cache: {repeated} image(s) repeat the sample key of another in their "
+                                  f"source; the cache finds images by (source, key): give every sample its own key "
+                                  f"or set embedding_cache.enabled=false")
+            self._index = (sorted_keys, rows[order])
+        return self._index
+
+    def lookup_key(self, key: int) -> dict[str, torch.Tensor] | None:
+        """The stored outputs of the image with sample key ``key``, or None if it was unusable.
+
+        Raises ``KeyError`` for a key the cache has never seen (its stream changed since it was filled).
+        """
+        sorted_keys, rows = self.key_index()
+        at = int(np.searchsorted(sorted_keys, key))
+        if at == len(sorted_keys) or int(sorted_keys[at]) != key:
+            raise KeyError(f"sample key {key} is not in embedding cache {self.key}")
+        return self.lookup(int(rows[at]))
+
+    @property
+    def complete(self) -> bool:
+        """Whether a keyed cache was filled to the end (on disk: by any earlier run)."""
+        return self._complete or (self.folder is not None and (self.folder / "complete").is_file())
+
+    def mark_complete(self) -> None:
+        self._complete = True
+        if self.folder is not None:
+            self.flush()
+            (self.folder / "complete").write_text("every image of the stream is stored\n")
 
 
 def tower_fingerprint(tower: torch.nn.Module) -> str:
@@ -221,13 +313,43 @@ def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch
     return encoded
 
 
-def open_cache(images: CacheableImages, tower: torch.nn.Module, output: TowerOutput, settings: CacheSettings,
-               tower_hash: str | None = None) -> EmbeddingCache:
+def fill_keyed(cache: EmbeddingCache, images: CacheableStream, encode: Callable[[torch.Tensor], TowerOutput],
+               device: torch.device, batch_size: int, num_workers: int, desc: str = "embedding cache") -> int:
+    """Run ``encode`` over every image of a stream and store the outputs by sample key; return how
+    many it encoded. A complete cache is left as it is; an incomplete one is filled afresh. The
+    progress bar (``desc``, as in :func:`fill`) counts up to ``image_rows()``, the most the stream
+    holds: a stream knows no exact count before it is read."""
+    if cache.complete:
+        return 0
+    cache.arrays["state"].zero_()  # an interrupted fill starts over
+    # _collate_rows with keys for rows: (keys of the usable images, their pixels, keys of the unusable ones)
+    loader = DataLoader(images.keyed_images(), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_rows, generator=torch.Generator().manual_seed(0))
+    row = encoded = 0
+    with progress(total=images.image_rows(), desc=desc, unit="img") as bar:
+        for keys, pixels, unusable in loader:
+            output = encode(pixels.to(device)) if pixels is not None else None
+            row = cache.store_keyed(row, keys, output, unusable)
+            encoded += len(keys)
+            bar.update(len(keys) + len(unusable))
+    cache.key_index()  # refuses repeated keys now, not in a loader worker later
+    cache.mark_complete()
+    return encoded
+
+
+def open_cache(images: CacheableImages | CacheableStream, tower: torch.nn.Module, output: TowerOutput,
+               settings: CacheSettings, tower_hash: str | None = None) -> EmbeddingCache:
     """The cache for ``images`` through ``tower`` (``output`` is one sample output, for the shapes)."""
     key = cache_key(images.image_identity(), tower_hash or tower_fingerprint(tower), settings.tokens)
     folder = settings.directory() / key if settings.storage == "disk" else None
     tokens_shape = tuple(output.tokens.shape[1:]) if settings.tokens else None
-    return EmbeddingCache(key, images.image_rows(), tuple(output.pooled.shape[1:]), tokens_shape, folder)
+    return EmbeddingCache(key, images.image_rows(), tuple(output.pooled.shape[1:]), tokens_shape, folder,
+                          keyed=is_stream(images))
+
+
+def is_stream(images: CacheableImages | CacheableStream) -> bool:
+    """Whether ``images`` is a stream (keyed rows) rather than a map-style dataset (numbered rows)."""
+    return hasattr(images, "keyed_images")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +390,8 @@ class LockedTowerCache(Callback):
                 continue  # validation is off: nothing would read that cache
             images = datamodule.cacheable_images(split)
             if images is None:
-                log.info("embedding cache: the %s images are not deterministic (augmentation?); not cached", split)
+                log.info("embedding cache: the %s images are not cacheable (augmented, or a stream whose sample "
+                         "counts are unknown); the locked tower runs every epoch", split)
                 continue
             start, cpu_start = time.perf_counter(), time.process_time()
             cache, encoded = self._prepare(trainer, pl_module, images, tower_hash, f"embedding cache ({split})")
@@ -278,7 +401,7 @@ class LockedTowerCache(Callback):
             log.info("embedding cache (%s, %s): %d rows, %d encoded now, %.1f s", split, self.settings.storage,
                      cache.rows, encoded, self.report[split]["seconds"])
 
-    def _prepare(self, trainer: L.Trainer, pl_module: Any, images: CacheableImages,
+    def _prepare(self, trainer: L.Trainer, pl_module: Any, images: CacheableImages | CacheableStream,
                  tower_hash: str, desc: str) -> tuple[EmbeddingCache, int]:
         def encode(pixels: torch.Tensor) -> TowerOutput:
             # The same numerics as an uncached training step: eval mode, no graph, the run's precision.
@@ -294,13 +417,15 @@ class LockedTowerCache(Callback):
             probe = encode(_first_usable_pixels(images)[None].to(device))
             cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
             settings = self.settings
+            filler = fill_keyed if cache.keyed else fill
             if cache.folder is None:
-                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
+                return cache, filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
             encoded = 0
             if trainer.is_global_zero:
                 with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
-                    cache.create_files()
-                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
+                    if not cache.complete:
+                        cache.create_files()
+                    encoded = filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
                     cache.flush()
             trainer.strategy.barrier("embedding_cache")
             cache.reopen()  # every rank maps the files rank 0 wrote
@@ -309,9 +434,10 @@ class LockedTowerCache(Callback):
             pl_module.vision.train(was_training)
 
 
-def _first_usable_pixels(images: CacheableImages) -> torch.Tensor:
-    for row in range(images.image_rows()):
-        pixels = images.image_row_pixels(row)
+def _first_usable_pixels(images: CacheableImages | CacheableStream) -> torch.Tensor:
+    candidates = (pixels for _, pixels in images.keyed_images()) if is_stream(images) else \
+        (images.image_row_pixels(row) for row in range(images.image_rows()))
+    for pixels in candidates:
         if pixels is not None:
             return pixels
     raise ConfigError("embedding cache: no usable image in the split")

@@ -46,9 +46,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
         self.epochs = TrainingEpochs()
         # The locked-tower embedding cache (vlm_lab/embedding_cache.py): caches by split, and the
-        # map-style dataset each split's loader serves (Lightning builds the training loader early).
+        # dataset or stream each split's loader serves (Lightning builds the training loader early).
         self.embedding_caches: dict[str, EmbeddingCache] = {}
-        self._served: dict[str, CaptionedImages] = {}
+        self._served: dict[str, CaptionedImages | ShardStream] = {}
 
     # ---------------------------------------------------------------------------------------------
     # For subclasses
@@ -113,22 +113,25 @@ class CaptionDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs.load_state_dict(state_dict)
 
-    def cacheable_images(self, split: str) -> CaptionedImages | None:
-        """The split's images for the embedding cache: map-style and not augmented, else None."""
+    def cacheable_images(self, split: str) -> CaptionedImages | ShardStream | None:
+        """The split's images for the embedding cache: a map-style dataset, or a stream whose shard
+        counts are known, when not augmented; else None."""
         if self.augment and split == "train":
             return None
         dataset = self.dataset(split)
-        return dataset if isinstance(dataset, CaptionedImages) else None
+        if isinstance(dataset, CaptionedImages) or isinstance(dataset, ShardStream) and dataset.cacheable():
+            return dataset
+        return None
 
     def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
-        """The split's map-style datasets, served already or later, hand out the cache's rows."""
+        """The split's datasets and streams, served already or later, hand out the cache's rows."""
         self.embedding_caches[split] = cache
         if split in self._served:
             self._served[split].embeddings = cache
 
     def _loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)
-        if isinstance(dataset, CaptionedImages):
+        if isinstance(dataset, (CaptionedImages, ShardStream)):
             dataset.embeddings = self.embedding_caches.get(split)
             self._served[split] = dataset
         training = split == "train"

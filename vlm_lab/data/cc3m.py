@@ -1,9 +1,11 @@
-"""Web-scale image-text pairs: CC3M, CC12M, LAION-style data.
+"""Web-scale image-text pairs: CC3M, CC12M, LAION-style data, and mixtures of them.
 
 Two layouts, per split:
 
 - webdataset shards as img2dataset writes them (``data.train_shards``: a brace pattern such as
-  ``cc3m/{00000..00331}.tar``, or a list), streamed (see ``shards.py``);
+  ``cc3m/{00000..00331}.tar``, or a list), streamed (see ``shards.py`` and ``tar_shards.py``); for training, several
+  sources of shards mixed in one stream (``data.train_sources``, optionally ``data.resampled``;
+  see ``mixtures.py``);
 - a caption table, ``filepath<TAB>caption`` (``.tsv``) or ``filepath,caption`` (``.csv``), with the
   image folder its paths are relative to (``data.train_table`` + ``data.train_images``).
 
@@ -14,14 +16,13 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import webdataset as wds
 from torch.utils.data import Dataset
 
 from vlm_lab.data.base import CaptionDataModule
+from vlm_lab.data.mixtures import parse_sources
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples, read_caption_table
-from vlm_lab.data.shards import (ShardStream, expand_shards, image_member, key_to_id, sample_captions,
-                                 shard_sample_count, skip_and_count)
-from vlm_lab.data.transforms import open_image
+from vlm_lab.data.shards import ShardStream, stream_raw_samples
+from vlm_lab.data.tar_shards import TarShards, expand_shards
 from vlm_lab.distributed import world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
@@ -40,6 +41,11 @@ class CC3MDataModule(CaptionDataModule):
 
     Args:
         train_shards, val_shards: webdataset shards (brace pattern or list).
+        train_sources: several sources of training shards in one stream, instead of ``train_shards``:
+            a list of ``{name, shards, weight}`` (``weight`` with ``resampled`` only; see
+            ``vlm_lab/data/mixtures.py``).
+        resampled: training draws samples with replacement (by the sources' weights), ``train_samples``
+            per epoch; without it, an epoch reads every training sample exactly once.
         train_table, val_table: ``.tsv``/``.csv`` caption tables (instead of shards).
         train_images, val_images: image folders of the tables (default: the table's folder).
         train_samples, val_samples: samples per epoch over all ranks (default: from the stats).
@@ -48,13 +54,14 @@ class CC3MDataModule(CaptionDataModule):
         num_workers: data loader worker processes.
         worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
             hand-off, fresh shared memory per batch; see ``vlm_lab/data/handoff.py``).
-        shuffle_buffer: samples each training worker shuffles among.
+        shuffle_buffer: samples each training worker shuffles among (per source when resampled).
         augment: random crops in training.
         seed: fixes the shard order, shuffling, crops and caption draws of every epoch.
     """
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int,
                  train_shards: str | list[str] | None = None, val_shards: str | list[str] | None = None,
+                 train_sources: list[dict[str, Any]] | None = None, resampled: bool = False,
                  train_table: str | None = None, val_table: str | None = None,
                  train_images: str | None = None, val_images: str | None = None,
                  train_samples: int | None = None, val_samples: int | None = None,
@@ -63,10 +70,20 @@ class CC3MDataModule(CaptionDataModule):
                  shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.resampled = shuffle_buffer, resampled
         self.samples = {"train": train_samples, "val": val_samples}
-        self.urls: dict[str, list[str]] = {}
+        self.sources: dict[str, list[TarShards]] = {}
+        self.weights: list[float | None] = []
         self.tables: dict[str, list[Record]] = {}
+        if train_sources is not None:
+            if train_shards is not None or train_table is not None:
+                given = "data.train_shards" if train_shards is not None else "data.train_table"
+                raise ConfigError(f"data.train_sources and {given} are both set; list every training source in "
+                                  f"data.train_sources")
+            specs = parse_sources(train_sources, "train_sources", resampled)
+            self.sources["train"] = [TarShards(expand_shards(spec.shards, _source_field(i, spec.name)), spec.name)
+                                     for i, spec in enumerate(specs)]
+            self.weights = [spec.weight for spec in specs]
         for split, shards, table, images in (("train", train_shards, train_table, train_images),
                                              ("val", val_shards, val_table, val_images)):
             if shards is not None and table is not None:
@@ -74,24 +91,35 @@ class CC3MDataModule(CaptionDataModule):
             if images is not None and table is None:
                 raise ConfigError(f"data.{split}_images is the folder of data.{split}_table, which is not set")
             if shards is not None:
-                self.urls[split] = expand_shards(shards, f"{split}_shards")
+                self.sources[split] = [TarShards(expand_shards(shards, f"{split}_shards"), f"{split}_shards")]
             elif table is not None:
                 self.tables[split] = read_caption_table(table, images, f"{split}_table")
-        if not self.urls and not self.tables:
-            raise ConfigError("cc3m needs data.train_shards or data.train_table (and optionally the val_ ones)")
-        self._counts: dict[str, list[int] | None] = {}
+        if not self.sources and not self.tables:
+            raise ConfigError("cc3m needs data.train_shards, data.train_sources or data.train_table "
+                              "(and optionally the val_ ones)")
+        if resampled:
+            if "train" not in self.sources:
+                raise ConfigError("data.resampled=true resamples training shards; set data.train_shards or "
+                                  "data.train_sources")
+            if train_samples is None:
+                raise ConfigError("data.resampled=true draws samples with replacement, so it needs the epoch "
+                                  "length: set data.train_samples (samples per epoch over all ranks)")
 
     def _check_split(self, split: str) -> None:
-        if split not in self.urls and split not in self.tables:
+        if split not in self.sources and split not in self.tables:
             hint = "; evaluate on val (vlm-lab validate)" if split == "test" else ""
             raise ConfigError(f"cc3m has no {split} split: set data.{split}_shards or data.{split}_table{hint}")
 
     def shard_counts(self, split: str) -> list[int] | None:
-        """Samples per shard (stats files, else a scan of local tars), or None if some are unknown."""
-        if split not in self._counts:
-            counts = [shard_sample_count(url) for url in self.urls[split]]
-            self._counts[split] = None if any(c is None for c in counts) else counts
-        return self._counts[split]
+        """Samples per shard of all the split's sources (stats files, else a scan of local tars), or
+        None if some are unknown."""
+        counts: list[int] = []
+        for source in self.sources[split]:
+            known = source.counts()
+            if known is None:
+                return None
+            counts += known
+        return counts
 
     def dataset(self, split: str) -> Dataset:
         self._check_split(split)
@@ -104,16 +132,19 @@ class CC3MDataModule(CaptionDataModule):
         """The shard stream of ``split`` as process ``rank`` of ``world_size`` reads it."""
         self._check_split(split)
         samples = self.samples.get(split)
-        counts = None if samples is not None else self.shard_counts(split)
-        if counts is None and samples is None:
-            raise ConfigError(f"data.{split}_shards: some shards are remote or lack img2dataset stats files, so "
-                              f"the epoch length is unknown; set data.{split}_samples")
+        resampled = self.resampled and split == "train"
+        if samples is None:
+            for source in self.sources[split]:
+                if source.counts() is None:
+                    where = f"{source.name} (data.train_sources)" if self.weights else f"data.{split}_shards"
+                    raise ConfigError(f"{where}: some shards are remote or lack img2dataset stats files, so the epoch "
+                                      f"length is unknown; set data.{split}_samples")
         return ShardStream(
-            self.urls[split], split, self.transform(split), self.collate(split),
+            self.sources[split], split, self.transform(split), self.collate(split),
             self.batch_size if split == "train" else self.eval_batch_size, self.bad_samples[split],
-            rank=rank, world_size=world_size, num_workers=self.num_workers, counts=counts,
-            samples_per_epoch=samples, shuffle_buffer=self.shuffle_buffer, seed=self.seed,
-            decode_size=self.decode_size,
+            rank=rank, world_size=world_size, num_workers=self.num_workers, samples_per_epoch=samples,
+            resampled=resampled, weights=self.weights if split == "train" and self.weights else None,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, decode_size=self.decode_size,
         )
 
     def raw_samples(self, split: str) -> Iterator[RawSample]:
@@ -121,17 +152,8 @@ class CC3MDataModule(CaptionDataModule):
         if split in self.tables:
             yield from raw_samples(self.tables[split])
             return
-        bad = self.bad_samples[split]
-        for url in self.urls[split]:
-            for raw in wds.tarfile_samples([{"url": url}], handler=skip_and_count(bad, url)):
-                where = f"{url} key {raw.get('__key__')}"
-                image_bytes, captions = image_member(raw), sample_captions(raw)
-                if image_bytes is None or isinstance(captions, str):
-                    bad.record("missing image" if image_bytes is None else captions, where)
-                    continue
-                # Decoded only when asked: caption statistics need no pixels.
-                yield RawSample(tuple(captions), key_to_id(raw["__key__"]), where,
-                                lambda data=image_bytes: open_image(data))
+        for source in self.sources[split]:
+            yield from stream_raw_samples(source, self.bad_samples[split])
 
     def split_summary(self, split: str) -> dict[str, int | None]:
         self._check_split(split)
@@ -139,4 +161,10 @@ class CC3MDataModule(CaptionDataModule):
             return {"images": len(self.tables[split]), "captions": len(self.tables[split]), "shards": None}
         counts = self.shard_counts(split)
         total = sum(counts) if counts is not None else self.samples.get(split)
-        return {"images": total, "captions": None, "shards": len(self.urls[split])}
+        return {"images": total, "captions": None, "shards": sum(s.num_shards for s in self.sources[split])}
+
+
+def _source_field(index: int, name: str) -> str:
+    """How messages name a source: ``train_sources[1] (laion)``, or ``train_sources[1]`` unnamed."""
+    field = f"train_sources[{index}]"
+    return field if name == field else f"{field} ({name})"

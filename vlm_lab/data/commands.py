@@ -1,6 +1,7 @@
 """The ``vlm-lab data`` commands (``vlm_lab/cli.py`` adds them to the parser).
 
-    vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
+    vlm-lab data convert (--ann FILE --images DIR | --hf PATH [--split NAME]) --out DIR
+                         [--to shards|parquet|imagefolder|coco] [--per caption|image] [--shard-size N]
     vlm-lab data inspect CONFIG... [key=value ...] [--split train|val|test] [--samples N] [--limit N] [--grid PNG]
 """
 
@@ -16,16 +17,29 @@ from vlm_lab.errors import ConfigError
 def add_data_commands(commands: argparse._SubParsersAction,
                       add_debug: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``data convert`` and ``data inspect`` to the ``vlm-lab`` sub-commands."""
-    data = commands.add_parser("data", help="convert datasets to shards, inspect a config's data")
+    data = commands.add_parser("data", help="convert datasets between layouts, inspect a config's data")
     actions = data.add_subparsers(dest="data_command", required=True)
 
-    sub = actions.add_parser("convert", help="write a COCO-format captions dataset as img2dataset-style shards")
-    sub.add_argument("--ann", required=True, help="COCO captions JSON (images + annotations)")
-    sub.add_argument("--images", required=True, help="the folder its file_names are in")
-    sub.add_argument("--out", required=True, help="output folder for NNNNN.tar and NNNNN_stats.json")
-    sub.add_argument("--per", choices=("caption", "image"), default="caption",
-                     help="one sample per caption (default) or per image with all captions in .json")
-    sub.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    sub = actions.add_parser("convert", help="move a captions dataset between COCO, img2dataset shards and datasets")
+    read = sub.add_argument_group("what to read: a COCO captions file, or a datasets dataset")
+    read.add_argument("--ann", help="COCO captions JSON (images + annotations)")
+    read.add_argument("--images", help="the folder its file_names are in")
+    read.add_argument("--hf", metavar="PATH", help="a datasets dataset: a local folder (save_to_disk, Parquet, "
+                                                   "Arrow, imagefolder) or a hub id (online)")
+    read.add_argument("--hf-format", default="auto",
+                      choices=("auto", "saved", "parquet", "arrow", "imagefolder", "hub"), help="(default: auto)")
+    read.add_argument("--image-column", default="image", help="--hf: the image column (default image)")
+    read.add_argument("--caption-column", default="caption", help="--hf: the caption column (default caption)")
+    sub.add_argument("--split", help="--hf: the split to read; --to parquet/imagefolder/coco: the split name "
+                                     "written (default train)")
+    sub.add_argument("--out", required=True, help="output folder")
+    sub.add_argument("--to", choices=("shards", "parquet", "imagefolder", "coco"), default="shards",
+                     help="shards (img2dataset's NNNNN.tar + NNNNN_stats.json, the default), parquet or "
+                          "imagefolder (datasets layouts), or coco")
+    sub.add_argument("--per", choices=("caption", "image"),
+                     help="one sample per caption, or per image with all its captions (default: caption for "
+                          "shards, image otherwise)")
+    sub.add_argument("--shard-size", type=int, default=10000, help="samples per shard or Parquet file (default 10000)")
     add_debug(sub)
     sub.set_defaults(handler=_convert)
 
@@ -42,9 +56,11 @@ def add_data_commands(commands: argparse._SubParsersAction,
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from vlm_lab.data.convert import coco_to_shards
+    from vlm_lab.data.convert import convert
 
-    print(coco_to_shards(args.ann, args.images, args.out, per=args.per, shard_size=args.shard_size))
+    print(convert(args.out, args.to, ann=args.ann, images_dir=args.images, hf=args.hf, split=args.split,
+                  image_column=args.image_column, caption_column=args.caption_column, hf_format=args.hf_format,
+                  per=args.per, shard_size=args.shard_size))
     return 0
 
 

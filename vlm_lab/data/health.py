@@ -55,11 +55,12 @@ class BadSampleCounter:
         self._taken = torch.zeros(len(REASONS), dtype=torch.int64)  # what take() has returned so far
         self._warned = 0  # per process: each worker has its own copy
 
-    def record(self, reason: str, where: str) -> None:
-        """Count one skipped sample; ``where`` names it (file, shard and key) in the log."""
+    def record(self, reason: str, where: str, count: int = 1) -> None:
+        """Count ``count`` skipped samples (one, unless a damaged shard lost several at once); ``where``
+        names them (file, shard and key) in the log."""
         worker = get_worker_info()
         row = 0 if worker is None else 1 + worker.id % (self.ROWS - 1)
-        self._counts[row, REASONS.index(reason)] += 1
+        self._counts[row, REASONS.index(reason)] += count
         if self._warned < DETAILED_WARNINGS:
             self._warned += 1
             more = " (further ones are only counted)" if self._warned == DETAILED_WARNINGS else ""

@@ -45,8 +45,8 @@ def inspect_split(datamodule: CaptionDataModule, split: str, samples: int = 8, l
                   grid: str | Path | None = None) -> str:
     """The inspection report of one split (and the grid saved at ``grid`` if given)."""
     if not isinstance(datamodule, CaptionDataModule):
-        raise ConfigError(f"vlm-lab data inspect works with image-caption data modules (coco_captions, cc3m), "
-                          f"not {type(datamodule).__name__}")
+        raise ConfigError(f"vlm-lab data inspect works with image-caption data modules (coco_captions, cc3m, "
+                          f"hf_dataset), not {type(datamodule).__name__}")
     summary = datamodule.split_summary(split)
     shown: list[RawSample] = []
     captions: list[str] = []

@@ -113,11 +113,11 @@ class CaptionedImages(Dataset):
             if cached is not None:
                 return {**cached, "captions": captions, "image_id": record.image_id}
             # The image was unusable when the cache was filled: count it as an uncached epoch would.
-            problem = "undecodable image" if Path(record.path).exists() else "missing image"
+            problem = "missing image" if self.image_missing(record_index) else "undecodable image"
             where = record.path
         else:
             try:
-                image = open_image(record.path, self.decode_size)
+                image = self.open_record_image(record_index)
             except FileNotFoundError:
                 problem = "missing image"
             except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
@@ -129,6 +129,16 @@ class CaptionedImages(Dataset):
             return None
         return {"pixel_values": self.transform(image), "captions": captions, "image_id": record.image_id}
 
+    # Where the images are: files named by the records. Datasets that keep them elsewhere (a
+    # ``datasets`` table: hf_datasets.py) override these two.
+
+    def open_record_image(self, record_index: int) -> Image.Image:
+        """The decoded image of a record; ``FileNotFoundError`` when it is missing."""
+        return open_image(self.records[record_index].path, self.decode_size)
+
+    def image_missing(self, record_index: int) -> bool:
+        """Whether a record's image is missing (rather than there but undecodable)."""
+        return not Path(self.records[record_index].path).exists()
 
     # The embedding cache's interface (vlm_lab/embedding_cache.py): one cache row per record.
 
@@ -142,7 +152,7 @@ class CaptionedImages(Dataset):
     def image_row_pixels(self, row: int) -> torch.Tensor | None:
         """The transformed image of record ``row``; None when unusable (counted when the row is served)."""
         try:
-            return self.transform(open_image(self.records[row].path, self.decode_size))
+            return self.transform(self.open_record_image(row))
         except Exception:  # missing or broken: _load counts it each epoch, as without the cache
             return None
 

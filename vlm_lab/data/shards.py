@@ -1,12 +1,14 @@
-"""Streaming webdataset shards (img2dataset's layout) across processes and loader workers.
+"""Streaming shards across processes and loader workers: webdataset tars, or a ``datasets`` stream.
 
-img2dataset writes ``00000.tar, 00001.tar, ...`` holding ``KEY.jpg`` (the image), ``KEY.txt`` (the
-caption) and ``KEY.json`` (url, sizes...), plus ``00000_stats.json`` beside each shard whose
-``successes`` is the number of samples in it. The ``webdataset`` library reads the tars (local files,
-``pipe:`` commands or URLs) and groups their members into samples. Deciding which process and worker
-reads what is done here, because the exact-coverage guarantees below are this module's contract.
+A stream reads one or more *sources*, each a list of shards read sample by sample in storage order
+(:class:`StreamSource`). Two kinds exist: webdataset tars as img2dataset writes them
+(``tar_shards.TarShards``) and the shards of a Hugging Face ``datasets`` ``IterableDataset``
+(``hf_datasets.HFShards``). Deciding which process and worker reads what is done here, for every
+kind alike, because the exact-coverage guarantees below are this module's contract. Several
+sources make a mixture, read exactly or resampled by weight (``mixtures.py``).
 
-Who reads what: the ``R x W`` readers (ranks x loader workers, "slots") split the shards once:
+Who reads what: the shards of all sources, one after the other, make one list of ``S`` shards, which
+the ``R x W`` readers (ranks x loader workers, "slots") split once:
 
 - ``S // (R*W) * (R*W)`` shards are dealt out whole, round robin (each is read by one slot);
 - each of the ``S mod (R*W)`` leftover shards goes to a group of about ``R*W / leftover`` slots, which
@@ -14,120 +16,142 @@ Who reads what: the ``R x W`` readers (ranks x loader workers, "slots") split th
 
 So every sample belongs to exactly one slot, whatever the counts, and slots get nearly equal shares.
 Only the leftover shards are read more than once; a shard count that is a multiple of ``R*W`` reads
-every shard once.
+every shard once. A slot's position in an epoch is (which of its portions, which sample of it).
 
 Equal lengths: under DDP every rank must run the same number of batches or the collective calls
 hang. Each worker index gets a quota of samples, the largest share of that worker index over the
 ranks (rounded up to whole batches for training); a slot with a smaller share tops up by reading its
-share again. Per-shard sample counts come from the stats files (or a scan of local tars without one),
-so the quotas, and ``len()``, are known before reading. With ``samples_per_epoch`` set, the quota is
+share again. Per-shard sample counts come from the sources (img2dataset's stats files, Parquet
+footers...), so the quotas, and ``len()``, are known before reading. With ``samples_per_epoch`` set, the quota is
 that number split evenly instead, and slots cycle through (or stop early in) their share.
 
 Epochs: the shard-to-slot assignment is fixed; each epoch, a training slot reads its shards in a new
 order through a shuffle buffer, both seeded by (seed, epoch, slot), as are a loader worker's own
-random streams (crops, caption draws). The epoch comes from
-:class:`StreamLoader`, which sets it before the workers start each pass.
+random streams (crops, caption draws). The epoch comes from :class:`StreamLoader`, which sets it
+before the workers start each pass. A resampled stream draws instead (``mixtures.py``), seeded the
+same way.
+
+The locked-tower embedding cache serves streams too: a stream is a ``CacheableStream``
+(``vlm_lab/embedding_cache.py``) whose images are found by :func:`sample_key`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import math
 import random
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
-from vlm_lab.data.transforms import open_image
+from vlm_lab.data.mixtures import interleave, mixture_weights, weighted_draws
+from vlm_lab.data.records import RawSample
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.seeding import epoch_seed, seed_process
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# A resampled source that gives this many unusable samples in a row is broken, not unlucky.
+MAX_UNUSABLE_IN_A_ROW = 100_000
 
 
 # --------------------------------------------------------------------------------------------------
-# Shard lists and their sample counts
+# Sources
 
 
-def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+class StreamSource(Protocol):
+    """One source of a :class:`ShardStream`: shards read sample by sample, in storage order.
 
-
-def expand_shards(spec: str | list[str], field: str) -> list[str]:
-    """Brace-expand a shard spec (``"cc3m/{00000..00331}.tar"`` or a list of such) and check it.
-
-    Raises ``ConfigError`` for an empty list or local shards that do not exist.
+    A raw sample is a dict with ``__key__`` (unique within the source) and ``__url__`` (its shard's
+    name), plus whatever the source stores; ``decode`` turns it into what the stream needs.
     """
-    items = [spec] if isinstance(spec, str) else list(spec)
-    urls = [url for item in items if str(item).strip() for url in wds.shardlists.expand_urls(str(item))]
-    if not urls:
-        raise ConfigError(f"data.{field}: the shard list is empty; give paths such as 'shards/{{00000..00009}}.tar'")
-    missing = [url for url in urls if is_local(url) and not Path(url).is_file()]
-    if missing:
-        raise ConfigError(f"data.{field}: {len(missing)} of {len(urls)} shard file(s) do not exist, e.g. {missing[0]}")
-    return urls
+
+    name: str
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards the source has."""
+
+    def shard_name(self, shard: int) -> str:
+        """A shard's name for messages (a path or URL)."""
+
+    def counts(self) -> list[int] | None:
+        """Samples per shard, or None when some are unknown (the epoch length must then be given)."""
+
+    def read(self, shard: int, on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+        """The raw samples of a shard in storage order; unreadable data goes to ``on_error`` (which
+        returns True to carry on)."""
+
+    def decode(self, raw: dict[str, Any], decode_size: tuple[int, int] | None,
+               with_image: bool = True) -> dict[str, Any] | str:
+        """``{"image", "captions", "image_id", "key"}`` of a raw sample, or the bad-sample reason
+        (``health.REASONS``) why it cannot be used. ``with_image=False`` checks that the image is
+        there but does not decode it (``image`` is None)."""
 
 
-def stats_path(url: str) -> Path:
-    """Where img2dataset puts a shard's stats: ``00000.tar`` -> ``00000_stats.json``."""
-    path = Path(url)
-    stem = path.name[: -len(".tar")] if path.name.endswith(".tar") else path.stem
-    return path.with_name(f"{stem}_stats.json")
+def where(raw: dict[str, Any]) -> str:
+    """A raw sample's place, for the bad-sample log: its shard and key."""
+    return f"{raw.get('__url__')} key {raw.get('__key__')}"
 
 
-def shard_sample_count(url: str) -> int | None:
-    """Samples in a shard: its stats file's ``successes``, else a scan of a local tar, else None."""
-    if not is_local(url):
-        return None
-    stats = stats_path(url)
-    if stats.is_file():
-        return stats_successes(stats)
-    return count_tar_samples(url)
+def stream_raw_samples(source: StreamSource, bad: BadSampleCounter) -> Iterator[RawSample]:
+    """A source's samples in storage order, untransformed, for ``vlm-lab data inspect``."""
+    for shard in range(source.num_shards):
+        for raw in source.read(shard, skip_and_count(bad, source.shard_name(shard))):
+            sample = source.decode(raw, None, with_image=False)
+            if isinstance(sample, str):
+                bad.record(sample, where(raw))
+                continue
+            # Decoded only when asked: caption statistics need no pixels.
+            yield RawSample(tuple(sample["captions"]), sample["image_id"], where(raw),
+                            lambda raw=raw: _decoded_image(source, raw))
 
 
-def stats_successes(stats: Path) -> int:
-    """The ``successes`` of an img2dataset stats file; a one-line ConfigError naming file and field."""
-    try:
-        data = json.loads(stats.read_bytes())
-    except ValueError as error:
-        raise ConfigError(f"{stats} is not valid JSON ({error}); img2dataset stats files hold 'successes'") from None
-    if not isinstance(data, dict) or "successes" not in data:
-        raise ConfigError(f"{stats}: 'successes' missing; an img2dataset stats file gives the shard's sample count there")
-    successes = data["successes"]
-    if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
-        raise ConfigError(f"{stats}: 'successes' should be a count (an integer >= 0), not {json.dumps(successes)[:60]}")
-    return successes
+def _decoded_image(source: StreamSource, raw: dict[str, Any]) -> Image.Image:
+    sample = source.decode(raw, None)
+    if isinstance(sample, str):
+        raise ValueError(sample)
+    return sample["image"]
 
 
-def count_tar_samples(path: str) -> int:
-    """Samples in a tar as webdataset groups them: runs of members sharing a key (headers only)."""
-    count, previous = 0, None
-    try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for member in tar:
-                key, _ = base_plus_ext(member.name)
-                if not member.isreg() or key is None or Path(member.name).name.startswith("__"):
-                    continue
-                if key != previous:
-                    count, previous = count + 1, key
-    except (tarfile.TarError, OSError) as error:
-        log.warning("counting samples in %s stopped at %d: %s", path, count, error)
-    return count
+# --------------------------------------------------------------------------------------------------
+# Errors and keys
+
+
+def skip_and_count(bad: BadSampleCounter, url: str) -> Callable[[Exception], bool]:
+    """A webdataset error handler that counts the error as a bad sample and carries on."""
+
+    def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
+        bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
+        return True
+
+    return skip
+
+
+def key_to_id(key: str) -> int:
+    """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
+    if key.isdigit():
+        return int(key)
+    return _hash63(key)
+
+
+def sample_key(source: str, key: str) -> int:
+    """The embedding cache's key of a sample: its source's name and its own key, hashed to 63 bits."""
+    return _hash63(f"{source}\x00{key}")
+
+
+def _hash63(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,10 +191,10 @@ def assign_shards(num_shards: int, num_slots: int) -> list[list[Portion]]:
 
 
 class ShardStream(IterableDataset):
-    """Batches from webdataset shards for one rank: each sample of the split once per epoch.
+    """Batches from the shards of one or more sources for one rank: each sample once per epoch.
 
     Args:
-        urls: the expanded shard list.
+        sources: the sources, whose shards are read as one list (module docstring).
         split: ``train`` (shuffled, whole batches) or ``val`` / ``test`` (storage order).
         transform: PIL image -> tensor.
         collate: list of samples -> batch (tokenises).
@@ -178,36 +202,56 @@ class ShardStream(IterableDataset):
         bad: where skipped samples are counted.
         rank, world_size: this process among the data-parallel ones.
         num_workers: the DataLoader's worker count (0 counts as 1 reader).
-        counts: samples per shard, or None when ``samples_per_epoch`` is given instead.
-        samples_per_epoch: a fixed epoch size over all ranks (overrides the counts).
-        shuffle_buffer: samples held by each training worker's shuffle buffer.
+        samples_per_epoch: a fixed epoch size over all ranks; without it the sources' counts fix it.
+        resampled: draw samples with replacement (``mixtures.py``); needs ``samples_per_epoch``.
+        weights: each source's weight in a resampled stream (None: by size; see ``mixtures.py``).
+        shuffle_buffer: samples held by each training worker's shuffle buffer (per source when resampled).
         seed: fixes the order of every epoch.
         decode_size: lets JPEGs decode at a reduced scale (see ``transforms.open_image``).
     """
 
-    def __init__(self, urls: list[str], split: str, transform: Callable[[Image.Image], torch.Tensor],
+    def __init__(self, sources: list[StreamSource], split: str, transform: Callable[[Image.Image], torch.Tensor],
                  collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], batch_size: int,
                  bad: BadSampleCounter, rank: int, world_size: int, num_workers: int,
-                 counts: list[int] | None, samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 1000, seed: int = 0,
+                 samples_per_epoch: int | None = None, resampled: bool = False,
+                 weights: list[float | None] | None = None, shuffle_buffer: int = 1000, seed: int = 0,
                  decode_size: tuple[int, int] | None = None) -> None:
         super().__init__()
-        if counts is None and samples_per_epoch is None:
-            raise ConfigError(f"{split}: cannot tell the epoch length; give the samples per epoch")
-        self.urls, self.split, self.train = urls, split, split == "train"
+        if resampled and samples_per_epoch is None:
+            raise ConfigError(f"data.resampled=true draws samples with replacement, so it needs the epoch length: "
+                              f"set data.{split}_samples")
+        self.sources, self.split, self.train = sources, split, split == "train"
         self.transform, self.collate, self.batch_size, self.bad = transform, collate, batch_size, bad
         self.rank, self.world_size, self.num_workers = rank, world_size, max(1, num_workers)
-        self.counts, self.samples_per_epoch = counts, samples_per_epoch
+        self.samples_per_epoch, self.resampled = samples_per_epoch, resampled
+        self.weights = list(weights) if weights is not None else [None] * len(sources)
         self.shuffle_buffer, self.seed, self.decode_size = shuffle_buffer, seed, decode_size
-        self.assignment = assign_shards(len(urls), world_size * self.num_workers)
+        # The shards of all sources as one list: (source index, shard index within the source).
+        self.shards = [(s, k) for s, source in enumerate(sources) for k in range(source.num_shards)]
+        # Samples per shard, per source (None: unknown). Read here, once: the workers inherit them.
+        self.source_counts = [source.counts() for source in sources] \
+            if resampled or samples_per_epoch is None else [None] * len(sources)
+        self.counts = None if samples_per_epoch is not None else self._counts()
+        self.assignment = assign_shards(len(self.shards), world_size * self.num_workers)
         self.quotas = self._quotas()
         if sum(self.quotas) == 0:
-            total = samples_per_epoch if samples_per_epoch is not None else sum(counts or [])
+            total = samples_per_epoch if samples_per_epoch is not None else sum(self.counts or [])
             need = f"at least batch_size={batch_size} per rank in training" if self.train else "at least one"
-            raise ConfigError(f"{split}: {total} sample(s) in {len(urls)} shard(s) leave rank {rank} of {world_size} "
-                              f"nothing to read; it needs {need}")
+            raise ConfigError(f"{split}: {total} sample(s) in {len(self.shards)} shard(s) leave rank {rank} of "
+                              f"{world_size} nothing to read; it needs {need}")
         # Shared memory: the workers read the epoch the main process sets before each pass.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
+        self.embeddings: EmbeddingCache | None = None
+
+    def _counts(self) -> list[int]:
+        counts: list[int] = []
+        for source, known in zip(self.sources, self.source_counts):
+            if known is None:
+                raise ConfigError(f"{self.split}: {source.name}: the samples per shard are unknown (remote shards, or "
+                                  f"no stats files), so the epoch length is unknown; set data.{self.split}_samples")
+            counts += known
+        return counts
 
     # ---------------------------------------------------------------------------------------------
     # Sizes
@@ -253,13 +297,14 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"this {self.split} stream was planned for {self.num_workers} loader worker(s) "
                                f"but is read by {workers}; build its DataLoader with the same num_workers")
         slot, quota = self.slot(self.rank, worker), self.quotas[worker]
-        rng = random.Random(f"{self.seed}-{self.split}-{self.epoch}-{slot}")
+        rng = self._rng(slot)
         if info is not None and self.train:
             # A persistent worker carries its random state over epochs; the random crops and caption
             # draws it makes must depend on the epoch only (vlm_lab/seeding.py).
             seed_process(epoch_seed(self.seed, self.epoch, slot))
+        samples = self._resampled(slot, rng) if self.resampled else self._passes(slot, rng)
         batch: list[dict[str, Any]] = []
-        for sample in itertools.islice(self._passes(slot, rng), quota):
+        for sample in itertools.islice(samples, quota):
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self.collate(batch)
@@ -288,94 +333,142 @@ class ShardStream(IterableDataset):
                     log.warning("%s: reader %d found no usable sample in its share of the shards", self.split, slot)
                 return
 
+    def _rng(self, slot: int, *more: object) -> random.Random:
+        """The random stream of a reader (and, resampled, of one of its sources) in this epoch."""
+        return random.Random("-".join(map(str, (self.seed, self.split, self.epoch, slot, *more))))
+
+    def _resampled(self, slot: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Samples drawn with replacement: a source by weight per sample, shards by size per source."""
+        sizes = [sum(counts) if counts is not None else None for counts in self.source_counts]
+        streams = [self._endless(index, self._rng(slot, "source", index)) for index in range(len(self.sources))]
+        return interleave(streams, mixture_weights(self.weights, sizes), rng)
+
+    def _endless(self, index: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Decoded samples of source ``index`` forever, its shards drawn with replacement. Each draw is
+        a fresh read, so its bad samples are counted each time."""
+        source = self.sources[index]
+        raw: Iterator[dict[str, Any]] = self._drawn_shards(index, rng)
+        if self.shuffle_buffer > 1:
+            raw = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(raw)
+        unusable = 0
+        for sample in raw:
+            decoded = self._decode(sample, count_bad=True)
+            if decoded is not None:
+                unusable = 0
+                yield decoded
+                continue
+            unusable += 1
+            if unusable == MAX_UNUSABLE_IN_A_ROW:
+                raise ConfigError(f"{self.split}: source {source.name}: {unusable} samples in a row were unusable "
+                                  f"(see the bad-sample log); is the source's data broken?")
+
+    def _drawn_shards(self, index: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+        source = self.sources[index]
+        empty: set[int] = set()
+        for shard in weighted_draws(self.source_counts[index], source.num_shards, rng):
+            read = 0
+            for sample in self._shard(index, shard, Portion(shard), count_bad=True):
+                read += 1
+                yield sample
+            if read == 0:
+                empty.add(shard)
+                if len(empty) == source.num_shards:
+                    raise ConfigError(f"{self.split}: source {source.name}: none of its {source.num_shards} shard(s) "
+                                      f"holds a readable sample")
+
     def _read(self, portions: list[Portion], count_bad: bool) -> Iterator[dict[str, Any]]:
         for portion in portions:
-            url = self.urls[portion.shard]
-            samples = wds.tarfile_samples([{"url": url}], handler=self._handler(url, count_bad))
-            for position, sample in enumerate(samples):
-                if portion.keeps(position):
-                    yield sample
+            yield from self._shard(*self.shards[portion.shard], portion, count_bad)
 
-    def _handler(self, url: str, count_bad: bool) -> Callable[[Exception], bool]:
-        return skip_and_count(self.bad, url) if count_bad else (lambda error: True)
+    def _shard(self, index: int, shard: int, portion: Portion, count_bad: bool) -> Iterator[dict[str, Any]]:
+        """The raw samples of ``portion`` (of shard ``shard`` of source ``index``).
+
+        A damaged shard loses its samples from the damage on: an error webdataset reports counts one
+        of them, and when the shard's count is known the rest are counted too. A tar cut between two
+        members reports no error at all; only the count tells.
+        """
+        source = self.sources[index]
+        errors = 0
+
+        def skip(error: Exception) -> bool:
+            nonlocal errors
+            errors += 1
+            return skip_and_count(self.bad, source.shard_name(shard))(error) if count_bad else True
+
+        kept = 0
+        for position, sample in enumerate(source.read(shard, skip)):
+            if portion.keeps(position):
+                sample["__source__"] = index
+                kept += 1
+                yield sample
+        counts = self.source_counts[index]
+        lost = portion.size(counts[shard]) - kept - errors if counts is not None else 0
+        if count_bad and lost > 0:
+            self.bad.record("unreadable shard data", f"{source.shard_name(shard)}: {lost} more sample(s) than read "
+                                                     f"(its count says {counts[shard]})", count=lost)
 
     def _decode(self, raw: dict[str, Any], count_bad: bool) -> dict[str, Any] | None:
-        sample = decode_sample(raw, self.decode_size)
+        source = self.sources[raw["__source__"]]
+        cached = self.embeddings is not None
+        sample = source.decode(raw, self.decode_size, with_image=not cached)
+        if not isinstance(sample, str) and cached:  # the locked tower's stored outputs stand in for the image
+            try:
+                outputs = self.embeddings.lookup_key(sample_key(source.name, sample["key"]))
+            except KeyError:
+                raise RuntimeError(f"{where(raw)} is not in the embedding cache: the shards changed since it was "
+                                   f"filled; delete {self.embeddings.folder or 'the cache'} and run again") from None
+            if outputs is None:  # unusable when the cache was filled: counted as an uncached epoch would
+                sample = "undecodable image"
+            else:
+                return {**outputs, "captions": sample["captions"], "image_id": sample["image_id"]}
         if isinstance(sample, str):
             if count_bad:
-                self.bad.record(sample, f"{raw.get('__url__')} key {raw.get('__key__')}")
+                self.bad.record(sample, where(raw))
             return None
-        image = sample.pop("image")
-        sample["pixel_values"] = self.transform(image)
-        return sample
+        return {"pixel_values": self.transform(sample["image"]), "captions": sample["captions"],
+                "image_id": sample["image_id"]}
+
+    # ---------------------------------------------------------------------------------------------
+    # The embedding cache's interface for streams (vlm_lab/embedding_cache.py, CacheableStream)
+
+    def cacheable(self) -> bool:
+        """Whether every shard's sample count is known: the cache allocates its rows from them."""
+        return all(source.counts() is not None for source in self.sources)
+
+    def image_rows(self) -> int:
+        return sum(sum(source.counts() or []) for source in self.sources)
+
+    def image_identity(self) -> str:
+        shards = [(source.name, [source.shard_name(k) for k in range(source.num_shards)], source.counts())
+                  for source in self.sources]
+        digest = hashlib.sha1(repr(shards).encode()).hexdigest()
+        return f"shard_stream {self.image_rows()} samples {digest} decode_size={self.decode_size} {self.transform}"
+
+    def keyed_images(self) -> "KeyedImages":
+        return KeyedImages(self.sources, self.transform, self.decode_size)
 
 
-def skip_and_count(bad: BadSampleCounter, url: str) -> Callable[[Exception], bool]:
-    """A webdataset error handler that counts the error as a bad sample and carries on."""
+class KeyedImages(IterableDataset):
+    """Every image of some sources once, as ``(sample key, transformed image or None)``: what fills a
+    stream's embedding cache. Loader workers take every ``num_workers``-th shard; samples whose
+    captions are unusable are left out (the stream skips them before looking images up)."""
 
-    def skip(error: Exception) -> bool:  # webdataset's contract: True means "carry on"
-        bad.record("unreadable shard data", f"{url}: {type(error).__name__}: {error}")
-        return True
+    def __init__(self, sources: list[StreamSource], transform: Callable[[Image.Image], torch.Tensor],
+                 decode_size: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.sources, self.transform, self.decode_size = sources, transform, decode_size
 
-    return skip
-
-
-def image_member(raw: dict[str, Any]) -> bytes | None:
-    """The encoded image of a webdataset sample, whichever its extension."""
-    return next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-
-
-def sample_captions(raw: dict[str, Any]) -> list[str] | str:
-    """A webdataset sample's captions, or the reason it has none.
-
-    The caption is the ``.txt`` member (UTF-8; other bytes make an "undecodable caption"). A ``.json``
-    member with a ``captions`` list (written by ``vlm-lab data convert --per image``) gives every
-    caption of the image; a ``captions`` that is not a list of strings is a schema error
-    (``ConfigError`` naming the shard, the key and the field), while a ``.json`` that is not JSON at
-    all is ignored (img2dataset's metadata is optional).
-    """
-    if "txt" not in raw:
-        return "missing caption"
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return "undecodable caption"
-    if not caption:
-        return "empty caption"
-    if "json" in raw:
-        try:
-            meta = json.loads(raw["json"])
-        except ValueError:
-            meta = None  # metadata is optional: a broken one does not spoil the sample
-        listed = meta.get("captions") if isinstance(meta, dict) else None
-        if listed is not None:
-            if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
-                raise ConfigError(f"{raw.get('__url__')}: {raw.get('__key__')}.json field 'captions' should be a "
-                                  f"list of strings, not {json.dumps(listed)[:60]}")
-            return [c.strip() for c in listed if c.strip()] or [caption]
-    return [caption]
-
-
-def decode_sample(raw: dict[str, Any], decode_size: tuple[int, int] | None = None) -> dict[str, Any] | str:
-    """A webdataset sample -> ``{"image", "captions", "image_id"}``, or the reason it is unusable."""
-    image_bytes = image_member(raw)
-    if image_bytes is None:
-        return "missing image"
-    captions = sample_captions(raw)
-    if isinstance(captions, str):
-        return captions
-    try:
-        image = open_image(image_bytes, decode_size)
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        return "undecodable image"
-    return {"image": image, "captions": captions, "image_id": key_to_id(raw["__key__"])}
-
-
-def key_to_id(key: str) -> int:
-    """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
-    if key.isdigit():
-        return int(key)
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") >> 1
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = [(source, k) for source in self.sources for k in range(source.num_shards)]
+        for source, shard in shards[worker::workers]:
+            for raw in source.read(shard, lambda error: True):  # the stream counts what is unreadable
+                sample = source.decode(raw, self.decode_size)
+                if sample == "undecodable image":  # the stream looks it up, finds it unusable and counts it
+                    yield sample_key(source.name, raw["__key__"]), None
+                elif not isinstance(sample, str):
+                    yield sample_key(source.name, sample["key"]), self.transform(sample["image"])
 
 
 class StreamLoader(EpochLoader):
