@@ -23,6 +23,7 @@ export writes that recipe into ``OUT/README.md``. What is held, and why: docs/ho
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,15 @@ def timm_data_config(image_config: Any) -> dict[str, Any]:
             "std": list(image_config.std)}
 
 
+def _portable(config: Any) -> Any:
+    """A copy of an HF tower's config without ``_name_or_path``: where its weights were loaded from
+    here (a package folder of this machine, or nothing for a tower rebuilt from a checkpoint) is no part
+    of the exported model, and keeping it would make two exports of one model differ."""
+    config = copy.deepcopy(config)
+    config.name_or_path = ""
+    return config
+
+
 def _half(tower: Any, kind: str, tokenizer: Any) -> tuple[Any, dict[str, Tensor]]:
     """``(HF config, state dict)`` of one tower as a standalone HF model."""
     if kind == "vision" and isinstance(tower, ClipVisionTower):
@@ -252,9 +262,9 @@ def _half(tower: Any, kind: str, tokenizer: Any) -> tuple[Any, dict[str, Tensor]
                 f"export hf: the vision tower pools with {tower.pooling!r}, but VisionTextDualEncoderModel uses "
                 f"the model's pooler_output; only pooling: pooler exports exactly"
             )
-        return tower.model.config, tower.model.state_dict()
+        return _portable(tower.model.config), tower.model.state_dict()
     if kind == "text" and isinstance(tower, HFTextTower):
-        return tower.model.config, tower.model.state_dict()  # a pooling other than `pooler`: see the README
+        return _portable(tower.model.config), tower.model.state_dict()  # a pooling other than `pooler`: see the README
     raise ConfigError(
         f"export hf: the {kind} tower is a {type(tower).__name__}; the Hugging Face export supports "
         f"{SUPPORTED_TOWERS[kind]} towers"
