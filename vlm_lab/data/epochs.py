@@ -31,19 +31,19 @@ class EpochLoader(SlotLoader):
     do), so each epoch's workers draw from that epoch's seeds.
 
     The DataLoader-style arguments let Lightning rebuild it with a ``DistributedSampler`` under DDP
-    (that sampler shuffles by its own seed and the epoch Lightning gives it). ``slots``: see
-    :class:`~vlm_lab.data.handoff.SlotLoader`.
+    (that sampler shuffles by its own seed and the epoch Lightning gives it). ``pin_memory`` and
+    ``slots``: see :class:`~vlm_lab.data.handoff.SlotLoader`.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: Callable[[], int], batch_size: int | None = 1,
                  shuffle: bool | None = None, sampler: Sampler | None = None, batch_sampler: Sampler | None = None,
                  num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 drop_last: bool = False, persistent_workers: bool = False,
+                 pin_memory: bool = False, drop_last: bool = False, persistent_workers: bool = False,
                  slots: WorkerSlots | None = None) -> None:
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                         drop_last=drop_last, generator=torch.Generator(), persistent_workers=persistent_workers,
-                         slots=slots)
+                         pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator(),
+                         persistent_workers=persistent_workers, slots=slots)
         self.seed, self._epoch_source = seed, epoch
         self.progress: tuple[int, int] | None = None
 
