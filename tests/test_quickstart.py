@@ -13,14 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VLM_LAB = str(Path(sys.executable).parent / "vlm-lab")
-# Only against a hang: a few minutes on two idle cores, several times that on a busy machine.
-HANG_TIMEOUT = 3600
 
 
 @pytest.mark.slow
 def test_quickstart_trains_to_20_percent_r1(tmp_path):
+    # No timeout: about 3 minutes on two idle cores, but over 40 on two cores shared with other jobs
+    # (measured), and a single-process fit has no hang to guard against that CI's own limit misses.
     run = subprocess.run([VLM_LAB, "fit", "experiments/quickstart.yaml", "--run-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+                         cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     print(f"quickstart: i2t R@1 {metrics['val/i2t_R@1']:.1f}% "
