@@ -143,6 +143,7 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_two_processes_match_one_process(two_process_results, case, dtype):
     exact = CASES[case][1]
     expected_loss, expected_grads = _loss_and_grads(_module(case, dtype), _batch(dtype))

@@ -116,6 +116,7 @@ def test_slots_are_reused_across_a_pass():
 
 
 @pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.slow
 def test_abandoned_passes_do_not_use_the_slots_up(persistent):
     handoff = slots(per_worker=4)
     data = loader(handoff, persistent=persistent)
@@ -199,6 +200,7 @@ def _same(with_slots: list[dict], without: list[dict]) -> None:
 
 @needs_shared
 @pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.slow
 def test_coco_batches_are_the_same_with_and_without_slots(split):
     tokenizer = load_tokenizer(None)
     made = {}
@@ -240,6 +242,7 @@ def test_another_loader_over_the_same_collate_gets_plain_batches():
         assert batch["pixel_values"].is_shared() and batch["image_ids"].is_shared()
 
 
+@pytest.mark.slow
 def test_spawned_workers_use_the_slots_too():
     """macOS and Windows start loader workers with spawn: the slots travel pickled."""
     handoff = slots()
@@ -254,6 +257,7 @@ def test_spawned_workers_use_the_slots_too():
 
 @needs_shared
 @pytest.mark.parametrize("worker_slots", [2, 0])
+@pytest.mark.slow
 def test_worker_slots_from_an_experiment_config(monkeypatch, worker_slots):
     import vlm_lab
 
@@ -284,6 +288,7 @@ def test_a_pass_started_under_inference_mode():
 
 
 @needs_shared
+@pytest.mark.slow
 def test_a_fit_with_slots_matches_one_without(monkeypatch, tmp_path):
     """Lightning end to end, 2 workers: training passes cut short (limit_train_batches abandons
     prefetched batches) and validation under inference mode; the metrics agree to the bit."""
@@ -337,6 +342,7 @@ def test_a_ticket_the_loader_pins_is_copied_out_and_its_slot_freed_at_once(monke
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator is found")
 @pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.slow
 def test_a_pinning_loader_gives_the_same_batches(persistent):
     """``pin_memory=True`` (training on CUDA): where PyTorch can pin, every tensor of a batch comes pinned
     and no slot stays held; on CPU-only PyTorch the DataLoader skips pinning (with a warning) and the
