@@ -153,6 +153,23 @@ def test_a_batch_too_big_for_its_slot_goes_pytorchs_way():
         assert batch["pixel_values"].is_shared()
 
 
+class BFloat16Collate(PackingCollate):
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return super().__call__([image.bfloat16() for image in images])
+
+
+def test_bfloat16_pixels_use_the_slots_too():
+    """numpy has no bfloat16; torch.frombuffer does, so such pixels need not fall back."""
+    handoff = slots()
+    data = SlotLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=BFloat16Collate(handoff), slots=handoff)
+    used = 0
+    for number, batch in enumerate(data):
+        assert batch["pixel_values"].dtype == torch.bfloat16
+        check({**batch, "pixel_values": batch["pixel_values"].float()}, BATCH * number)
+        used += in_slot(batch["pixel_values"], handoff.pool)
+    assert used >= 8  # as in test_slots_are_reused_across_a_pass
+
+
 def test_small_tensors_travel_by_value():
     batch = next(iter(loader(slots())))
     assert not batch["image_ids"].is_shared()  # no shared memory, no file descriptor sent
