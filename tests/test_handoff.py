@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import pickle
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -410,3 +411,25 @@ def test_caption_loaders_pin_memory_on_cuda_with_slots_or_without(worker_slots, 
     for data_module in (coco, cc3m):
         assert _loaders_pin(data_module, accelerator) == [pinned, pinned]
         assert (data_module.slots("train") is None) == (worker_slots == 0)
+
+
+def test_a_data_module_and_its_loaders_are_freed_without_the_cycle_collector():
+    """A DataLoader that only Python's cycle collector frees cannot stop its persistent workers (its
+    queues are closed first): PyTorch waits 5 s for each before it kills it. So no data module may
+    sit in a reference cycle with its loaders (the training loader asks it for each pass's epoch)."""
+    tokenizer = load_tokenizer(None)
+    made = [lambda: SyntheticShapesDataModule(tokenizer, TINY_IMAGES, 32, train_size=16, val_size=8, batch_size=4)]
+    if COCO_MINI.is_dir():
+        made.append(lambda: CocoCaptionsDataModule(tokenizer, TINY_IMAGES, 32, root=str(COCO_MINI), batch_size=4))
+    gc.collect()
+    gc.disable()
+    try:
+        for make in made:
+            data_module = make()
+            loaders = [data_module.train_dataloader(), data_module.val_dataloader()]
+            next(iter(loaders[0]))
+            freed = [weakref.ref(data_module), *(weakref.ref(loader) for loader in loaders)]
+            del data_module, loaders
+            assert [ref() for ref in freed] == [None] * 3
+    finally:
+        gc.enable()

@@ -11,6 +11,7 @@ the two data-side pieces every data module uses for its training loader:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -73,9 +74,22 @@ class TrainingEpochs:
     """
 
     def __init__(self) -> None:
-        self.loader: EpochLoader | None = None  # the training loader, whose progress a checkpoint keeps
+        self._loader: weakref.ref[EpochLoader] | None = None
         self._resumed: int | None = None
         self._without_trainer = 0
+
+    @property
+    def loader(self) -> EpochLoader | None:
+        """The training loader, whose progress a checkpoint keeps (None before one is built or once it is gone)."""
+        return None if self._loader is None else self._loader()
+
+    @loader.setter
+    def loader(self, loader: EpochLoader | None) -> None:
+        # Held weakly. The loader asks the data module for each pass's epoch, so a strong reference
+        # back would make a cycle, which only Python's cycle collector frees, and it closes the
+        # loader's worker queues first: PyTorch then waits 5 s for each persistent worker to stop
+        # before it kills it, at whatever moment the collector runs.
+        self._loader = None if loader is None else weakref.ref(loader)
 
     def next(self, trainer: L.Trainer | None) -> int:
         """The epoch of the pass about to start."""
