@@ -77,6 +77,7 @@ def _run(tower: nn.Module, kind: str) -> tuple[dict[str, torch.Tensor], list[int
 
 @pytest.mark.parametrize("freezing", ["none", "lock_all_but_top_block", "lock_whole_tower", "middle_block_by_hand"])
 @pytest.mark.parametrize("tower_name", list(TOWERS))
+@pytest.mark.slow
 def test_checkpointing_with_frozen_parameters(tower_name, freezing):
     kind, spec = TOWERS[tower_name]
     torch.manual_seed(0)
@@ -156,6 +157,7 @@ def _module_gradients(overrides: list[str]) -> tuple[dict[str, torch.Tensor], li
 
 
 @pytest.mark.parametrize("locks", list(LOCKS))
+@pytest.mark.slow
 def test_model_with_checkpointed_towers_and_decoder_and_locked_towers(locks):
     expected, plain_calls = _module_gradients(COCA + LOCKS[locks])
     on = ["model.vision.grad_checkpointing=true", "model.text.grad_checkpointing=true",

@@ -48,6 +48,7 @@ def test_list_and_describe(capsys):
     assert main(["describe", "sigclip"]) == 2
 
 
+@pytest.mark.slow
 def test_console_script_fit_then_test(tmp_path):
     """The installed `vlm-lab` end to end: fit prints the table, test reads the checkpoint."""
     fit = subprocess.run([VLM_LAB, "fit", TINY, "--run-dir", str(tmp_path), "seed=1"],
@@ -64,6 +65,7 @@ def test_console_script_fit_then_test(tmp_path):
     assert "test/i2t_R@1" in test.stdout
 
 
+@pytest.mark.slow
 def test_console_script_bad_input_has_no_traceback(tmp_path):
     run = subprocess.run([VLM_LAB, "fit", TINY, "data.batchsize=4"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2

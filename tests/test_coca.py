@@ -65,6 +65,7 @@ def test_weights_choose_the_parts_that_are_built():
         vlm_lab.load_config(TINY_CONFIG, overrides=[*COCA, "model.caption_head.text_dim=4"])
 
 
+@pytest.mark.slow
 def test_losses_are_the_weighted_sum_and_captioning_only_trains():
     m = coca("model.contrastive_weight=0.5", "model.caption_weight=2.0")
     batch = {"pixel_values": torch.randn(3, 3, 32, 32), **m.tokenize(["a red cube", "two blue balls", "a cube"]),
@@ -108,6 +109,7 @@ def test_decoder_is_causal_and_cached_states_match(module):
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tied_output_embedding_and_grad_checkpointing():
     tied = coca("model.caption_head.tie_embedding=true")
     assert tied.caption_head.output.weight is tied.text.embeddings.token_embedding.weight
@@ -134,6 +136,7 @@ def test_a_bidirectional_text_tower_is_refused():
 # Generation
 
 
+@pytest.mark.slow
 def test_greedy_equals_beam_search_with_one_beam(module, images):
     greedy = tokens_of(module, images, max_new_tokens=12)
     lengths = (greedy != SpecialTokens.of(module.tokenizer).pad).sum(1)
@@ -151,6 +154,7 @@ def test_greedy_equals_beam_search_with_one_beam(module, images):
     {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7, "seed": 3},
     {"repetition_penalty": 1.5, "min_new_tokens": 4},
 ])
+@pytest.mark.slow
 def test_cached_and_uncached_decoding_give_identical_tokens(module, images, settings):
     cached = tokens_of(module, images, max_new_tokens=10, **settings)
     assert torch.equal(tokens_of(module, images, max_new_tokens=10, use_cache=False, **settings), cached)
@@ -188,6 +192,7 @@ def test_a_change_in_a_text_tower_layer_reaches_training_and_decoding_alike(modu
     assert torch.equal(cached, uncached)  # with and without the cache alike
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_for_a_seed_and_lengths_are_bounded(module, images):
     sample = {"do_sample": True, "top_k": 50, "seed": 7, "max_new_tokens": 9}
     first = tokens_of(module, images, **sample)
@@ -227,6 +232,7 @@ def test_generation_settings_errors():
 # Training, evaluation and the command line
 
 
+@pytest.mark.slow
 def test_fit_test_and_caption_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     args = [TINY_CONFIG, *COCA, "model.generation.max_new_tokens=6", "model.generation.max_images=8",

@@ -129,6 +129,7 @@ def test_bad_samples_are_skipped_and_counted(tokenizer, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_bad_sample_counts_are_logged_every_epoch(tmp_path):
     write_bad_shard(tmp_path / "00000.tar")
     shard = str(tmp_path / "00000.tar")
@@ -151,6 +152,7 @@ class RecordOrder(L.Callback):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_resumed_run_continues_the_epoch_order(tokenizer, tmp_path):
     shard = str(CC12M_SHARD)
     data = dict(train_shards=shard, val_shards=shard, batch_size=8, shuffle_buffer=16)

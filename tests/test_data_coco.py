@@ -179,6 +179,7 @@ def test_bad_samples_are_replaced_and_counted(tokenizer, tmp_path):
     assert set(val_ids) == set(range(6))  # replacements are duplicates, dropped by retrieval
 
 
+@pytest.mark.slow
 def test_bad_samples_are_logged_per_epoch_by_fit(tmp_path):
     ann, images = make_coco_dir(tmp_path)
     cfg = vlm_lab.load_config(TINY, overrides=[
@@ -190,6 +191,7 @@ def test_bad_samples_are_logged_per_epoch_by_fit(tmp_path):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_fit_on_coco_mini_evaluates_all_val_captions(tmp_path):
     cfg = vlm_lab.load_config(TINY, overrides=[
         "data.name=coco_captions", f"data.root={COCO_MINI}", "data.batch_size=16", "trainer.max_epochs=1"])

@@ -155,6 +155,7 @@ def two_process_results(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_two_processes_match_one_process(two_process_results, case, dtype):
     exact = CASES[case][1]
     expected_loss, expected_grads = _loss_and_grads(_module(case, dtype), _batch(dtype))
@@ -181,6 +182,7 @@ def test_two_processes_match_one_process(two_process_results, case, dtype):
         assert max(worst.values()) > 1e-3, f"{case}: expected inexact gradients"
 
 
+@pytest.mark.slow  # the two-process fixture
 def test_local_mode_ranks_compute_different_shares(two_process_results):
     # In local mode each rank's loss is its own rows' share; global mode gives every rank the whole loss.
     rank0, rank1 = two_process_results

@@ -58,6 +58,7 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHES))
+@pytest.mark.slow
 def test_two_process_fit_is_consistent_with_one_process(launched, launcher, tmp_path):
     folders, outputs = launched
     run_dirs = list(folders[launcher].iterdir())

@@ -45,6 +45,7 @@ def run(tmp_path, name, overrides, monkeypatch):
     return record, report, len(drawn), len(forwards), vlm_lab.api.read_metrics(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_runs_give_identical_losses_and_the_cache_skips_images(tmp_path, monkeypatch):
     locked = ["model.vision_lock.lock=true"]
     plain, no_report, plain_drawn, plain_forwards, plain_metrics = run(
@@ -67,6 +68,7 @@ def test_cached_and_uncached_runs_give_identical_losses_and_the_cache_skips_imag
     assert plain_forwards == 8 + 1 + 2 and cached_forwards == 2 + 2
 
 
+@pytest.mark.slow
 def test_loader_workers_get_the_cache_from_the_first_epoch(tmp_path, monkeypatch):
     # Lightning forks the first epoch's loader workers before on_fit_start; the cache must be
     # attached before that, or epoch 0 silently runs the locked tower on every batch.
@@ -77,6 +79,7 @@ def test_loader_workers_get_the_cache_from_the_first_epoch(tmp_path, monkeypatch
     assert forwards == 2 + 2  # only the fills and probes: no training batch ran the tower
 
 
+@pytest.mark.slow
 def test_disk_cache_is_reused_by_the_next_run_and_stores_tokens(tmp_path, monkeypatch):
     overrides = ["model.vision_lock.lock=true", "embedding_cache.storage=disk",
                  f"embedding_cache.dir={tmp_path / 'cache'}", "embedding_cache.tokens=true"]
@@ -111,6 +114,7 @@ def test_cached_rows_equal_the_towers_own_outputs():
     assert images[3].keys() == {"vision_pooled", "vision_tokens", "captions", "image_id"}
 
 
+@pytest.mark.slow
 def test_only_fully_locked_towers_are_cached(tmp_path, monkeypatch):
     _, report, _, _, _ = run(tmp_path, "unlocked", ["trainer.max_epochs=1"], monkeypatch)
     assert report == {}
@@ -122,6 +126,7 @@ COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini
 
 
 @pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"the shared data folder is absent ({COCO_MINI})")
+@pytest.mark.slow
 def test_coco_captions_cached_run_matches_and_decodes_each_photo_once(tmp_path, monkeypatch):
     from vlm_lab.data import records
 

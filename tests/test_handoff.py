@@ -3,21 +3,29 @@
 What must hold: batches are exactly those of PyTorch's own hand-off, whatever the caller keeps; a slot
 is reused only once no tensor uses its memory; abandoned passes do not use the slots up; the small
 tensors travel by value; and the real data modules give the same batches with and without slots.
+Loaders pin memory when training on CUDA, with slots or without.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import pickle
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
 from datasets_on_disk import CC12M_SHARD, COCO_MINI, TINY_IMAGES, needs_shared
 from vlm_lab.data.cc3m import CC3MDataModule
 from vlm_lab.data.coco import CocoCaptionsDataModule
-from vlm_lab.data.handoff import SlotLoader, SlotPool, WorkerSlots
+from vlm_lab.data.handoff import SlotLoader, SlotPool, SlotTicket, WorkerSlots, pins_memory
+from vlm_lab.data.synthetic import SyntheticShapesDataModule
 from vlm_lab.errors import ConfigError
 from vlm_lab.tokenizer import load_tokenizer
 
@@ -45,9 +53,9 @@ class PackingCollate:
         return self.slots.pack({"image_ids": ids}, images)
 
 
-def loader(slots: WorkerSlots | None, persistent: bool = False) -> SlotLoader:
+def loader(slots: WorkerSlots | None, persistent: bool = False, pin_memory: bool = False) -> SlotLoader:
     return SlotLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=PackingCollate(slots),
-                      persistent_workers=persistent, slots=slots)
+                      pin_memory=pin_memory, persistent_workers=persistent, slots=slots)
 
 
 def slots(per_worker: int = 2, slot_bytes: int = BATCH * 3 * 8 * 8 * 4) -> WorkerSlots:
@@ -55,8 +63,7 @@ def slots(per_worker: int = 2, slot_bytes: int = BATCH * 3 * 8 * 8 * 4) -> Worke
 
 
 def in_slot(tensor: torch.Tensor, pool: SlotPool) -> bool:
-    start = pool.memory.data_ptr()
-    return start <= tensor.untyped_storage().data_ptr() < start + pool.memory.numel()
+    return pool.contains(tensor)
 
 
 def check(batch: dict[str, torch.Tensor], first: int) -> None:
@@ -110,6 +117,7 @@ def test_slots_are_reused_across_a_pass():
 
 
 @pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.slow
 def test_abandoned_passes_do_not_use_the_slots_up(persistent):
     handoff = slots(per_worker=4)
     data = loader(handoff, persistent=persistent)
@@ -144,6 +152,23 @@ def test_a_batch_too_big_for_its_slot_goes_pytorchs_way():
         check(batch, BATCH * number)
         assert not in_slot(batch["pixel_values"], handoff.pool)
         assert batch["pixel_values"].is_shared()
+
+
+class BFloat16Collate(PackingCollate):
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return super().__call__([image.bfloat16() for image in images])
+
+
+def test_bfloat16_pixels_use_the_slots_too():
+    """numpy has no bfloat16; torch.frombuffer does, so such pixels need not fall back."""
+    handoff = slots()
+    data = SlotLoader(Numbered(), batch_size=BATCH, num_workers=2, collate_fn=BFloat16Collate(handoff), slots=handoff)
+    used = 0
+    for number, batch in enumerate(data):
+        assert batch["pixel_values"].dtype == torch.bfloat16
+        check({**batch, "pixel_values": batch["pixel_values"].float()}, BATCH * number)
+        used += in_slot(batch["pixel_values"], handoff.pool)
+    assert used >= 8  # as in test_slots_are_reused_across_a_pass
 
 
 def test_small_tensors_travel_by_value():
@@ -193,6 +218,7 @@ def _same(with_slots: list[dict], without: list[dict]) -> None:
 
 @needs_shared
 @pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.slow
 def test_coco_batches_are_the_same_with_and_without_slots(split):
     tokenizer = load_tokenizer(None)
     made = {}
@@ -234,6 +260,7 @@ def test_another_loader_over_the_same_collate_gets_plain_batches():
         assert batch["pixel_values"].is_shared() and batch["image_ids"].is_shared()
 
 
+@pytest.mark.slow
 def test_spawned_workers_use_the_slots_too():
     """macOS and Windows start loader workers with spawn: the slots travel pickled."""
     handoff = slots()
@@ -248,6 +275,7 @@ def test_spawned_workers_use_the_slots_too():
 
 @needs_shared
 @pytest.mark.parametrize("worker_slots", [2, 0])
+@pytest.mark.slow
 def test_worker_slots_from_an_experiment_config(monkeypatch, worker_slots):
     import vlm_lab
 
@@ -278,6 +306,7 @@ def test_a_pass_started_under_inference_mode():
 
 
 @needs_shared
+@pytest.mark.slow
 def test_a_fit_with_slots_matches_one_without(monkeypatch, tmp_path):
     """Lightning end to end, 2 workers: training passes cut short (limit_train_batches abandons
     prefetched batches) and validation under inference mode; the metrics agree to the bit."""
@@ -292,3 +321,115 @@ def test_a_fit_with_slots_matches_one_without(monkeypatch, tmp_path):
             "trainer.enable_checkpointing=false"])
         metrics[worker_slots] = vlm_lab.fit(cfg, run_dir=tmp_path / str(worker_slots))
     assert metrics[4] == metrics[0] and "val/i2t_R@1" in metrics[4]
+
+
+# -------------------------------------------------------------------------------------------------
+# Public APIs only: the pool travels by name, and pinned memory
+
+
+def test_a_pool_travels_by_name_and_is_gone_once_freed():
+    """Spawned workers attach to the pool by name; one that starts after the pool was freed (its pass
+    abandoned) gets None, and so PyTorch's hand-off."""
+    pool = SlotPool(slots=2, slot_bytes=64)
+    ticket = SlotTicket(pool.name, 1, torch.float32, (4, 4))
+    attached = pickle.loads(pickle.dumps(pool))
+    attached.view(ticket).fill_(7.0)
+    assert torch.equal(pool.view(ticket), torch.full((4, 4), 7.0))  # the same memory
+    pickled = pickle.dumps(pool)
+    del pool, attached
+    gc.collect()
+    assert pickle.loads(pickled) is None
+
+
+def test_a_ticket_the_loader_pins_is_copied_out_and_its_slot_freed_at_once(monkeypatch):
+    """The DataLoader's pin-memory thread calls ``pin_memory()`` on each value of a batch; it cannot
+    reach the pool, so the ticket only says so, and ``receive`` copies the pixels into pinned memory
+    (faked here: this machine may not be able to pin) and frees the slot at once."""
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: tensor.clone() + 0.5)
+    handoff = slots()
+    pool = handoff.start_pass(fresh_workers=True)
+    ticket = SlotTicket(pool.name, 3, torch.float32, (BATCH, 3, 8, 8))
+    pool.leases[3] = 1
+    pool.view(ticket).copy_(torch.arange(BATCH * 3 * 64, dtype=torch.float32).view(ticket.shape))
+    marked = ticket.pin_memory()
+    assert marked == dataclasses.replace(ticket, pinned=True)
+    [batch] = handoff.receive(iter([{"pixel_values": marked}]), pool)
+    assert torch.equal(batch["pixel_values"], torch.arange(BATCH * 3 * 64).view(ticket.shape) + 0.5)
+    assert not in_slot(batch["pixel_values"], pool) and int(pool.leases[3]) == 0 and pool.held == set()
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator is found")
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.slow
+def test_a_pinning_loader_gives_the_same_batches(persistent):
+    """``pin_memory=True`` (training on CUDA): where PyTorch can pin, every tensor of a batch comes pinned
+    and no slot stays held; on CPU-only PyTorch the DataLoader skips pinning (with a warning) and the
+    batches are those of the slots."""
+    handoff = slots(per_worker=2)
+    data = loader(handoff, persistent=persistent, pin_memory=True)
+    can_pin = torch.accelerator.is_available()
+    for _ in range(2):
+        kept = list(data)
+        assert [torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(kept, loader(None))] == [True] * 10
+        for number, batch in enumerate(kept):
+            check(batch, BATCH * number)
+            assert batch["pixel_values"].is_pinned() == batch["image_ids"].is_pinned() == can_pin
+        assert (handoff.pool.held == set()) == can_pin
+        del kept, batch
+        gc.collect()
+        assert int(handoff.pool.leases.sum()) == 0
+
+
+def test_loaders_pin_memory_when_training_on_cuda():
+    assert not pins_memory(None)
+    assert not pins_memory(L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False))
+    assert pins_memory(SimpleNamespace(accelerator=CUDAAccelerator()))
+    assert not pins_memory(SimpleNamespace(accelerator=CPUAccelerator()))
+
+
+def _loaders_pin(data_module, accelerator) -> list[bool]:
+    data_module.trainer = None if accelerator is None else SimpleNamespace(accelerator=accelerator, current_epoch=0)
+    return [data_module.train_dataloader().pin_memory, data_module.val_dataloader().pin_memory]
+
+
+@pytest.mark.parametrize("accelerator, pinned", [(CUDAAccelerator(), True), (CPUAccelerator(), False), (None, False)])
+def test_synthetic_loaders_pin_memory_on_cuda(accelerator, pinned):
+    data_module = SyntheticShapesDataModule(load_tokenizer(None), TINY_IMAGES, 32, train_size=64, val_size=16,
+                                            num_workers=2)
+    assert _loaders_pin(data_module, accelerator) == [pinned, pinned]
+
+
+@needs_shared
+@pytest.mark.parametrize("worker_slots", [4, 0])
+@pytest.mark.parametrize("accelerator, pinned", [(CUDAAccelerator(), True), (CPUAccelerator(), False)])
+def test_caption_loaders_pin_memory_on_cuda_with_slots_or_without(worker_slots, accelerator, pinned):
+    tokenizer = load_tokenizer(None)
+    coco = CocoCaptionsDataModule(tokenizer, TINY_IMAGES, 32, root=str(COCO_MINI), num_workers=2,
+                                  worker_slots=worker_slots)
+    cc3m = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_shards=[str(CC12M_SHARD)], val_shards=[str(CC12M_SHARD)],
+                          num_workers=2, worker_slots=worker_slots)
+    for data_module in (coco, cc3m):
+        assert _loaders_pin(data_module, accelerator) == [pinned, pinned]
+        assert (data_module.slots("train") is None) == (worker_slots == 0)
+
+
+def test_a_data_module_and_its_loaders_are_freed_without_the_cycle_collector():
+    """A DataLoader that only Python's cycle collector frees cannot stop its persistent workers (its
+    queues are closed first): PyTorch waits 5 s for each before it kills it. So no data module may
+    sit in a reference cycle with its loaders (the training loader asks it for each pass's epoch)."""
+    tokenizer = load_tokenizer(None)
+    made = [lambda: SyntheticShapesDataModule(tokenizer, TINY_IMAGES, 32, train_size=16, val_size=8, batch_size=4)]
+    if COCO_MINI.is_dir():
+        made.append(lambda: CocoCaptionsDataModule(tokenizer, TINY_IMAGES, 32, root=str(COCO_MINI), batch_size=4))
+    gc.collect()
+    gc.disable()
+    try:
+        for make in made:
+            data_module = make()
+            loaders = [data_module.train_dataloader(), data_module.val_dataloader()]
+            next(iter(loaders[0]))
+            freed = [weakref.ref(data_module), *(weakref.ref(loader) for loader in loaders)]
+            del data_module, loaders
+            assert [ref() for ref in freed] == [None] * 3
+    finally:
+        gc.enable()

@@ -104,6 +104,7 @@ def hf_reference(model, tokenizer, pixels, captions):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels)
 
 
+@pytest.mark.slow
 def test_init_from_hf_clip_matches_transformers(hf_clip, clip_tokenizer, pixels):
     model, path = hf_clip
     cfg = vlm_lab.load_config(overrides=[f"model.init_from={path}"])
@@ -138,6 +139,7 @@ def test_text_pooling_follows_the_config_on_unusual_ids(hf_clip):
     assert torch.equal(out.pooled, out.tokens[[0, 1], [2, 1]])
 
 
+@pytest.mark.slow
 def test_hf_export_roundtrip_loads_offline(hf_clip, clip_tokenizer, pixels, tmp_path):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -299,6 +301,7 @@ def open_clip_reference(model, tokenizer, pixels, captions):
     return image, text, logits
 
 
+@pytest.mark.slow
 def test_init_from_open_clip_matches_open_clip(open_clip_model, clip_tokenizer, pixels):
     model, path = open_clip_model
     cfg = vlm_lab.load_config(overrides=[f"model.init_from={path}"])
@@ -312,6 +315,7 @@ def test_init_from_open_clip_matches_open_clip(open_clip_model, clip_tokenizer, 
     assert max_diff(module.loss.logit_scale_value() * image @ text.T, expected_logits) <= TOLERANCE * 20
 
 
+@pytest.mark.slow
 def test_open_clip_export_loads_with_create_model(open_clip_model, pixels, tmp_path):
     model, path = open_clip_model
     module = vlm_lab.build_module(vlm_lab.load_config(overrides=[f"model.init_from={path}"])).eval()
@@ -329,6 +333,7 @@ def test_open_clip_export_loads_with_create_model(open_clip_model, pixels, tmp_p
     assert all(torch.equal(original[key], exported_state[key]) for key in original)
 
 
+@pytest.mark.slow
 def test_open_clip_training_checkpoint_loads(open_clip_model, clip_tokenizer, pixels, tmp_path):
     """What open_clip's training writes: {"epoch", "state_dict"} with DDP's `module.` prefix, as epoch_N.pt."""
     model, path = open_clip_model

@@ -88,6 +88,7 @@ def test_hf_text_lock_and_freeze_layer_norm():
     assert "model.encoder.layer.0.attention.self.query.weight" not in unlocked
 
 
+@pytest.mark.slow
 def test_fully_locked_tower_runs_in_eval_mode_without_a_graph_and_its_weights_never_change(tiny_config):
     cfg = vlm_lab.load_config(tiny_config_path(), overrides=[
         "model.vision_lock.lock=true", "model.text_lock.lock=true", "model.text_lock.unlocked_groups=1"])

@@ -310,6 +310,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_gather_features_across_two_processes(tmp_path):
     import subprocess
     import sys

@@ -14,6 +14,7 @@ from vlm_lab.module import VisionLanguageModule, cosine_with_warmup
 TINY_CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
 
+@pytest.mark.slow
 def test_fast_dev_run(tmp_path):
     cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.fast_dev_run=true"])
     module = vlm_lab.build_module(cfg)
@@ -24,6 +25,7 @@ def test_fast_dev_run(tmp_path):
     assert "train/logit_scale" in trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_fit_writes_run_directory_and_checkpoint_reloads_identically(tiny_config, tmp_path):
     metrics = vlm_lab.fit(tiny_config, run_dir=tmp_path)
     assert {"val/i2t_R@1", "val/t2i_R@10", "val/chance_i2t_R@1", "epoch"} <= set(metrics)
@@ -42,6 +44,7 @@ def test_fit_writes_run_directory_and_checkpoint_reloads_identically(tiny_config
     assert reloaded.hparams.model == vlm_lab.build_module(tiny_config).hparams.model
 
 
+@pytest.mark.slow
 def test_validate_and_test_from_a_checkpoint(tiny_config, tmp_path):
     vlm_lab.fit(tiny_config, run_dir=tmp_path / "fit")
     ckpt = str(tmp_path / "fit" / "checkpoints" / "last.ckpt")
@@ -52,6 +55,7 @@ def test_validate_and_test_from_a_checkpoint(tiny_config, tmp_path):
     assert "test/i2t_R@1" in test and "test/t2i_R@5" in test
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tiny_config, tmp_path):
     vlm_lab.fit(tiny_config, run_dir=tmp_path)
     cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.max_epochs=2"])
@@ -96,6 +100,7 @@ def test_cosine_schedule_with_warmup():
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_overfit_32_pairs_to_perfect_retrieval(tiny_config):
     """A tiny CLIP must memorise 32 image-caption pairs: R@1 = 100 both ways."""
     torch.manual_seed(0)

@@ -33,6 +33,7 @@ def test_notebook_is_stored_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.slow
 def test_notebook_runs(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     [parameters] = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]

@@ -66,6 +66,7 @@ def _fit(precision: str, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("precision, compute_dtype", [("bf16-mixed", torch.bfloat16), ("32", torch.float32)])
+@pytest.mark.slow
 def test_fit_precision_keeps_logits_and_loss_in_fp32(precision, compute_dtype, tmp_path, monkeypatch):
     module, trainer, tower_dtypes, cross_entropy, scale, losses, changed = _fit(precision, tmp_path, monkeypatch)
     assert trainer.precision == {"32": "32-true"}.get(precision, precision) and trainer.global_step == 2

@@ -30,6 +30,7 @@ def test_nonfinite_loss_stops_the_run_with_a_clear_message(tmp_path):
         trainer.fit(module, datamodule=data)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_can_skip_the_step(tmp_path):
     module, trainer, data = fast_run(tmp_path, "optim.nonfinite_loss=skip")
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -99,6 +100,7 @@ def mutated_configs(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(config=mutated_configs())
+@pytest.mark.slow
 def test_mutated_configs_fail_cleanly(config, tmp_path, capsys):
     path = tmp_path / "mutated.yaml"
     path.write_text(yaml.safe_dump(config))

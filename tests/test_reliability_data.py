@@ -123,6 +123,7 @@ def skip_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "bad sample(s)" in r.getMessage()]
 
 
+@pytest.mark.slow
 def test_dirty_coco_dataset_trains_and_counts_every_broken_sample(tmp_path, caplog):
     train_ann, train_images = write_coco(tmp_path / "train", 160, COCO_TRAIN)
     val_ann, val_images = write_coco(tmp_path / "val", 40, COCO_VAL)
@@ -150,6 +151,7 @@ def test_what_is_kept_of_dirty_coco_entries(tmp_path):
     assert batch["captions"] == [LONG] and batch["input_ids"].shape == (1, 32)  # cut by the tokenizer
 
 
+@pytest.mark.slow
 def test_dirty_shard_and_table_train_and_count_every_broken_sample(tmp_path, caplog):
     # 5 of 80 (6%) in the shard, 5 of 80 in the table; one of each is a very long caption, which is kept.
     shards = tmp_path / "shards"

@@ -92,6 +92,7 @@ def fit_and_kill_mid_epoch(run_dir: Path, timeout: float = TIMEOUT) -> int:
         child.stderr.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     uninterrupted_run = start_fit(tmp_path / "uninterrupted")  # side by side with the one to kill
     resumed_run = None

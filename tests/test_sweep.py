@@ -139,6 +139,7 @@ def test_bad_sweep_files(tmp_path, text, message):
         sweep.expand(write_sweep(tmp_path, text))
 
 
+@pytest.mark.slow
 def test_sweep_runs_records_failures_skips_finished_and_reports(tmp_path, capsys):
     (tmp_path / "seed_two.yaml").write_text("seed: 2\n")
     file = write_sweep(tmp_path, """
@@ -178,6 +179,7 @@ runs:
     assert (out / "results.csv").is_file()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     file = write_sweep(tmp_path, "base: [TINY]\noverrides: [trainer.max_epochs=2]\nruns: [[seed=0]]\n")
     run_dir = tmp_path / "out" / "seed=0"
@@ -190,6 +192,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert metrics["epoch"] == 1 and metrics["step"] == 8  # continued to 2 epochs of 4 steps
 
 
+@pytest.mark.slow
 def test_slurm_launcher_through_submitit_local_executor(tmp_path):
     file = write_sweep(tmp_path, "base: [TINY]\noverrides: [data.train_size=32]\nruns: [[seed=3]]\n"
                                  "slurm: {timeout_min: 10}\n")

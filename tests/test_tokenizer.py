@@ -90,6 +90,7 @@ def test_module_sizes_text_tower_and_caption_head_to_the_vocabulary(tmp_path, mo
             f"model.tokenizer.train_from={source}", f"model.tokenizer.path={tmp_path}"]))
 
 
+@pytest.mark.slow
 def test_cli_check_reports_a_missing_captions_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlm_lab.cli", "check", str(Path(__file__).parent / "configs" / "tiny.yaml"),
                              f"model.tokenizer.train_from={tmp_path / 'nope.json'}"], capture_output=True, text=True)

@@ -287,6 +287,7 @@ def test_timm_unknown_model_suggests_close_names():
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.slow
 def test_timm_pretrained_path_roundtrip(tmp_path, suffix):
     source = TimmVisionTower("resnet10t").eval()
     # A training checkpoint: wrapped, and with the classifier that num_classes=0 drops.

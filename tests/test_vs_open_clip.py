@@ -55,6 +55,7 @@ def test_clip_loss_and_gradients_equal_open_clip(batch, scale, local_loss):
         assert abs(ClipLoss(init_logit_scale=math.log(scale))(image, text.roll(1, 0)).item() - ours.item()) > 0.1
 
 
+@pytest.mark.slow
 def test_small_clip_same_weights_same_batch_same_loss(pairs):
     vision = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 2}
     text = {"vocab_size": 49408, "context_length": 16, "width": 64, "layers": 2, "heads": 2}
@@ -73,6 +74,7 @@ def test_small_clip_same_weights_same_batch_same_loss(pairs):
 
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason=f"Flickr8k is not at {FLICKR} (a user's clone has no shared data)")
+@pytest.mark.slow
 def test_lit_model_same_loss_as_open_clip_custom_text_clip(pairs):
     """EfficientNet-Lite0 (timm) + MiniLM-L6 (HF) built both ways, on 8 real Flickr8k pairs."""
     import vlm_lab

@@ -92,6 +92,7 @@ def test_zeroshot_errors_are_one_line(colour_folder, tmp_path):
 
 
 @pytest.mark.skipif(not CIFAR.is_dir(), reason=f"the shared data folder is absent ({CIFAR})")
+@pytest.mark.slow
 def test_zero_shot_on_cifar10_during_fit_and_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     zeroshot = [f"zeroshot.root={CIFAR}", "zeroshot.max_per_class=3", "zeroshot.templates=cifar"]

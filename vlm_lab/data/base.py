@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, caption_loader
 from vlm_lab.data.epochs import TrainingEpochs
-from vlm_lab.data.handoff import WorkerSlots
+from vlm_lab.data.handoff import WorkerSlots, pins_memory
 from vlm_lab.data.health import BadSampleCounter, attach_report
 from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
@@ -136,12 +136,13 @@ class CaptionDataModule(L.LightningDataModule):
             self._served[split] = dataset
         training = split == "train"
         epoch = self._next_epoch if training else lambda: 0
+        pin_memory = pins_memory(self.trainer)
         if isinstance(dataset, ShardStream):
             loader: DataLoader = StreamLoader(dataset, self.seed, epoch, num_workers=self.num_workers,
-                                              slots=self.slots(split))
+                                              pin_memory=pin_memory, slots=self.slots(split))
         else:
             loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
-                                    self.num_workers, self.collate(split), self.seed, epoch)
+                                    self.num_workers, self.collate(split), self.seed, epoch, pin_memory)
         if training:
             self.epochs.loader = loader
         return loader

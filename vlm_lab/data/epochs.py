@@ -11,6 +11,7 @@ the two data-side pieces every data module uses for its training loader:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -31,19 +32,19 @@ class EpochLoader(SlotLoader):
     do), so each epoch's workers draw from that epoch's seeds.
 
     The DataLoader-style arguments let Lightning rebuild it with a ``DistributedSampler`` under DDP
-    (that sampler shuffles by its own seed and the epoch Lightning gives it). ``slots``: see
-    :class:`~vlm_lab.data.handoff.SlotLoader`.
+    (that sampler shuffles by its own seed and the epoch Lightning gives it). ``pin_memory`` and
+    ``slots``: see :class:`~vlm_lab.data.handoff.SlotLoader`.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: Callable[[], int], batch_size: int | None = 1,
                  shuffle: bool | None = None, sampler: Sampler | None = None, batch_sampler: Sampler | None = None,
                  num_workers: int = 0, collate_fn: Callable[[list[Any]], Any] | None = None,
-                 drop_last: bool = False, persistent_workers: bool = False,
+                 pin_memory: bool = False, drop_last: bool = False, persistent_workers: bool = False,
                  slots: WorkerSlots | None = None) -> None:
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                         drop_last=drop_last, generator=torch.Generator(), persistent_workers=persistent_workers,
-                         slots=slots)
+                         pin_memory=pin_memory, drop_last=drop_last, generator=torch.Generator(),
+                         persistent_workers=persistent_workers, slots=slots)
         self.seed, self._epoch_source = seed, epoch
         self.progress: tuple[int, int] | None = None
 
@@ -73,9 +74,22 @@ class TrainingEpochs:
     """
 
     def __init__(self) -> None:
-        self.loader: EpochLoader | None = None  # the training loader, whose progress a checkpoint keeps
+        self._loader: weakref.ref[EpochLoader] | None = None
         self._resumed: int | None = None
         self._without_trainer = 0
+
+    @property
+    def loader(self) -> EpochLoader | None:
+        """The training loader, whose progress a checkpoint keeps (None before one is built or once it is gone)."""
+        return None if self._loader is None else self._loader()
+
+    @loader.setter
+    def loader(self, loader: EpochLoader | None) -> None:
+        # Held weakly. The loader asks the data module for each pass's epoch, so a strong reference
+        # back would make a cycle, which only Python's cycle collector frees, and it closes the
+        # loader's worker queues first: PyTorch then waits 5 s for each persistent worker to stop
+        # before it kills it, at whatever moment the collector runs.
+        self._loader = None if loader is None else weakref.ref(loader)
 
     def next(self, trainer: L.Trainer | None) -> int:
         """The epoch of the pass about to start."""

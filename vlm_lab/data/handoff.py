@@ -3,10 +3,10 @@
 PyTorch's DataLoader puts every batch a worker stacks into fresh shared memory: the kernel faults in
 and zeroes its pages in the worker (19 MB for 32 float images at 224 px), and the main process maps
 the memory and later unmaps and frees it. For small images that costs as much as loading them, and
-two workers on two cores then load little faster than none (benchmarks/README.md, "Data throughput").
+two workers on two cores then load little faster than none (``docs/explanation/data-handoff.md``).
 
 :class:`WorkerSlots` hands pixels over in a fixed pool of shared-memory slots instead, each slot the
-size of a batch, allocated before the workers start, so its pages are faulted in once and then
+size of a batch, created before the workers start, so its pages are faulted in once and then
 reused:
 
 - a worker stacks a batch's pixels into a free slot of its own (worker ``i`` owns slots
@@ -15,11 +15,20 @@ reused:
 - the main process turns the ticket into a tensor over the slot's memory, without a copy
   (:meth:`WorkerSlots.receive`);
 - the slot is free again when the last tensor using that memory (the batch's, or any view of it) is
-  gone: the tensor is built on a numpy array that carries a finalizer. A batch kept by the caller
-  therefore stays intact; its worker uses its other slots meanwhile.
+  gone: the tensor is made with ``torch.frombuffer`` over a ``memoryview`` of the slot, which torch
+  keeps alive exactly as long as the tensor's memory, and that ``memoryview`` carries a finalizer.
+  A batch kept by the caller therefore stays intact; its worker uses its other slots meanwhile.
+
+Everything here is public API: the pool is a ``multiprocessing.shared_memory.SharedMemory`` block
+(forked workers inherit its mapping, spawned ones attach to it by name), tensors over it come from
+``torch.frombuffer``, and the leases are a tensor in PyTorch's shared memory (``share_memory_``).
 
 A worker that finds none of its slots free, or a batch that does not fit in a slot, gets PyTorch's own
 hand-off, so this never blocks and never changes what a batch contains.
+
+When the loader pins memory (``pin_memory=True``, training on CUDA: :func:`pins_memory`), the
+pixels are copied out of the slot into page-locked memory as they arrive, and the slot is free at
+once; the small tensors are pinned by the DataLoader's pin-memory thread, as PyTorch pins any batch.
 
 The workers also keep the memory they free (:func:`keep_freed_memory`): without a batch-sized
 allocation of their own, glibc gives the few hundred KB each image's tensors take back to the kernel
@@ -27,8 +36,7 @@ after every image and faults it in again for the next, which doubled the cost of
 
 The batch's small tensors (token ids, masks, indices) travel by value, as numpy arrays pickled into
 the worker's result pipe: PyTorch would give each its own shared memory, whose file descriptor the
-main process fetches over a socket. With the pixels' fresh shared memory, PyTorch's hand-off costs
-the main process 0.13-0.15 ms of CPU per image, this one 0.02 (``benchmarks/data_throughput.py``).
+main process fetches over a socket.
 
 Leases: a worker marks the slot it fills with the loader's pass number, and the main process clears
 it. A batch that is never received (its pass abandoned by ``break`` or ``limit_train_batches``) would
@@ -41,21 +49,28 @@ pass, or the end of a whole pass, frees the slots earlier passes leased and no t
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import shutil
+import sys
 import weakref
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Callable, Iterator
 
+import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 log = logging.getLogger(__name__)
 
 # Tensors up to this size travel by value (see above); bigger ones as PyTorch sends them.
 INLINE_BYTES = 1 << 20
+# Slots start on a cache-line boundary, so any dtype's elements are aligned.
+SLOT_ALIGNMENT = 64
 # glibc's mallopt parameters, and the values a worker sets (see keep_freed_memory).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 32 << 20, 64 << 20
@@ -64,13 +79,31 @@ WORKER_MMAP_THRESHOLD, WORKER_TRIM_THRESHOLD = 32 << 20, 64 << 20
 MAX_SHARED_MEMORY_SHARE = 0.5
 
 
+def pins_memory(trainer: L.Trainer | None) -> bool:
+    """Whether a data module's loaders should pin memory: when ``trainer`` trains on CUDA.
+
+    Pinned (page-locked) batches let the copy to the GPU run asynchronously (Lightning moves batches
+    with ``non_blocking=True``); on a CPU they would only cost a copy, and CPU-only PyTorch cannot pin.
+    """
+    return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+
+
 @dataclass(frozen=True)
 class SlotTicket:
-    """What a worker sends in place of a batch's pixels: which slot holds them, and their layout."""
+    """What a worker sends in place of a batch's pixels: which pool and slot hold them, their layout,
+    and whether the loader pins them (set in the main process by :meth:`pin_memory`)."""
 
+    pool: str
     slot: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    pinned: bool = False
+
+    def pin_memory(self) -> SlotTicket:
+        """Called by the DataLoader's pin-memory thread, exactly when the loader pins its batches (as on
+        any object with a ``pin_memory`` method): the thread cannot reach the pool, so the ticket is
+        marked and :meth:`WorkerSlots.receive` copies the pixels into pinned memory."""
+        return dataclasses.replace(self, pinned=True)
 
 
 @dataclass(frozen=True)
@@ -79,50 +112,102 @@ class InlineArray:
 
     array: np.ndarray
 
+    def pin_memory(self) -> torch.Tensor:
+        """Called by the DataLoader's pin-memory thread when the loader pins its batches."""
+        return torch.from_numpy(self.array).pin_memory()
+
 
 class SlotPool:
     """The shared memory behind a :class:`WorkerSlots`: ``slots`` slots of ``slot_bytes`` bytes each.
 
     ``leases[s]`` is 0 when slot ``s`` is free, else the number of the pass whose worker filled it.
-    Both tensors are shared memory, allocated without touching their pages (as ``default_collate``
-    allocates its batches), so slots a loader never fills cost no memory.
+    The slots are a ``SharedMemory`` block, created without touching its pages (so slots a loader never
+    fills cost no memory); the process that creates it unlinks its name when the pool is freed (or the
+    process ends; Python's resource tracker cleans up after a crash). Pickled, a pool travels by name
+    (:func:`_attach_pool`), for workers started by spawn.
     """
 
-    def __init__(self, slots: int, slot_bytes: int) -> None:
-        self.slot_bytes = slot_bytes
-        # Lightning starts evaluation passes under inference mode; tensors made there could not be
-        # written outside it (by the workers, and by the finalizers that free slots).
-        with torch.inference_mode(False):
-            self.memory = _shared_bytes(slots * slot_bytes)
-            self.leases = torch.zeros(slots, dtype=torch.int64).share_memory_()
+    def __init__(self, slots: int, slot_bytes: int, shared: SharedMemory | None = None,
+                 leases: torch.Tensor | None = None) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        if shared is None:
+            shared = SharedMemory(create=True, size=slots * slot_bytes)
+            weakref.finalize(self, _unlink, shared, os.getpid())
+        self.shared = shared
+        if leases is None:
+            # Lightning starts evaluation passes under inference mode; a tensor made there could not
+            # be written outside it (by the workers, and by the finalizers that free slots).
+            with torch.inference_mode(False):
+                leases = torch.zeros(slots, dtype=torch.int64).share_memory_()
+        self.leases = leases
         self.held: set[int] = set()  # main process: slots a live tensor uses
+
+    @property
+    def name(self) -> str:
+        """The shared memory block's name (tickets carry it, so a ticket meets only its own pool)."""
+        return self.shared.name
 
     def view(self, ticket: SlotTicket) -> torch.Tensor:
         """The slot's memory as a tensor of the ticket's dtype and shape (no copy)."""
-        nbytes = _nbytes(ticket.dtype, ticket.shape)
-        start = ticket.slot * self.slot_bytes
-        return self.memory[start:start + nbytes].view(ticket.dtype).view(ticket.shape)
+        return torch.frombuffer(self._bytes(ticket), dtype=ticket.dtype).view(ticket.shape)
 
     def lend(self, ticket: SlotTicket) -> torch.Tensor:
         """A tensor over the ticket's slot that frees the slot when the last tensor using it is gone."""
-        # torch.from_numpy keeps this very array alive for as long as any tensor shares its memory,
-        # so the array's finalizer runs exactly when the slot is no longer in use.
-        array = self.view(ticket).numpy()
+        memory = self._bytes(ticket)
         self.held.add(ticket.slot)
-        weakref.finalize(array, self._release, ticket.slot)
-        return torch.from_numpy(array)
+        # torch.frombuffer keeps this very memoryview alive for as long as any tensor uses its memory
+        # (it holds a reference to the buffer object), so the finalizer runs exactly when the slot is
+        # no longer in use. The memoryview also keeps the block mapped until then.
+        weakref.finalize(memory, self._release, ticket.slot)
+        return torch.frombuffer(memory, dtype=ticket.dtype).view(ticket.shape)
+
+    def copy_out(self, ticket: SlotTicket, copy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``copy`` of the ticket's pixels (e.g. into pinned memory); the slot is free on return."""
+        copied = copy(self.view(ticket))
+        self.leases[ticket.slot] = 0
+        return copied
+
+    def contains(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory lies in this pool."""
+        start = torch.frombuffer(self.shared.buf[:1], dtype=torch.uint8).data_ptr()
+        return start <= tensor.untyped_storage().data_ptr() < start + self.slots * self.slot_bytes
 
     def free_unheld(self, before_pass: int | None = None) -> None:
         """Free the leases no tensor holds (only those taken before pass ``before_pass``, if given)."""
-        for slot in range(len(self.leases)):
+        for slot in range(self.slots):
             # A worker leases only free slots, so no worker changes a lease between read and write.
             lease = int(self.leases[slot])
             if lease and slot not in self.held and (before_pass is None or lease < before_pass):
                 self.leases[slot] = 0
 
+    def __reduce__(self) -> tuple[Callable[..., SlotPool | None], tuple[Any, ...]]:
+        return _attach_pool, (self.name, self.slots, self.slot_bytes, self.leases)
+
+    def _bytes(self, ticket: SlotTicket) -> memoryview:
+        start = ticket.slot * self.slot_bytes
+        return self.shared.buf[start:start + _nbytes(ticket.dtype, ticket.shape)]
+
     def _release(self, slot: int) -> None:
         self.held.discard(slot)
         self.leases[slot] = 0
+
+
+def _attach_pool(name: str, slots: int, slot_bytes: int, leases: torch.Tensor) -> SlotPool | None:
+    """The pool ``name`` in a worker started by spawn; None when it is gone already (the pass that
+    started the worker was abandoned and its pool freed): the worker then hands over as PyTorch does."""
+    # Python 3.13+ can attach without registering the block with the resource tracker (a block the
+    # main process owns); before, registering it again is harmless: the tracker keeps a set of names.
+    track = {"track": False} if sys.version_info >= (3, 13) else {}
+    try:
+        shared = SharedMemory(name=name, **track)
+    except FileNotFoundError:
+        return None
+    return SlotPool(slots, slot_bytes, shared=shared, leases=leases)
+
+
+def _unlink(shared: SharedMemory, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked worker, which inherits the finalizer
+        shared.unlink()
 
 
 class WorkerSlots:
@@ -188,15 +273,16 @@ class WorkerSlots:
 
     def _new_pool(self) -> SlotPool | None:
         slots = self.num_workers * self.per_worker
-        wanted = slots * self.slot_bytes
+        slot_bytes = -(-self.slot_bytes // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+        wanted = slots * slot_bytes
         free = _free_shared_memory()
         if free is not None and wanted > MAX_SHARED_MEMORY_SHARE * free:
             if not self._warned:
                 self._warned = True
                 log.warning("loader workers hand batches over as PyTorch does: %d slots of %.0f MB would take over "
-                            "half the free shared memory (%.0f MB)", slots, self.slot_bytes / 2**20, free / 2**20)
+                            "half the free shared memory (%.0f MB)", slots, slot_bytes / 2**20, free / 2**20)
             return None
-        return SlotPool(slots, self.slot_bytes)
+        return SlotPool(slots, slot_bytes)
 
     # ---------------------------------------------------------------------------------------------
     # Loader workers
@@ -219,17 +305,18 @@ class WorkerSlots:
         slot's ticket; with no slot free or a batch too big, ``default_collate`` them as PyTorch would."""
         first = tensors[0]
         shape = (len(tensors), *first.shape)
-        if self.pool is None or first.dtype == torch.bfloat16 or _nbytes(first.dtype, shape) > self.slot_bytes:
+        pool = self.pool
+        if pool is None or _nbytes(first.dtype, shape) > pool.slot_bytes:
             return default_collate(tensors)
         if self._tuned_process != os.getpid():  # once per worker process
             keep_freed_memory()
             self._tuned_process = os.getpid()
-        leases = self.pool.leases
+        leases = pool.leases
         for slot in range(worker * self.per_worker, (worker + 1) * self.per_worker):
             if int(leases[slot]) == 0:
                 leases[slot] = int(self._pass)
-                ticket = SlotTicket(slot, first.dtype, shape)
-                torch.stack(tensors, out=self.pool.view(ticket))
+                ticket = SlotTicket(pool.name, slot, first.dtype, shape)
+                torch.stack(tensors, out=pool.view(ticket))
                 return ticket
         return default_collate(tensors)
 
@@ -239,24 +326,32 @@ class SlotLoader(DataLoader):
 
     ``slots`` must be the ones its ``collate_fn`` (or its dataset, for a stream that batches itself)
     stacks into. The arguments are DataLoader's, named, so Lightning can rebuild the loader with a
-    ``DistributedSampler`` under DDP.
+    ``DistributedSampler`` under DDP. ``pin_memory``: copy batches into page-locked memory as they
+    arrive (for training on CUDA, see :func:`pins_memory`; a no-op where PyTorch cannot pin).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int | None = 1, shuffle: bool | None = None,
                  sampler: Sampler | None = None, batch_sampler: Sampler | None = None, num_workers: int = 0,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, drop_last: bool = False,
-                 generator: torch.Generator | None = None, persistent_workers: bool = False,
-                 slots: WorkerSlots | None = None) -> None:
+                 collate_fn: Callable[[list[Any]], Any] | None = None, pin_memory: bool = False,
+                 drop_last: bool = False, generator: torch.Generator | None = None,
+                 persistent_workers: bool = False, slots: WorkerSlots | None = None) -> None:
         super().__init__(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                          batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
-                         drop_last=drop_last, generator=generator, persistent_workers=persistent_workers)
+                         pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+                         persistent_workers=persistent_workers)
         self.slots = slots
+        self._started_workers = False
 
     def __iter__(self) -> Iterator[Any]:
         if self.slots is None or self.num_workers == 0:
             return super().__iter__()
+        # Persistent workers, once started, are reset for each later pass and keep the pool they were
+        # given; any other pass starts new workers, which get a new pool. (Lightning may shut
+        # persistent workers down between stages: the next pass then starts new ones, which inherit
+        # the pool the old ones used. That is safe, as those are gone.)
+        reused = self.persistent_workers and self._started_workers
         # Before super().__iter__(), which starts the pass's workers (or resets persistent ones).
-        pool = self.slots.start_pass(fresh_workers=not self.persistent_workers or self._iterator is None)
+        pool = self.slots.start_pass(fresh_workers=not reused)
         # Only workers started here use the slots: those of another loader over the same dataset
         # (a plain DataLoader, say) hand batches over as PyTorch does.
         self.slots.armed = True
@@ -264,6 +359,7 @@ class SlotLoader(DataLoader):
             batches = super().__iter__()
         finally:
             self.slots.armed = False
+        self._started_workers = True
         return self.slots.receive(batches, pool)
 
 
@@ -276,12 +372,20 @@ def keep_freed_memory() -> None:
     by page, for the next image: ``ToTensor`` took 0.31 ms per 224 px image in a worker against 0.15
     in a main process, where freeing a 19 MB batch had raised the thresholds. Fixed thresholds of 32
     and 64 MB (a worker then holds on to at most that much freed memory) make the two the same.
-    Without glibc (macOS, musl) this does nothing.
+
+    ``mallopt`` is glibc's documented call for this (``man 3 mallopt``), reached through ctypes; it is
+    no PyTorch API. glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment
+    variables set the same thresholds, but glibc reads them once, when a process starts: they reach
+    spawned workers, not the forked ones Linux starts by default (``benchmarks/worker_malloc.py``
+    counts the page faults each way). Without glibc (macOS, musl, Windows) this does nothing.
     """
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows) or no such name
+        glibc = None
+    if not glibc:
         return
+    mallopt = ctypes.CDLL(None).mallopt
     mallopt(M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
     mallopt(M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD)
 
@@ -297,20 +401,17 @@ def _unpack(value: Any, pool: SlotPool | None) -> Any:
     if isinstance(value, InlineArray):
         return torch.from_numpy(value.array)
     if isinstance(value, SlotTicket):
-        if pool is None:
-            raise RuntimeError("a loader worker sent pixels in a shared-memory slot, but its loader has no slots")
+        if pool is None or value.pool != pool.name:
+            raise RuntimeError(f"a loader worker sent pixels in shared-memory slot pool {value.pool}, but its "
+                               f"loader receives with {'no pool' if pool is None else 'pool ' + pool.name}")
+        if value.pinned:
+            return pool.copy_out(value, torch.Tensor.pin_memory)
         return pool.lend(value)
     return value
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) * dtype.itemsize
-
-
-def _shared_bytes(nbytes: int) -> torch.Tensor:
-    """A ``uint8`` tensor of ``nbytes`` in shared memory whose pages are not touched yet."""
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(nbytes)
-    return torch.empty(0, dtype=torch.uint8).new(storage)
 
 
 def _free_shared_memory() -> int | None:

@@ -478,12 +478,12 @@ class StreamLoader(EpochLoader):
     fresh workers alike shuffle for the right epoch; the stream seeds each worker from it too, so its
     workers can stay alive between epochs. ``progress`` (see ``EpochLoader``) says whether a checkpoint
     was taken after the pass ended (see ``epochs.TrainingEpochs``). ``slots``: the ones the stream's
-    collate stacks pixels into (``handoff.py``).
+    collate stacks pixels into; ``pin_memory``: see ``handoff.SlotLoader``.
     """
 
     def __init__(self, stream: ShardStream, seed: int, epoch: Callable[[], int], num_workers: int,
-                 slots: WorkerSlots | None = None) -> None:
-        super().__init__(stream, seed, epoch, batch_size=None, num_workers=num_workers,
+                 pin_memory: bool = False, slots: WorkerSlots | None = None) -> None:
+        super().__init__(stream, seed, epoch, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                          persistent_workers=num_workers > 0, slots=slots)
 
     def start_pass(self, epoch: int) -> None:

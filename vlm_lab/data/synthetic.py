@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.collate import ImageTextCollate, caption_loader, image_to_tensor
 from vlm_lab.data.epochs import TrainingEpochs
+from vlm_lab.data.handoff import pins_memory
 from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -278,7 +279,7 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         dataset = self._datasets[split] = self.dataset(split)
         loader = caption_loader(dataset, training, self.batch_size, self.num_workers,
                                 ImageTextCollate(self.tokenizer, self.max_length, training), self.seed,
-                                lambda: self.epochs.next(self.trainer))
+                                lambda: self.epochs.next(self.trainer), pins_memory(self.trainer))
         if training:
             self.epochs.loader = loader
         return loader
