@@ -35,8 +35,14 @@ RUNS_DIR = Path("runs")
 
 
 def build_module(cfg: DictConfig) -> VisionLanguageModule:
-    """The LightningModule a config describes (``model`` and ``optim`` sections)."""
-    return VisionLanguageModule(model=_plain(cfg.model), optim=_plain(cfg.optim))
+    """The LightningModule a config describes (``model`` and ``optim`` sections), with the distillation
+    teacher ``model.distill.teacher`` names attached."""
+    module = VisionLanguageModule(model=_plain(cfg.model), optim=_plain(cfg.optim))
+    if module.distill.teacher is not None:
+        from vlm_lab.interop import load_teacher
+
+        module.set_teacher(load_teacher(module.distill.teacher))
+    return module
 
 
 def build_datamodule(cfg: DictConfig, module: VisionLanguageModule) -> L.LightningDataModule:

@@ -47,6 +47,12 @@ DEFAULTS: dict[str, Any] = {
         "vision_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
         "text_lock": {"lock": False, "unlocked_groups": 0, "freeze_bn_stats": True, "freeze_layer_norm": True},
         "init_from": None,
+        # Distillation from a frozen teacher CLIP (vlm_lab/distillation.py): a vlm-lab checkpoint file or a
+        # Hugging Face / open_clip CLIP folder; its loss term is weighted by weight. Off while teacher is null.
+        "distill": {"teacher": None, "weight": 1.0},
+        # torch.compile the towers (TorchInductor; docs/how-to/compile.md) when a Trainer sets the module up.
+        "compile": False,
+        "compile_mode": "default",
         # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built.
         "contrastive_weight": 1.0,
         "caption_weight": 0.0,
@@ -67,6 +73,9 @@ DEFAULTS: dict[str, Any] = {
         # Multiplies optim.lr for a tower's parameters: tune a pretrained tower gently (e.g. 0.1)
         # while its new projection head learns at the full rate. Heads, poolers, decoder: optim.lr.
         "lr_scale": {"vision": 1.0, "text": 1.0},
+        # Layer-wise lr decay within a tower (open_clip's --image/--text-layer-decay), on top of
+        # lr_scale: each layer group learns this times as fast as the one above it (1: off).
+        "layer_decay": {"vision": 1.0, "text": 1.0},
         "nonfinite_loss": "error",
     },
     # Zero-shot classification on an image folder (vlm_lab/eval/zeroshot.py); off while root is null.
@@ -114,6 +123,10 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("model", "text_lock", "freeze_bn_stats"): bool,
     ("model", "text_lock", "freeze_layer_norm"): bool,
     ("model", "init_from"): (str, type(None)),
+    ("model", "distill", "teacher"): (str, type(None)),
+    ("model", "distill", "weight"): float,
+    ("model", "compile"): bool,
+    ("model", "compile_mode"): str,
     ("model", "contrastive_weight"): float,
     ("model", "caption_weight"): float,
     ("model", "generation", "max_new_tokens"): int,
@@ -144,11 +157,15 @@ SETTINGS: dict[tuple[str, ...], type | tuple[type, ...]] = {
     ("optim", "min_lr_ratio"): float,
     ("optim", "lr_scale", "vision"): float,
     ("optim", "lr_scale", "text"): float,
+    ("optim", "layer_decay", "vision"): float,
+    ("optim", "layer_decay", "text"): float,
     ("optim", "nonfinite_loss"): str,
 }
 
 # Settings that take one of a few words.
 CHOICES: dict[tuple[str, ...], tuple[str, ...]] = {
+    # torch.compile's modes (torch._inductor.list_mode_options()).
+    ("model", "compile_mode"): ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     ("optim", "nonfinite_loss"): ("error", "skip"),
     ("embedding_cache", "storage"): ("memory", "disk"),
 }
@@ -379,6 +396,11 @@ _REFERENCE_HELP: dict[str, str] = {
     "model.text_lock.freeze_bn_stats": "BatchNorm layers of frozen groups keep their running statistics",
     "model.text_lock.freeze_layer_norm": "false: LayerNorms of frozen groups stay trainable (open_clip's --lock-text default)",
     "model.init_from": "a Hugging Face CLIPModel or open_clip directory: architecture, weights and tokenizer",
+    "model.distill.teacher": "a teacher CLIP to distil from: a vlm-lab .ckpt file or a Hugging Face / open_clip "
+                             "CLIP folder; null: no distillation",
+    "model.distill.weight": "weight of the distillation loss (KL between teacher and student similarities)",
+    "model.compile": "torch.compile the towers when a Trainer sets the module up (fit, validate, test)",
+    "model.compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs), max-autotune...",
     "model.contrastive_weight": "CoCa: weight of the contrastive loss; 0: no projection heads or contrastive loss",
     "model.caption_weight": "CoCa: weight of the caption loss; 0 (default): no caption head, a dual encoder",
     "model.generation.max_new_tokens": "captions: at most this many new tokens",
@@ -409,6 +431,9 @@ _REFERENCE_HELP: dict[str, str] = {
     "optim.min_lr_ratio": "the cosine schedule ends at lr times this",
     "optim.lr_scale.vision": "multiplies optim.lr for the vision tower's parameters",
     "optim.lr_scale.text": "multiplies optim.lr for the text tower's parameters",
+    "optim.layer_decay.vision": "layer-wise lr decay in the vision tower: each layer group learns this times "
+                                "as fast as the one above (0-1; 1: off)",
+    "optim.layer_decay.text": "layer-wise lr decay in the text tower (0-1; 1: off)",
     "optim.nonfinite_loss": "a NaN or Inf loss: error stops the run, skip skips the optimizer step",
 }
 

@@ -25,10 +25,12 @@ from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
 from vlm_lab.config import DEFAULTS
 from vlm_lab.data.transforms import normalize_pixels
+from vlm_lab.distillation import DistillSettings, Teacher
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
-from vlm_lab.locking import TowerLock, lock_tower
+from vlm_lab.locking import TowerLock, layer_decay_scales, lock_tower
+from vlm_lab.losses import SimilarityDistillation
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
@@ -57,6 +59,15 @@ class VisionLanguageModule(L.LightningModule):
             self.loss = registry.build("loss", model["loss"])
         elif self.caption_head is not None:
             self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
+        # Distillation (vlm_lab/distillation.py): the loss term now, the teacher from set_teacher().
+        self.distill = DistillSettings.from_config(model.get("distill"), "model.distill")
+        self.distill_loss = None
+        if self.distill.teacher is not None:
+            if self.loss is None:
+                raise ConfigError("model.distill distils image-text similarities, which a captioning-only model "
+                                  "(model.contrastive_weight: 0) does not compute")
+            self.distill_loss = SimilarityDistillation()
+        self._teacher: Teacher | None = None
         if model.get("init_from"):
             from vlm_lab.interop import load_into_module  # towers, projections and logit scale
 
@@ -70,11 +81,18 @@ class VisionLanguageModule(L.LightningModule):
         self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self._caption_scorer = CaptionScorer()
+        self._compiled = False  # model.compile: done once, in setup()
         self.skipped_nonfinite_steps = 0
         self._discard_gradients = False  # set when a non-finite loss is skipped (see _nonfinite)
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
             f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
+        # Layer-wise lr decay (optim.layer_decay), from the towers' layer groups; also decided now, while
+        # the towers are unwrapped. Older checkpoints have no layer_decay: no decay, as they trained.
+        layer_decay = {**DEFAULTS["optim"]["layer_decay"], **optim.get("layer_decay", {})}
+        self._layer_lr_scales = {f"{tower}.{name}": scale for tower in ("vision", "text")
+                                 for name, scale in layer_decay_scales(getattr(self, tower), layer_decay[tower],
+                                                                       f"optim.layer_decay.{tower}").items()}
 
     # ---------------------------------------------------------------------------------------------
     # Encoding (the public API for notebooks and evaluation)
@@ -111,6 +129,12 @@ class VisionLanguageModule(L.LightningModule):
     @property
     def _contrastive_pooler(self) -> torch.nn.Module | None:
         return None if self.caption_head is None else self.caption_head.contrastive_pooler
+
+    @property
+    def vision_outputs_cacheable(self) -> bool:
+        """Whether training may read the vision tower's cached outputs instead of pixels
+        (vlm_lab/embedding_cache.py): the tower is fully locked and no distillation teacher needs the pixels."""
+        return self.vision_locked.fully_locked and self.distill_loss is None
 
     @property
     def needs_vision_tokens(self) -> bool:
@@ -160,6 +184,31 @@ class VisionLanguageModule(L.LightningModule):
         self._keep_locked_parts_in_eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        self.compile_towers()
+
+    def compile_towers(self) -> None:
+        """``model.compile``: compile both towers with ``torch.compile`` (``model.compile_mode``), once.
+
+        A Trainer calls this in ``setup``, before DDP wraps the module; a plain training loop calls it
+        itself. Towers are compiled in place (``nn.Module.compile``), not wrapped, so parameter names and
+        state-dict keys stay as they are and checkpoints of compiled and eager runs are interchangeable.
+        Compilation happens at the first forward pass (and again for each new input shape or grad mode).
+        """
+        model = self.hparams.model
+        if self._compiled or not model.get("compile", False):
+            return
+        for tower in (self.vision, self.text):
+            tower.compile(mode=model.get("compile_mode", "default"))
+        self._compiled = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A state dict saved from a module wrapped by torch.compile (rather than compiled in place, as
+        # compile_towers does) has "_orig_mod." levels in its keys; they name the same parameters.
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = {key.replace("_orig_mod.", ""): value
+                                        for key, value in checkpoint["state_dict"].items()}
+
     def on_train_epoch_start(self) -> None:
         # Lightning restores the train/eval flags it captured before validation module by module,
         # bypassing train(); re-apply the locks at every epoch so no path leaves them in train mode.
@@ -198,12 +247,16 @@ class VisionLanguageModule(L.LightningModule):
             text = self.text(input_ids, attention_mask)
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
+            image_features = self._image_embedding(vision)
             text_features = F.normalize(self.text_head(text.pooled), dim=-1)
-            terms["contrastive_loss"] = self.loss(self._image_embedding(vision), text_features)
+            terms["contrastive_loss"] = self.loss(image_features, text_features)
+            if self.distill_loss is not None:
+                terms["distill_loss"] = self._distillation(batch, image_features, text_features)
         if self.caption_head is not None:
             logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
             terms["caption_loss"] = self.caption_head.caption_loss(logits, input_ids, attention_mask)
-        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
+        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight,
+                   "distill_loss": self.distill.weight}
         loss = sum(weights[name] * value for name, value in terms.items())
         if self.caption_head is not None and (self._contrastive_pooler is not None or self.loss is None):
             # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
@@ -211,6 +264,24 @@ class VisionLanguageModule(L.LightningModule):
             # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
             loss = loss + 0.0 * vision.pooled.sum()
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
+
+    def set_teacher(self, teacher: torch.nn.Module) -> None:
+        """Attach the frozen teacher ``model.distill`` distils from (``vlm_lab.interop.load_teacher(path)``;
+        ``vlm_lab.build_module`` does this). It is frozen here and kept out of this module's parameters
+        and state dict."""
+        if self.distill_loss is None:
+            raise ConfigError("set_teacher: this module was built without model.distill.teacher")
+        self._teacher = Teacher(teacher, self.distill.teacher or "the teacher")
+
+    def _distillation(self, batch: dict[str, Any], image_features: torch.Tensor,
+                      text_features: torch.Tensor) -> torch.Tensor:
+        if self._teacher is None:
+            raise ConfigError(f"model.distill.teacher={self.distill.teacher!r} is set but no teacher is attached; "
+                              f"build the module with vlm_lab.build_module(cfg), or call "
+                              f"module.set_teacher(vlm_lab.interop.load_teacher(path))")
+        teacher_image, teacher_text, teacher_scale = self._teacher.features(batch, self.image_config)
+        return self.distill_loss(image_features, text_features, self.loss.logit_scale_value(),
+                                 teacher_image, teacher_text, teacher_scale)
 
     def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
         """A NaN/Inf loss on some rank: stop with a clear message, or skip the optimizer step
@@ -251,10 +322,11 @@ class VisionLanguageModule(L.LightningModule):
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            tower = _unwrapped_name(name).split(".", 1)[0]
+            name = _unwrapped_name(name)
             # Biases, norm gains, embeddings of rank < 2 and temperatures must not shrink towards 0.
-            decays = _unwrapped_name(name) not in self._no_decay_names
-            groups.setdefault((scale.get(tower, 1.0), decays), []).append(parameter)
+            decays = name not in self._no_decay_names
+            lr_scale = scale.get(name.split(".", 1)[0], 1.0) * self._layer_lr_scales.get(name, 1.0)
+            groups.setdefault((lr_scale, decays), []).append(parameter)
         # Decaying groups first. LambdaLR scales each group's own initial lr, so lr_scale holds throughout.
         optimizer = torch.optim.AdamW(
             [{"params": params, "lr": cfg["lr"] * lr_scale, "weight_decay": cfg["weight_decay"] if decays else 0.0}
@@ -371,8 +443,9 @@ def _fused_adamw(parameters: list[torch.nn.Parameter]) -> bool | None:
 
 
 def _unwrapped_name(name: str) -> str:
-    """A parameter's name without the module levels that FSDP and activation-checkpoint wrappers add."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+    """A parameter's name without the module levels that FSDP, activation-checkpoint and torch.compile
+    wrappers add."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
 

@@ -139,6 +139,38 @@ class ClipEncoder(nn.Module):
 # Vision tower
 
 
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout (Li et al., 2023): in training, keep a random ``1 - prob`` of the patch tokens.
+
+    The class token (position 0) is always kept; each image keeps its own random subset, in random
+    order (position embeddings are already added, so order carries no meaning). The transformer then
+    runs on about half the tokens at ``prob=0.5``, which is where the speed-up comes from. In eval
+    mode, or at ``prob=0``, the input passes through unchanged. As open_clip's ``PatchDropout``
+    (``transformer.py``), with the random draw on the input's device.
+    """
+
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ConfigError(f"clip_vit: patch_dropout={prob} should be at least 0 and below 1 (the fraction "
+                              f"of patch tokens dropped in training, e.g. 0.5)")
+        self.prob = float(prob)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return tokens
+        class_token, patches = tokens[:, :1], tokens[:, 1:]
+        batch, count = patches.shape[:2]
+        keep = max(1, int(count * (1.0 - self.prob)))
+        # The top-k of Gaussian noise is a uniformly random subset of k positions per row.
+        kept = torch.randn(batch, count, device=tokens.device).topk(keep, dim=-1).indices
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([class_token, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
 class ClipVisionEmbeddings(nn.Module):
     """Patchify with a strided convolution, prepend a class token, add learned positions."""
 
@@ -199,6 +231,10 @@ class ClipVisionTower(nn.Module):
     (class token first, not post-normed), exactly HF's ``pooler_output`` / ``last_hidden_state``.
     Images of another size than ``image_size`` work if both sides are multiples of ``patch_size``:
     the position embeddings are then interpolated bicubically.
+
+    ``patch_dropout`` (FLIP): the fraction of patch tokens dropped at random in training, after the
+    position embeddings are added; 0 (default) keeps them all, and evaluation always does. In
+    training ``tokens`` then holds only the kept patches (after the class token).
     """
 
     def __init__(
@@ -214,6 +250,7 @@ class ClipVisionTower(nn.Module):
         grad_checkpointing: bool = False,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        patch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -230,6 +267,7 @@ class ClipVisionTower(nn.Module):
         )
 
         self.embeddings = ClipVisionEmbeddings(image_size, patch_size, width)
+        self.patch_dropout = PatchDropout(patch_dropout)  # no parameters: the state dict stays HF's
         self.pre_layrnorm = nn.LayerNorm(width, eps=layer_norm_eps)  # sic: HF's spelling
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
@@ -238,21 +276,22 @@ class ClipVisionTower(nn.Module):
     pretrained_path: str | None = None
 
     @classmethod
-    def from_pretrained(cls, path: str, grad_checkpointing: bool = False) -> ClipVisionTower:
+    def from_pretrained(cls, path: str, grad_checkpointing: bool = False, patch_dropout: float = 0.0) -> ClipVisionTower:
         """The vision tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
 
         The architecture (sizes, activation, LayerNorm eps, image mean/std) comes from the
         checkpoint's config and every weight must load; registered as ``clip_vit_pretrained``.
+        ``grad_checkpointing`` and ``patch_dropout`` change how it trains, not its weights.
         """
         from vlm_lab.interop.pretrained import load_tower  # interop imports this module
 
-        return load_tower(cls, "vision", path, grad_checkpointing=grad_checkpointing)
+        return load_tower(cls, "vision", path, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        hidden_states = self.pre_layrnorm(self.patch_dropout(self.embeddings(pixel_values)))
         last_hidden_state = self.encoder(hidden_states)
         pooled = self.post_layernorm(last_hidden_state[:, 0])
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=None)
