@@ -4,7 +4,7 @@ Importing the package registers every built-in tower, head, loss and data module
 """
 
 from vlm_lab import data, heads, losses, towers  # noqa: F401  (registers the built-ins)
-from vlm_lab.api import build_datamodule, build_module, build_trainer, fit, test, validate
+from vlm_lab.api import build_datamodule, build_module, build_trainer, fit, test, upgrade_checkpoint, validate
 from vlm_lab.config import load_config
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.registry import (
@@ -46,5 +46,6 @@ __all__ = [
     "register_text_tower",
     "register_vision_tower",
     "test",
+    "upgrade_checkpoint",
     "validate",
 ]

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from vlm_lab import registry
+from vlm_lab import checkpoint_format, registry
 from vlm_lab.config import to_yaml
 from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
 from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
@@ -146,6 +147,38 @@ def zeroshot(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path 
     _save_config(cfg, run_dir)
     (run_dir / "metrics.json").write_text(json.dumps({**read_metrics(run_dir), **metrics}, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+def upgrade_checkpoint(old: str | Path, new: str | Path) -> Path:
+    """Write ``new``: checkpoint ``old``, written before checkpoints were self-contained, plus what makes it
+    so (the model as built and the tokenizer's files, ``vlm_lab/checkpoint_format.py``).
+
+    Run it where the files ``old``'s config names exist (pretrained weights, ``init_from`` folder,
+    captions file): the model is rebuilt from them once, and the saved weights must load into it.
+    Everything else (optimizer, loops, callbacks) is kept, so training can resume from ``new``.
+    """
+    old, new = Path(old), Path(new)
+    if new.exists():
+        raise ConfigError(f"checkpoint upgrade: {new} exists; give a new file name")
+    checkpoint = checkpoint_format.read_checkpoint(old)
+    if checkpoint_format.portable_model(checkpoint, old) is not None:
+        raise ConfigError(f"checkpoint upgrade: {old} is already self-contained (format {checkpoint_format.FORMAT})")
+    hparams = checkpoint["hyper_parameters"]
+    try:
+        module = VisionLanguageModule(model=hparams["model"], optim=hparams["optim"])
+    except ConfigError as error:
+        raise ConfigError(f"checkpoint upgrade: rebuilding {old} from its config needs the files it names, and "
+                          f"that failed: {error}. Run the upgrade where they exist") from None
+    problems = module.load_state_dict(checkpoint["state_dict"], strict=False)
+    if problems.missing_keys or problems.unexpected_keys:
+        raise ConfigError(f"checkpoint upgrade: the weights in {old} do not fit the model its config builds today "
+                          f"(missing {len(problems.missing_keys)}, unexpected {len(problems.unexpected_keys)} keys); "
+                          f"have the files it names changed?")
+    checkpoint[checkpoint_format.KEY] = module.portable_model.entry()
+    partial = new.with_name(new.name + ".partial")
+    torch.save(checkpoint, partial)
+    partial.replace(new)  # atomic: a crash leaves no half-written checkpoint under the final name
+    return new
 
 
 def _module_to_evaluate(cfg: DictConfig, ckpt_path: str | None) -> VisionLanguageModule:

@@ -8,6 +8,7 @@
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
+    vlm-lab checkpoint show CKPT | upgrade OLD NEW
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
     vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
@@ -120,6 +121,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug(sub)
     sub.set_defaults(handler=_export)
 
+    sub = commands.add_parser("checkpoint", help="inspect a checkpoint, or convert one written before they were "
+                                                 "self-contained")
+    actions = sub.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="format, weights, tokenizer files and model section of a checkpoint")
+    show.add_argument("ckpt")
+    _add_debug(show)
+    show.set_defaults(handler=_checkpoint_show)
+    upgrade = actions.add_parser("upgrade", help="rewrite an old checkpoint as a self-contained one (run it where "
+                                                 "the files its config names exist)")
+    upgrade.add_argument("old", help="a checkpoint written by vlm-lab up to commit e956f06")
+    upgrade.add_argument("new", help="the self-contained checkpoint to write (a new file)")
+    _add_debug(upgrade)
+    upgrade.set_defaults(handler=_checkpoint_upgrade)
+
     sub = commands.add_parser("caption", help="caption images with a CoCa checkpoint (one line per image)")
     sub.add_argument("images", nargs="+", metavar="IMAGE")
     sub.add_argument("--ckpt", required=True, help="a checkpoint of vlm-lab fit trained with model.caption_weight > 0")
@@ -169,6 +184,10 @@ def _run_stage(args: argparse.Namespace) -> int:
     if not files:
         raise ConfigError("give at least one config file or packaged experiment, e.g. quickstart "
                           "(vlm-lab list --kind experiment)")
+    if ckpt_path is not None:
+        # The checkpoint holds the whole model, so the config's model.init_from (a folder that may not
+        # exist on this machine) is not read; its model section only sets decoding (model.generation).
+        overrides.append("model.init_from=null")
 
     import vlm_lab  # heavy imports only once the arguments are known to be sane
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -271,6 +290,20 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export(args.ckpt, args.format, args.out)
     print(f"wrote {args.format} model to {out}")
+    return 0
+
+
+def _checkpoint_show(args: argparse.Namespace) -> int:
+    from vlm_lab.checkpoint_format import describe_checkpoint
+
+    print(describe_checkpoint(args.ckpt))
+    return 0
+
+
+def _checkpoint_upgrade(args: argparse.Namespace) -> int:
+    from vlm_lab.api import upgrade_checkpoint
+
+    print(f"wrote the self-contained checkpoint {upgrade_checkpoint(args.old, args.new)}")
     return 0
 
 

@@ -272,7 +272,9 @@ def caption_images(ckpt_path: str, image_paths: list[str], batch_size: int = 16,
 
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"--ckpt: no checkpoint file at {ckpt_path}")
-    module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    # eval(): a module comes back from a checkpoint in train mode, where a locked tower would still
+    # normalise with the batch's statistics (captions would depend on which images share a batch).
+    module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
     if module.caption_head is None:
         raise ConfigError(f"--ckpt: {ckpt_path} has no caption head (it was trained with model.caption_weight=0)")
     pixels = []

@@ -1,8 +1,10 @@
 """``VisionLanguageModule``: one LightningModule that assembles towers, heads and a loss from config.
 
 The module is built from the plain ``model`` and ``optim`` sections of a config and saves them as
-hyperparameters, so ``VisionLanguageModule.load_from_checkpoint(path)`` rebuilds it from the
-checkpoint alone. Every part is looked up by name in the registry::
+hyperparameters (the recipe, for the record). Its checkpoints also carry the model as built, towers
+as explicit architectures, and the tokenizer's files (``vlm_lab/checkpoint_format.py``), so
+``VisionLanguageModule.load_from_checkpoint(path)`` rebuilds it from the checkpoint file alone, on any
+machine, loading no pretrained weights. Every part is looked up by name in the registry::
 
     image ──vision tower──▶ pooled ──vision_head──▶ ┐
                                                     ├─ L2-normalise ─▶ loss (clip | align | siglip)
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import math
-from typing import Any, Sequence
+from pathlib import Path
+from typing import IO, Any, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
-from vlm_lab import registry
+from vlm_lab import checkpoint_format, registry
 from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.captioning import build_caption_head
 from vlm_lab.config import DEFAULTS
@@ -38,11 +42,16 @@ from vlm_lab.towers.base import ImageConfig, TowerOutput
 class VisionLanguageModule(L.LightningModule):
     """A dual-encoder (CLIP, ALIGN, SigLIP, LiT) built from the ``model`` and ``optim`` config sections."""
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], tokenizer: Any = None,
+                 model_as_built: dict[str, Any] | None = None) -> None:
+        """``model_as_built`` and ``tokenizer`` are what ``load_from_checkpoint`` passes from a checkpoint:
+        the model section the module is then built from instead of ``model`` (which stays the
+        hyperparameter: the recipe as written), and the loaded tokenizer to use. Neither is a hyperparameter."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer", "model_as_built"])
+        model = model_as_built if model_as_built is not None else model
         self.vision = registry.build("vision_tower", model["vision"])
-        self.text, self.tokenizer = _text_tower_and_tokenizer(model)
+        self.text, self.tokenizer = _text_tower_and_tokenizer(model, tokenizer)
         # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built at all.
         self.contrastive_weight = float(model.get("contrastive_weight", 1.0))
         self.caption_weight = float(model.get("caption_weight", 0.0))
@@ -93,6 +102,45 @@ class VisionLanguageModule(L.LightningModule):
         self._layer_lr_scales = {f"{tower}.{name}": scale for tower in ("vision", "text")
                                  for name, scale in layer_decay_scales(getattr(self, tower), layer_decay[tower],
                                                                        f"optim.layer_decay.{tower}").items()}
+        # What every checkpoint of this module carries to rebuild it without the recipe's files. Worked
+        # out now: a tower that cannot say its architecture fails here, not at the first save, and the
+        # tokenizer is saved as loaded (a fast tokenizer's file records the truncation of its last call).
+        self.portable_model = checkpoint_format.PortableModel(
+            checkpoint_format.portable_model_section(model, self.vision, self.text),
+            checkpoint_format.tokenizer_files(self.tokenizer))
+
+    # ---------------------------------------------------------------------------------------------
+    # Checkpoints (vlm_lab/checkpoint_format.py)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[checkpoint_format.KEY] = self.portable_model.entry()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO[bytes], map_location: Any = None,
+                             hparams_file: str | Path | None = None, strict: bool | None = None,
+                             weights_only: bool | None = None, **kwargs: Any) -> "VisionLanguageModule":
+        """Lightning's ``load_from_checkpoint``, rebuilding the model from the checkpoint file alone.
+
+        The architecture and the tokenizer come from the checkpoint's ``vlm_lab`` entry: no card, weight
+        file, folder, package or captions file is read, and no pretrained weights are loaded. A
+        checkpoint written before that entry existed re-runs the recipe in its hyperparameters, which
+        needs the files it names; if one is gone, the error says how to convert the checkpoint.
+        """
+        if not isinstance(checkpoint_path, (str, Path)):  # a file object: read once, serve twice
+            checkpoint_path = io.BytesIO(checkpoint_path.read())
+        source = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else "the checkpoint"
+        portable = checkpoint_format.portable_model(
+            checkpoint_format.read_checkpoint(checkpoint_path, weights_only), source)
+        if isinstance(checkpoint_path, io.BytesIO):
+            checkpoint_path.seek(0)
+        load = super().load_from_checkpoint
+        if portable is not None:
+            kwargs = {"model_as_built": portable.model, "tokenizer": portable.tokenizer(), **kwargs}
+            return load(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        try:
+            return load(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+        except ConfigError as error:
+            raise checkpoint_format.legacy_rebuild_error(source, error) from None
 
     # ---------------------------------------------------------------------------------------------
     # Encoding (the public API for notebooks and evaluation)
@@ -450,8 +498,8 @@ def _unwrapped_name(name: str) -> str:
     return name
 
 
-def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
-    """The text tower and the tokenizer that feeds it.
+def _text_tower_and_tokenizer(model: dict[str, Any], tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+    """The text tower and the tokenizer that feeds it (``tokenizer``, when given, is that tokenizer).
 
     A tower that takes ``vocab_size`` and is not given one is sized to the tokenizer. A tower with a
     vocabulary of its own (a pretrained checkpoint's, via ``init_from`` or ``clip_text_pretrained``)
@@ -461,25 +509,29 @@ def _text_tower_and_tokenizer(model: dict[str, Any]) -> tuple[torch.nn.Module, A
     """
     spec, path = model["text"], model["tokenizer"]["path"]
     train_from = model["tokenizer"].get("train_from")
-    if train_from is not None:
+    if train_from is not None and tokenizer is None:
         if path is not None:
             raise ConfigError("model.tokenizer: set either path (an existing tokenizer) or train_from "
                               "(build a word vocabulary from captions), not both")
         path = str(word_tokenizer_dir(train_from, model["tokenizer"].get("min_count", 5)))
+    init_from = model.get("init_from")
+    if tokenizer is None and path is None and checkpoint_format.is_checkpoint_file(init_from):
+        tokenizer = checkpoint_format.read_portable_model(init_from, "model.init_from").tokenizer()
     constructor, preset = registry.resolve("text_tower", spec["name"])
     takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
     if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
-        tokenizer = load_tokenizer(path)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
         return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}), tokenizer
 
     text = registry.build("text_tower", spec)
-    if path is None:
-        source = model.get("init_from") or getattr(text, "pretrained_path", None)
-        path = getattr(text, "tokenizer_path", None)
-        if source and path is None:
-            raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
-                              f"to the tokenizer its text tower was trained with (docs/how-to/pretrained-clip.md)")
-    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        if path is None:
+            source = init_from or getattr(text, "pretrained_path", None)
+            path = getattr(text, "tokenizer_path", None)
+            if source and path is None:
+                raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
+                                  f"to the tokenizer its text tower was trained with (docs/how-to/pretrained-clip.md)")
+        tokenizer = load_tokenizer(path)
     vocab_size = getattr(text, "vocab_size", None)
     if vocab_size is not None and len(tokenizer) > vocab_size:
         raise ConfigError(f"model.tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the text tower's "

@@ -1,4 +1,5 @@
-"""Starting vlm-lab models from pretrained CLIP checkpoints (Hugging Face or open_clip directories).
+"""Starting vlm-lab models from pretrained CLIP checkpoints (Hugging Face or open_clip directories)
+or from a vlm-lab checkpoint file (fine-tuning).
 
 Two entry points, both with the architecture read from the checkpoint's config:
 
@@ -7,7 +8,9 @@ Two entry points, both with the architecture read from the checkpoint's config:
   the loss, the tokenizer) under the config files, so they may still change anything that keeps the
   weights loadable (``model.vision.grad_checkpointing``, ``model.tokenizer.max_length``);
   ``VisionLanguageModule`` then calls ``load_into_module``, which loads towers, projections and the
-  logit scale, requiring every key to match.
+  logit scale, requiring every key to match. A vlm-lab checkpoint file (``last.ckpt``) works the same
+  way: its model section as built and its tokenizer (``vlm_lab/checkpoint_format.py``), then every
+  weight of the module; the optimizer and the schedule start afresh.
 * ``clip_vit_pretrained`` / ``clip_text_pretrained`` (``ClipVisionTower.from_pretrained``): one tower
   on its own, e.g. a pretrained image tower under a new text tower (LiT). Registry cards such as
   ``openai_clip_vit_b32`` name these with a default ``path``.
@@ -19,32 +22,41 @@ from typing import Any, Literal
 
 from torch import nn
 
-from vlm_lab.interop.checkpoint import ClipCheckpoint, load_exactly, read_clip_checkpoint
+from vlm_lab import checkpoint_format
+from vlm_lab.interop.checkpoint import load_exactly, read_clip_checkpoint
 
 # Module parts an init_from checkpoint must fill completely.
 _PARTS = ("vision.", "text.", "vision_head.", "text_head.")
 
 
 def init_model_section(path: str) -> dict[str, Any]:
-    """The ``model`` config section of the CLIP checkpoint at ``path`` (what ``init_from`` starts from)."""
+    """The ``model`` config section that ``init_from: path`` starts from: a CLIP checkpoint directory's, or
+    a vlm-lab checkpoint file's model as built (its tokenizer comes from the file too)."""
+    if checkpoint_format.is_checkpoint_file(path):
+        return checkpoint_format.read_portable_model(path, "model.init_from").model
     return read_clip_checkpoint(path).model_section()
 
 
-def load_into_module(module: nn.Module, path: str) -> ClipCheckpoint:
-    """Load the CLIP checkpoint at ``path`` into a ``VisionLanguageModule`` built from its model section.
+def load_into_module(module: nn.Module, path: str) -> None:
+    """Load the checkpoint at ``path`` (a CLIP directory or a vlm-lab checkpoint file) into a
+    ``VisionLanguageModule`` built from its model section.
 
-    Towers and heads must match exactly (a one-line error lists missing and unexpected keys); the
-    loss takes the logit scale (and SigLIP's bias) when it has a parameter of that name, so
-    ``model.loss`` may be swapped, e.g. to ``align``, which then starts from its own temperature.
+    Towers, heads (and a vlm-lab checkpoint's caption head) must match exactly (a one-line error lists
+    missing and unexpected keys); the loss takes the logit scale (and SigLIP's bias) when it has a
+    parameter of that name, so ``model.loss`` may be swapped, e.g. to ``align``, which then starts from
+    its own temperature.
     """
-    checkpoint = read_clip_checkpoint(path)
-    state = checkpoint.state_dict()
     own = module.state_dict()
+    if checkpoint_format.is_checkpoint_file(path):
+        state = checkpoint_format.checkpoint_state_dict(path)
+        parts = [key for key in own if not key.startswith("loss.")]
+    else:
+        state = read_clip_checkpoint(path).state_dict()
+        parts = [key for key in own if key.startswith(_PARTS)]
     loss_keys = [key for key in ("loss.logit_scale", "loss.logit_bias") if key in own and key in state]
-    keys = [key for key in own if key.startswith(_PARTS)] + loss_keys
+    keys = parts + loss_keys
     state = {key: value for key, value in state.items() if key in keys or not key.startswith("loss.")}
     load_exactly(module, state, f"init_from {path}", keys=keys)
-    return checkpoint
 
 
 def load_tower(tower_class: type[nn.Module], half: Literal["vision", "text"], path: str,

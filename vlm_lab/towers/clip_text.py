@@ -8,7 +8,7 @@ encoder is the one ``clip_vit.py`` defines.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -92,6 +92,13 @@ class ClipTextTower(nn.Module):
                 f"clip_text: eos_token_id goes with pooling 'eos_id' and only with it; "
                 f"got pooling={pooling!r}, eos_token_id={eos_token_id!r}"
             )
+        # Every argument but grad_checkpointing, explicit (vocab_size too, which a config may leave to
+        # the tokenizer): what a checkpoint rebuilds the tower from.
+        self._architecture = {
+            "vocab_size": vocab_size, "context_length": context_length, "width": width, "layers": layers,
+            "heads": heads, "mlp_ratio": mlp_ratio, "quick_gelu": quick_gelu, "layer_norm_eps": layer_norm_eps,
+            "pooling": pooling, "eos_token_id": eos_token_id,
+        }
         self.pooling = pooling
         self.eos_token_id = eos_token_id
         self.vocab_size = vocab_size
@@ -118,6 +125,10 @@ class ClipTextTower(nn.Module):
         from vlm_lab.interop.pretrained import load_tower  # interop imports this module
 
         return load_tower(cls, "text", path, grad_checkpointing=grad_checkpointing)
+
+    def architecture_spec(self) -> dict[str, Any]:
+        """The ``clip_text`` spec that rebuilds this tower, also when it came from a pretrained checkpoint."""
+        return {"name": "clip_text", **self._architecture, "grad_checkpointing": self.encoder.grad_checkpointing}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

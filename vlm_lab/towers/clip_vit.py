@@ -10,6 +10,7 @@ in ``clip_text.py``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +258,13 @@ class ClipVisionTower(nn.Module):
             raise ConfigError(f"clip_vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
         if len(image_mean) != 3 or len(image_std) != 3:
             raise ConfigError(f"clip_vit: image_mean and image_std need 3 values, got {image_mean}, {image_std}")
+        # Every argument but grad_checkpointing and patch_dropout, explicit: what a checkpoint rebuilds the
+        # tower from.
+        self._architecture = {
+            "image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers, "heads": heads,
+            "mlp_ratio": mlp_ratio, "quick_gelu": quick_gelu, "layer_norm_eps": layer_norm_eps,
+            "image_mean": [float(m) for m in image_mean], "image_std": [float(s) for s in image_std],
+        }
         self.output_dim = width
         self.token_dim = width
         self.image_config = ImageConfig(
@@ -286,6 +294,11 @@ class ClipVisionTower(nn.Module):
         from vlm_lab.interop.pretrained import load_tower  # interop imports this module
 
         return load_tower(cls, "vision", path, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout)
+
+    def architecture_spec(self) -> dict[str, Any]:
+        """The ``clip_vit`` spec that rebuilds this tower, also when it came from a pretrained checkpoint."""
+        return {"name": "clip_vit", **self._architecture, "grad_checkpointing": self.encoder.grad_checkpointing,
+                "patch_dropout": self.patch_dropout.prob}  # training settings: a resumed fit trains as before
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable

