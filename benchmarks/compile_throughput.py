@@ -2,6 +2,7 @@
 
     python benchmarks/compile_throughput.py                    # batch 32, 2 warm-up + 6 measured steps each
     python benchmarks/compile_throughput.py --batch-size 64 --steps 10
+    python benchmarks/compile_throughput.py --threads 1                   # steadier CPU seconds on a shared machine
 
 The small CLIP of ``vs_open_clip_throughput.py`` (ViT 64 px / patch 8, text 32 tokens, both width 256
 with 4 layers; open_clip's 49,408-token vocabulary; the same weights on both sides), fp32 on the
@@ -41,7 +42,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each row left out (compilation happens here)")
     parser.add_argument("--steps", type=int, default=6, help="measured steps of each row")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice). On a machine shared "
+                        "with other jobs, 1 keeps the CPU seconds honest: idle threads of a team spin-wait for the "
+                        "ones the other jobs hold up, and that waiting counts as CPU time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows: dict[str, Stepper] = {}
     module, reference = small_clip_pair()

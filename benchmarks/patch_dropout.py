@@ -2,6 +2,7 @@
 
     python benchmarks/patch_dropout.py                      # batch 4, 1 warm-up + 4 measured steps each
     python benchmarks/patch_dropout.py --batch-size 8 --steps 6 --clip
+    python benchmarks/patch_dropout.py --threads 1                    # steadier CPU seconds on a shared machine
 
 Rows (each a training step: forward, a loss, backward, the fused AdamW step ``configure_optimizers``
 builds), in fp32 on the CPU, from the same initial weights:
@@ -69,7 +70,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps of each setting left out of the figures")
     parser.add_argument("--steps", type=int, default=4, help="measured steps of each setting")
     parser.add_argument("--clip", action="store_true", help="also time the whole CLIP step")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice). On a machine shared "
+                        "with other jobs, 1 keeps the CPU seconds honest: idle threads of a team spin-wait for the "
+                        "ones the other jobs hold up, and that waiting counts as CPU time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=generator)
