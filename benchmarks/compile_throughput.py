@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from vs_open_clip_pairs import machine, median, open_clip_loss, small_clip_batch, small_clip_pair, vlm_lab_loss  # noqa: E402
+from vs_open_clip_pairs import (add_threads_option, machine, median, open_clip_loss, small_clip_batch,  # noqa: E402
+                                small_clip_pair, use_threads, vlm_lab_loss)
 from vs_open_clip_throughput import Stepper  # noqa: E402
 
 
@@ -42,12 +43,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each row left out (compilation happens here)")
     parser.add_argument("--steps", type=int, default=6, help="measured steps of each row")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice). On a machine shared "
-                        "with other jobs, 1 keeps the CPU seconds honest: idle threads of a team spin-wait for the "
-                        "ones the other jobs hold up, and that waiting counts as CPU time")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     rows: dict[str, Stepper] = {}
     module, reference = small_clip_pair()

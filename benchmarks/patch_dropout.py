@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import vlm_lab  # noqa: E402
 from vlm_lab import registry  # noqa: E402
-from vs_open_clip_pairs import machine, median  # noqa: E402
+from vs_open_clip_pairs import add_threads_option, machine, median, use_threads  # noqa: E402
 
 
 class Step:
@@ -70,12 +70,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps of each setting left out of the figures")
     parser.add_argument("--steps", type=int, default=4, help="measured steps of each setting")
     parser.add_argument("--clip", action="store_true", help="also time the whole CLIP step")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice). On a machine shared "
-                        "with other jobs, 1 keeps the CPU seconds honest: idle threads of a team spin-wait for the "
-                        "ones the other jobs hold up, and that waiting counts as CPU time")
+    add_threads_option(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.batch_size, 3, 224, 224, generator=generator)

@@ -123,18 +123,11 @@ def test_checkpoints_of_compiled_and_eager_runs_load_into_each_other(tmp_path):
 # DDP: compiled towers inside DistributedDataParallel, two gloo processes against one eager process.
 
 
-class _TrainingStep(torch.nn.Module):
-    def __init__(self, module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, batch):
-        return self.module.training_step(batch, 0)
-
-
 def _worker(init_file: str, out_file: str, rank: int) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from test_distributed import _TrainingStep  # DDP's forward routed to training_step, as Lightning's wrapper does
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
