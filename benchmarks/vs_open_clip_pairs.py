@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,10 +55,12 @@ def small_clip_config(vision: dict[str, Any], text: dict[str, Any], embed_dim: i
 
 
 def small_clip_pair(vision: dict[str, Any] = SMALL_VISION, text: dict[str, Any] = SMALL_TEXT, embed_dim: int = 256,
-                    seed: int = 0) -> tuple[VisionLanguageModule, torch.nn.Module]:
-    """A native CLIP and open_clip's ``CLIP`` with identical architecture and weights."""
+                    seed: int = 0, overrides: Sequence[str] = ()) -> tuple[VisionLanguageModule, torch.nn.Module]:
+    """A native CLIP and open_clip's ``CLIP`` with identical architecture and weights (``overrides``:
+    more config settings for the vlm-lab side that leave its function unchanged, e.g. optim ones)."""
     torch.manual_seed(seed)
-    module = vlm_lab.build_module(vlm_lab.load_config(overrides=small_clip_config(vision, text, embed_dim)))
+    module = vlm_lab.build_module(vlm_lab.load_config(overrides=[*small_clip_config(vision, text, embed_dim),
+                                                                 *overrides]))
     reference = open_clip.CLIP(
         embed_dim=embed_dim,
         vision_cfg={"image_size": vision["image_size"], "patch_size": vision["patch_size"], "width": vision["width"],

@@ -37,7 +37,7 @@ def forbidden_paths() -> list[str]:
     """The card catalog and the weight packages, found without importing the packages."""
     from vlm_lab import registry
 
-    paths = {str(Path(str(card.path)).parent.parent) for card in registry.cards().values()}
+    paths = {str(folder.path) for folder in registry.catalog_folders()}
     for package in WEIGHT_PACKAGES:
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.submodule_search_locations:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vlm_lab.eval.captioning import CaptionScorer, bleu, caption_metrics, cider, ptb_tokenize
+from vlm_lab.eval.caption_metrics import CaptionScorer, bleu, caption_metrics, cider, ptb_tokenize
 
 REFERENCES = {
     1: ["a dog runs on the grass", "a brown dog is running through a field", "the dog plays outside"],

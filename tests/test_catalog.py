@@ -94,8 +94,8 @@ def test_a_card_clashing_with_a_built_in_one_is_one_line_naming_both_files(tmp_p
     err = one_line_error(capsys, ["list"])
     assert (f"vision_tower card 'clip_vit_tiny' is defined twice: {ROOT / 'registry/vision_tower/clip_vit_tiny.yaml'}"
             f" and {mine.resolve() / 'vision_tower/clip_vit_tiny.yaml'}") in err
-    with pytest.raises(ConfigError, match="defined twice"):
-        vlm_lab.load_config(ROOT / "tests" / "configs" / "tiny.yaml")
+    with pytest.raises(ConfigError, match="defined twice"):  # a config naming a card of that kind
+        vlm_lab.load_config(ROOT / "experiments" / "quickstart.yaml")
 
 
 def test_two_user_folders_clash_and_a_card_may_not_take_a_constructor_name(tmp_path, user_catalogs, capsys):
@@ -107,11 +107,14 @@ def test_two_user_folders_clash_and_a_card_may_not_take_a_constructor_name(tmp_p
     assert f"'hot_clip' is defined twice: {first.resolve()}/loss/hot_clip.yaml and {second.resolve()}/loss" in err
 
     user_catalogs._added_catalogs.clear()
-    shadow = catalog(tmp_path / "c", {"loss/siglip": "builds: clip\n"})
+    shadow = catalog(tmp_path / "c", {"loss/siglip": "builds: clip\n", "loss/hot_clip": HOT_CLIP})
     vlm_lab.add_catalog(shadow)
+    # The constructor itself resolves without the catalog (checkpoints name constructors only) ...
+    assert type(vlm_lab.build("loss", {"name": "siglip"})).__name__ == "SigLipLoss"
+    # ... and any card lookup of that kind reports the clash.
     with pytest.raises(ConfigError, match=r"card 'siglip' \(.*/c/loss/siglip.yaml\) has the name of the loss "
                                           r"registered at .*losses.py:\d+; rename one of them"):
-        vlm_lab.build("loss", {"name": "siglip"})
+        vlm_lab.build("loss", {"name": "hot_clip"})
 
 
 def test_bad_catalog_folders_are_one_line(tmp_path, user_catalogs, monkeypatch, capsys):

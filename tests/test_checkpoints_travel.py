@@ -107,7 +107,8 @@ def quickstart(here: Path) -> Case:
 def lit(here: Path) -> Case:
     paths = flickr_subset(here / "flickr")
     return Case([EXPERIMENTS / "lit" / "flickr8k_lit.yaml"], [*flickr_overrides(paths, here / "flickr"),
-                "zeroshot.root=null"], COCO_DATA, image_size=224, moved=[here / "flickr"])
+                "zeroshot.root=null"], COCO_DATA, image_size=224, exports=("hf", "open_clip"),
+                moved=[here / "flickr"])
 
 
 def coca(here: Path) -> Case:
@@ -179,6 +180,10 @@ def assert_same_export(mine: Path, theirs: Path) -> None:
         if "open_clip_config.json" in files:
             config = json.loads(files["open_clip_config.json"])
             assert config["model_cfg"]["text_cfg"].pop("hf_tokenizer_name")
+            # An HF text tower's config folder inside the export, named by absolute path (open_clip reads it
+            # from the current directory): it differs between the two places by design.
+            hf_config = config["model_cfg"]["text_cfg"].pop("hf_model_name", None)
+            assert hf_config in (None, str((directory / "hf_text_config").resolve()))
             files["open_clip_config.json"] = config
         return files
 

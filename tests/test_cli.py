@@ -54,6 +54,7 @@ def test_console_script_fit_then_test(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "val/i2t_R@1" in fit.stdout and "chance" in fit.stdout
+    assert "Tip:" not in fit.stdout + fit.stderr  # Lightning's advertising is switched off (vlm_lab/tracking.py)
     assert json.loads((tmp_path / "metrics.json").read_text())["val/i2t_R@1"] >= 0
     assert "seed: 1" in (tmp_path / "config.yaml").read_text()
 

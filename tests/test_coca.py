@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import vlm_lab
-from vlm_lab.captioning import CocaCaptionHead, DecodingCache, text_states
 from vlm_lab.cli import main
 from vlm_lab.errors import ConfigError
-from vlm_lab.generation import CaptionGenerator, GenerationSettings, SpecialTokens
+from vlm_lab.generation import CaptionGenerator, DecodingCache, GenerationSettings, SpecialTokens
+from vlm_lab.heads import CocaCaptionHead
 
 from conftest import TINY_CONFIG
 
@@ -97,13 +97,13 @@ def test_caption_loss_is_shifted_cross_entropy_ignoring_padding():
 def test_decoder_is_causal_and_cached_states_match(module):
     image = module.caption_head.pool_caption(torch.randn(2, 17, 32))
     ids = torch.randint(1000, 2000, (2, 7))
-    full = module.caption_head.decode(text_states(module.text, ids), image)
+    full = module.caption_head.decode(module.text(ids).tokens, image)
     changed = ids.clone()
     changed[:, 5] = 3000
-    assert torch.allclose(module.caption_head.decode(text_states(module.text, changed), image)[:, :5], full[:, :5])
-    cache = DecodingCache.empty(len(module.text.encoder.layers), len(module.caption_head.layers))
-    steps = [module.caption_head.decode(text_states(module.text, ids[:, :3], cache), image, cache)]
-    steps += [module.caption_head.decode(text_states(module.text, ids[:, t:t + 1], cache), image, cache)
+    assert torch.allclose(module.caption_head.decode(module.text(changed).tokens, image)[:, :5], full[:, :5])
+    cache = DecodingCache()
+    steps = [module.caption_head.decode(module.text(ids[:, :3], cache=cache.text).tokens, image, cache.decoder)]
+    steps += [module.caption_head.decode(module.text(ids[:, t:t + 1], cache=cache.text).tokens, image, cache.decoder)
               for t in range(3, 7)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
 
@@ -156,6 +156,38 @@ def test_cached_and_uncached_decoding_give_identical_tokens(module, images, sett
     assert torch.equal(tokens_of(module, images, max_new_tokens=10, use_cache=False, **settings), cached)
 
 
+@pytest.mark.parametrize("part", ["mlp", "self_attn", "layer"])
+def test_a_change_in_a_text_tower_layer_reaches_training_and_decoding_alike(module, images, part, monkeypatch):
+    """Decoding runs the tower's own layers (with a cache), so no change to them can leave it behind."""
+    batch = {"pixel_values": images[:3], **module.tokenize(["a red cube", "two blue balls", "a cube"]),
+             "image_ids": torch.arange(3)}
+    with torch.no_grad():
+        before_loss = module.losses(batch)["loss"]
+    before = tokens_of(module, images, max_new_tokens=8)
+    layer = module.text.encoder.layers[0]
+
+    def plant(output):  # a shift that differs across channels: no LayerNorm downstream undoes it
+        return output + torch.linspace(-1.0, 1.0, output.shape[-1])
+
+    if part == "mlp":  # planted in the layer's MLP
+        forward = layer.mlp.forward
+        monkeypatch.setattr(layer.mlp, "forward", lambda hidden: plant(forward(hidden)))
+        handle = None
+    else:  # or in the attention's output, or in the whole layer's
+        handle = getattr(layer, part, layer).register_forward_hook(lambda _, __, output: plant(output))
+    try:
+        with torch.no_grad():
+            after_loss = module.losses(batch)["loss"]
+        cached = tokens_of(module, images, max_new_tokens=8)
+        uncached = tokens_of(module, images, max_new_tokens=8, use_cache=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert not torch.allclose(after_loss, before_loss)  # training sees the change ...
+    assert not torch.equal(cached, before)  # ... and so does decoding,
+    assert torch.equal(cached, uncached)  # with and without the cache alike
+
+
 def test_sampling_is_deterministic_for_a_seed_and_lengths_are_bounded(module, images):
     sample = {"do_sample": True, "top_k": 50, "seed": 7, "max_new_tokens": 9}
     first = tokens_of(module, images, **sample)
@@ -171,7 +203,7 @@ def test_sampling_is_deterministic_for_a_seed_and_lengths_are_bounded(module, im
 
 def test_beam_search_finds_a_likelier_caption_than_greedy(module, images):
     def log_likelihood(ids):
-        logits = module.caption_head.decode(text_states(module.text, ids),
+        logits = module.caption_head.decode(module.text(ids).tokens,
                                             module.caption_head.pool_caption(module.vision_tower_output(images).tokens))
         logp = logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
         real = torch.cumsum(ids[:, 1:] == SpecialTokens.of(module.tokenizer).eos, 1) - \

@@ -63,7 +63,7 @@ def test_compile_settings_are_checked():
     with pytest.raises(ConfigError, match="model.compile_mode='max-autotun' is not one of 'default', 'reduce-overhead', "
                                           ".* Did you mean 'max-autotune'"):
         vlm_lab.load_config(TINY, overrides=["model.compile_mode=max-autotun"])
-    with pytest.raises(ConfigError, match="model.compile='maybe' should be bool"):
+    with pytest.raises(ConfigError, match="model.compile='maybe' should be true or false"):
         vlm_lab.load_config(TINY, overrides=["model.compile=maybe"])
     module = build("model.compile=true")
     assert not module._compiled  # compiled by setup(), i.e. when a Trainer runs it

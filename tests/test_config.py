@@ -1,7 +1,10 @@
 import pytest
+from omegaconf import OmegaConf
 
-from vlm_lab.config import load_config, to_yaml
+from vlm_lab.cli import main
+from vlm_lab.config import load_config, reference_markdown, to_yaml
 from vlm_lab.errors import ConfigError
+from vlm_lab.schema import GenerationSettings, OptimSettings, defaults
 
 
 def write(path, text):
@@ -67,3 +70,70 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("experiments/quickstart.yaml", overrides=["optim.lr=0.01"])
     saved = write(tmp_path / "config.yaml", to_yaml(cfg))
     assert load_config(saved) == cfg  # the saved name is kept
+
+
+# --------------------------------------------------------------------------------------------------
+# The schema (vlm_lab/schema.py): one declaration per section, and what comes from it
+
+
+def test_every_default_comes_from_the_schema():
+    cfg = load_config()
+    assert OmegaConf.to_container(cfg) == defaults()
+    assert cfg.optim.lr == OptimSettings().lr and cfg.model.generation.log_examples == GenerationSettings().log_examples
+
+
+def test_interpolations_resolve_before_the_checks(tmp_path):
+    config = write(tmp_path / "interpolated.yaml",
+                   "model:\n  embed_dim: 48\n  caption_head: {name: coca_decoder, width: '${model.embed_dim}'}\n"
+                   "data: {name: synthetic_shapes, batch_size: '${model.embed_dim}'}\n")
+    cfg = load_config(config, overrides=["optim.warmup_steps=${data.batch_size}"])  # overrides may name file keys
+    assert cfg.model.caption_head.width == cfg.data.batch_size == cfg.optim.warmup_steps == 48
+    assert "${" not in to_yaml(cfg)  # the saved config holds values
+    with pytest.raises(ConfigError, match=r"^seed=0.0005 should be an integer$"):  # checked once resolved
+        load_config(config, overrides=["seed=${optim.lr}"])
+    with pytest.raises(ConfigError, match=r"seed: .*'optim.lrr' not found.*Did you mean 'optim.lr'") as err:
+        load_config(config, overrides=["seed=${optim.lrr}"])
+    assert "\n" not in str(err.value)
+
+
+def test_generation_settings_are_all_config_keys():
+    cfg = load_config(overrides=["model.generation.do_sample=true", "model.generation.top_p=0.9",
+                                 "model.generation.seed=3", "model.generation.max_images=8"])
+    settings = GenerationSettings.from_config(OmegaConf.to_container(cfg.model.generation))
+    assert (settings.do_sample, settings.top_p, settings.seed, settings.max_images) == (True, 0.9, 3, 8)
+    with pytest.raises(ConfigError, match=r"model.generation: do_sample works with num_beams=1 only"):
+        load_config(overrides=["model.generation.do_sample=true", "model.generation.num_beams=2"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.generation.top_n'.*Did you mean 'top_p'"):
+        load_config(overrides=["model.generation.top_n=3"])
+
+
+def test_the_reference_has_one_table_per_section_with_every_key():
+    text = reference_markdown()
+    tables = {block.split("\n", 1)[0]: block for block in text.split("\n## ")[1:]}
+
+    def sections(node, path):
+        yield path, node
+        for key, value in node.items():
+            if isinstance(value, dict) and key not in ("data", "trainer") and "name" not in value:
+                yield from sections(value, f"{path}.{key}" if path != "top level" else key)
+
+    for path, node in sections(defaults(), "top level"):
+        rows = [line for line in tables[path].splitlines() if line.startswith("| `")]
+        assert [row.split("`")[1] for row in rows] == list(node), path
+        assert all(row.count(" | ") == 3 for row in rows)  # key, type, default, description: no stray pipes
+    for name in ("synthetic_shapes", "coco_captions", "cc3m"):
+        assert "| `batch_size` | an integer | `64` |" in tables[f"data: {name}"]
+    assert "| `nonfinite_loss` | one of 'error', 'skip' | `error` |" in tables["optim"]
+    assert "| `tokenizer` |" not in tables["data: coco_captions"]  # supplied by vlm-lab, not a setting
+    prose = "".join(part for index, part in enumerate(text.split("`")) if index % 2 == 0)
+    assert "<" not in prose and "``" not in text  # no stray HTML, no reST code left
+
+
+def test_config_reference_command(capsys):
+    assert main(["config-reference", "optim"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("optim\n") and "nonfinite_loss" in out and "optim.lr_scale" in out and "model" not in out
+    assert main(["config-reference", "--markdown"]) == 0
+    assert capsys.readouterr().out.strip() == reference_markdown().strip()
+    assert main(["config-reference", "optm"]) == 2
+    assert "no section 'optm'. Did you mean 'optim'" in capsys.readouterr().err

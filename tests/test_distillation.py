@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 import vlm_lab
 from interop_helpers import perturb, save_checkpoint
@@ -181,7 +182,8 @@ def test_bad_distillation_settings_are_one_line(teacher_checkpoint, overrides, m
 
 def test_a_student_without_its_teacher_says_how_to_attach_it(teacher_checkpoint):
     cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}"])
-    student = vlm_lab.VisionLanguageModule(model=dict(cfg.model), optim=dict(cfg.optim))  # not build_module
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    student = vlm_lab.VisionLanguageModule(model=plain["model"], optim=plain["optim"])  # not build_module
     with pytest.raises(ConfigError, match="no teacher is attached; build the module with vlm_lab.build_module"):
         student.losses(batch())
     student.set_teacher(load_teacher(teacher_checkpoint))

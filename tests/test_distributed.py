@@ -99,13 +99,36 @@ def _loss_and_grads(module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return loss.detach(), {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
-def _worker(init_file: str, out_file: str, rank: int) -> None:
+def init_gloo(init_file: str, rank: int) -> None:
+    """Join the WORLD_SIZE gloo processes of a worker script (one thread each; warnings off, since
+    ``self.log()`` without a Trainer warns on every step)."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+
+
+def run_workers(script: str, tmp: Path) -> list:
+    """Start ``python script worker STORE OUT RANK`` for every rank; each rank's saved results."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, "worker", str(tmp / "store"), str(tmp / f"{rank}.pt"), str(rank)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    for proc in procs:
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, output.decode()[-3000:]
+    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def _worker(init_file: str, out_file: str, rank: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    init_gloo(init_file, rank)
     results = {}
     for case, dtype in itertools.product(CASES, DTYPES):
         shard = _shard(_batch(dtype), rank)
@@ -127,18 +150,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "worker", str(tmp / "store"), str(tmp / f"{rank}.pt"), str(rank)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD_SIZE)
-    ]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output.decode()[-3000:]
-    return [torch.load(tmp / f"{rank}.pt") for rank in range(WORLD_SIZE)]
+    return run_workers(__file__, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

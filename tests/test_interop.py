@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import vlm_lab  # noqa: E402
 from vlm_lab.cli import main  # noqa: E402
 from vlm_lab.errors import ConfigError  # noqa: E402
-from vlm_lab.interop import clip_tokenizer_from_bpe, export, read_clip_checkpoint  # noqa: E402
+from vlm_lab.interop import (clip_tokenizer_from_bpe, export, pretrained_text_tower,  # noqa: E402
+                             pretrained_vision_tower, read_clip_checkpoint)
 from vlm_lab.registry import build  # noqa: E402
 from vlm_lab.towers.clip_text import ClipTextTower  # noqa: E402
 from vlm_lab.towers.clip_vit import ClipVisionTower  # noqa: E402
@@ -128,7 +129,7 @@ def test_init_from_hf_clip_matches_transformers(hf_clip, clip_tokenizer, pixels)
 def test_text_pooling_follows_the_config_on_unusual_ids(hf_clip):
     """An end-of-text (49407) in the middle of each row: both HF rules pool it, not the last token."""
     model, path = hf_clip
-    text = ClipTextTower.from_pretrained(path).eval()
+    text = pretrained_text_tower(path).eval()
     ids = torch.tensor([[49406, 320, 49407, 400, 1125, 539], [49406, 49407, 49407, 2368, 49400, 1]])
     with torch.no_grad():
         expected = model.text_model(input_ids=ids).pooler_output
@@ -218,7 +219,7 @@ def test_partial_state_dict_is_one_line_listing_the_keys(damaged_hf_dir, tmp_pat
     with pytest.raises(ConfigError, match=re.escape(f"init_from {damaged_hf_dir} does not match the model: {expected}")):
         vlm_lab.build_module(cfg)
     with pytest.raises(ConfigError, match=r"missing 1 \(post_layernorm.weight\); unexpected 1 \(extra.weight\)"):
-        ClipVisionTower.from_pretrained(damaged_hf_dir)
+        pretrained_vision_tower(damaged_hf_dir)
 
     config = tmp_path / "from_clip.yaml"
     config.write_text(f"model: {{init_from: {damaged_hf_dir}}}\n")

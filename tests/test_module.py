@@ -126,3 +126,50 @@ def test_encode_text_accepts_strings_or_tokens(tiny_module):
         b = tiny_module.encode_text(tokens["input_ids"], tokens["attention_mask"])
     assert torch.equal(a, b) and a.shape == (1, 16)
     assert torch.allclose(a.norm(dim=-1), torch.ones(1))
+
+
+def test_sections_an_older_checkpoint_saved_take_the_defaults_of_newer_keys(tiny_config):
+    from omegaconf import OmegaConf
+
+    from vlm_lab.schema import GenerationSettings, LrScale
+
+    model, optim = OmegaConf.to_container(tiny_config.model), OmegaConf.to_container(tiny_config.optim)
+    for key in ("generation", "vision_lock", "text_lock", "caption_head", "caption_weight", "contrastive_weight",
+                "init_from"):
+        del model[key]
+    del model["tokenizer"]["train_from"], model["tokenizer"]["min_count"]
+    del optim["lr_scale"], optim["nonfinite_loss"]
+    module = VisionLanguageModule(model=model, optim=optim)
+    assert module.optim_settings.lr_scale == LrScale() and module.optim_settings.nonfinite_loss == "error"
+    assert module.generation_settings == GenerationSettings()
+    assert not module.vision_locked.fully_locked and module.caption_head is None and module.loss is not None
+
+
+def test_a_part_without_what_the_module_relies_on_is_a_one_line_error(clean_registry):
+    from torch import nn
+
+    from vlm_lab.towers.base import ImageConfig
+
+    @clean_registry.register_vision_tower("no_output_dim")
+    class NoOutputDim(nn.Module):
+        def __init__(self, width: int = 8):
+            super().__init__()
+            self.token_dim = width  # output_dim forgotten
+            self.image_config = ImageConfig(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    @clean_registry.register_loss("no_scale")
+    class NoScale(nn.Module):
+        def forward(self, image, text):
+            return (image * text).sum()
+
+        def no_weight_decay(self):
+            return set()
+
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["model.vision.name=no_output_dim"])
+    with pytest.raises(ConfigError, match=r"^vision_tower 'no_output_dim' \(NoOutputDim\) has no output_dim: a "
+                                          r"vision_tower must provide output_dim, token_dim, image_config") as err:
+        vlm_lab.build_module(cfg)
+    assert "\n" not in str(err.value) and "vlm_lab/contracts.py" in str(err.value)
+    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["model.loss.name=no_scale"])
+    with pytest.raises(ConfigError, match=r"loss 'no_scale' \(NoScale\) has no logit_scale_value"):
+        vlm_lab.build_module(cfg)

@@ -231,7 +231,7 @@ def test_augmented_training_images_are_not_cached_and_evaluation_is_not_augmente
     ({"interpolation": "bicubc"}, "data.augment.interpolation='bicubc' is not one of .* Did you mean 'bicubic'"),
     ({"color_jitter": [0.4, 0.4]}, r"data.augment.color_jitter=\(0.4, 0.4\) should be a number"),
     ({"re_count": 0}, "data.augment.re_count=0 should be an integer of at least 1"),
-    ("yes", "argument augment='yes' should be bool or dict"),
+    ("yes", "argument augment='yes' should be true or false or a mapping"),
 ])
 def test_bad_augmentation_is_one_line(tmp_path, augment, message):
     ann, images = coco_files(tmp_path)

@@ -124,6 +124,29 @@ def test_clip_text_shapes_and_attributes():
         tower(torch.randint(0, 100, (1, 17)))
 
 
+def test_clip_text_with_a_cache_gives_the_states_of_the_full_pass():
+    """Incremental decoding runs the tower's own forward, given a cache (vlm_lab/towers/kv_cache.py)."""
+    from vlm_lab.towers.kv_cache import KVCache
+
+    tower = build("text_tower", TINY_TEXT).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = KVCache()
+        steps = [tower(ids[:, :4], cache=cache).tokens] + [tower(ids[:, t:t + 1], cache=cache).tokens
+                                                            for t in range(4, 9)]
+        assert cache.length == 9 and torch.allclose(torch.cat(steps, dim=1), tower(ids).tokens, atol=1e-5)
+        mask = torch.ones_like(ids)
+        mask[1, :2] = 0  # left padding: the mask covers the cached positions and the new ones
+        cache = KVCache()
+        first = tower(ids[:, :4], mask[:, :4], cache=cache)
+        rest = tower(ids[:, 4:], mask, cache=cache)
+        full = tower(ids, mask)
+        assert torch.allclose(torch.cat([first.tokens, rest.tokens], dim=1), full.tokens, atol=1e-5)
+        assert torch.allclose(rest.pooled, full.pooled, atol=1e-5)
+        with pytest.raises(ValueError, match="sequence length 17 exceeds context_length 16"):
+            tower(torch.randint(0, 100, (2, 8)), cache=cache)
+
+
 def test_clip_text_matches_hf_clip_text_model():
     from transformers import CLIPTextModel
 

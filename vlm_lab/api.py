@@ -5,7 +5,8 @@
     metrics = fit(cfg, run_dir="runs/try")
 
 A run directory holds ``config.yaml`` (the resolved config), ``checkpoints/`` (``last.ckpt`` and
-the per-epoch ones), ``logs/version_N/metrics.csv`` (the training log, one version per launch) and ``metrics.json`` (the latest evaluation
+the per-epoch ones), ``logs/version_N/metrics.csv`` (the training log, one version per launch; other
+loggers of ``loggers:`` write beside it: docs/how-to/tracking.md) and ``metrics.json`` (the latest evaluation
 metrics, flat keys such as ``val/i2t_R@1``, read by sweeps and benchmarks).
 """
 
@@ -15,33 +16,50 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image, UnidentifiedImageError
 
-from vlm_lab import checkpoint_format, registry
+from vlm_lab import checkpoint_format, config, registry
+from vlm_lab.callbacks import build_callbacks
 from vlm_lab.config import to_yaml
+from vlm_lab.data.collate import image_to_tensor
 from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
 from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
+from vlm_lab.interop.pretrained import init_model_section, load_into_module
+from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.seeding import EpochSeeding
+from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
 
 RUNS_DIR = Path("runs")
 
 
+def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_paths: bool = False) -> DictConfig:
+    """The experiment config of ``files`` (merged left to right) and ``overrides``, checked.
+
+    ``load_config("experiments/quickstart.yaml", overrides=["optim.lr=1e-3"])``. See
+    ``vlm_lab.config.load_config``; here ``model.init_from`` also works: the pretrained checkpoint's
+    architecture goes under the files.
+    """
+    return config.load_config(*files, overrides=overrides, allow_import_paths=allow_import_paths,
+                              pretrained_model_section=init_model_section)
+
+
 def build_module(cfg: DictConfig) -> VisionLanguageModule:
-    """The LightningModule a config describes (``model`` and ``optim`` sections), with the distillation
+    """The LightningModule a config describes (``model`` and ``optim`` sections), with the pretrained
+    weights of ``model.init_from`` loaded (towers, projections and logit scale) and the distillation
     teacher ``model.distill.teacher`` names attached."""
     module = VisionLanguageModule(model=_plain(cfg.model), optim=_plain(cfg.optim))
+    if cfg.model.init_from:
+        load_into_module(module, cfg.model.init_from)
     if module.distill.teacher is not None:
-        from vlm_lab.interop import load_teacher
-
         module.set_teacher(load_teacher(module.distill.teacher))
     return module
 
@@ -63,9 +81,13 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
-    if options.get("logger", True) is True:
-        # logs/version_N: a resumed run adds a version instead of overwriting the earlier log.
-        options["logger"] = CSVLogger(str(run_dir), name="logs")
+    # trainer.logger is Lightning's switch: false turns every logger off; else the `loggers` list.
+    loggers = build_loggers(_plain(cfg.get("loggers", [])), run_dir, cfg.name or "run") \
+        if options.get("logger", True) is not False else []
+    options["logger"] = loggers or False
+    # Every logger gets the whole resolved config (ConfigHyperparameters), not only the module's arguments.
+    options.setdefault("enable_autolog_hparams", False)
+    quiet_lightning_tips()
     # Written at the end of every epoch (atomically); --resume continues from last.ckpt, always that
     # name: without a version counter a fresh fit in the same directory overwrites it, not last-v1.ckpt.
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True,
@@ -83,6 +105,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         callbacks.append(ZeroShotCallback(zeroshot_settings))
     if options.get("enable_checkpointing", True):
         callbacks.append(checkpoints)
+    if loggers:
+        callbacks.append(ConfigHyperparameters(_plain(cfg)))
+    # The config's callbacks (vlm_lab/callbacks.py): the default logging ones (lr, gradient norm, samples/s), the user's.
+    callbacks += build_callbacks(_plain(cfg.get("callbacks", [])), _plain(cfg.get("default_callbacks", [])),
+                                 logging=bool(loggers))
     return L.Trainer(callbacks=callbacks, **options)
 
 
@@ -104,7 +131,7 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir):
+    with share_run_dir(run_dir), finishing_runs(trainer):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return read_metrics(run_dir)
 
@@ -126,7 +153,7 @@ def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str |
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir):
+    with share_run_dir(run_dir), finishing_runs(trainer):
         getattr(trainer, stage)(module, datamodule=datamodule)
     return read_metrics(run_dir)
 
@@ -193,6 +220,34 @@ def _module_to_evaluate(cfg: DictConfig, ckpt_path: str | None) -> VisionLanguag
     return module
 
 
+def caption_images(ckpt_path: str | Path, image_paths: Sequence[str | Path], changes: Mapping[str, Any] | None = None,
+                   batch_size: int = 16) -> list[str]:
+    """One caption per image file, from a CoCa checkpoint (what ``vlm-lab caption`` prints).
+
+    Decoding follows the checkpoint's ``model.generation`` with ``changes`` on top (``{"num_beams": 3}``);
+    a misspelt setting fails at once, naming the closest.
+    """
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"--ckpt: no checkpoint file at {ckpt_path}")
+    # eval(): a module comes back from a checkpoint in train mode, where a locked tower would still
+    # normalise with the batch's statistics (captions would depend on which images share a batch).
+    module = VisionLanguageModule.load_from_checkpoint(str(ckpt_path), map_location="cpu", weights_only=True).eval()
+    if module.caption_head is None:
+        raise ConfigError(f"--ckpt: {ckpt_path} has no caption head (it was trained with model.caption_weight=0)")
+    settings = module.generation_settings.replace(**dict(changes or {}))
+    pixels = []
+    for path in image_paths:
+        try:
+            with Image.open(path) as image:
+                pixels.append(image_to_tensor(image, module.image_config))
+        except (FileNotFoundError, UnidentifiedImageError) as e:
+            raise ConfigError(f"cannot read image {path}: {e}") from None
+    captions: list[str] = []
+    for start in range(0, len(pixels), batch_size):
+        captions += module.generate(torch.stack(pixels[start:start + batch_size]), settings)
+    return captions
+
+
 class MetricsFile(Callback):
     """Keeps ``metrics.json`` up to date with the latest evaluation metrics (flat keys)."""
 
@@ -230,7 +285,7 @@ def format_retrieval_table(metrics: dict[str, float], stage: str = "val") -> str
             if key in metrics:
                 chance = metrics.get(f"{stage}/chance_{direction}_R@{k}", float("nan"))
                 rows.append(f"{key:<16}{metrics[key]:>8.2f}%{chance:>8.2f}%")
-    for key in (f"{stage}/bleu4", f"{stage}/cider"):  # a CoCa model's captions (vlm_lab/eval/captioning.py)
+    for key in (f"{stage}/bleu4", f"{stage}/cider"):  # a CoCa model's captions (vlm_lab/eval/caption_metrics.py)
         if key in metrics:
             rows.append(f"{key:<16}{metrics[key]:>9.4f}{'':>9}")
     if len(rows) == 1:

@@ -7,6 +7,7 @@
     vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
+    vlm-lab config-reference [SECTION] [--markdown]
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
     vlm-lab checkpoint show CKPT | upgrade OLD NEW
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -91,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("list", help="list registered names, catalog cards (with their folder) and "
                                            "packaged experiments")
     sub.add_argument("pattern", nargs="?", default="*", help="wildcard, e.g. 'clip_*'")
-    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule, "
-                                    "or experiment: the packaged experiments)")
+    sub.add_argument("--kind", help="only this kind (vision_tower, text_tower, head, loss, datamodule, logger, "
+                                    "callback, or experiment: the packaged experiments)")
     _add_debug(sub)
     sub.set_defaults(handler=_list)
 
@@ -152,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_debug(sub)
     sub.set_defaults(handler=_caption)
 
+    sub = commands.add_parser("config-reference", help="every config key with its type, default and help")
+    sub.add_argument("section", nargs="?", help="only this section, e.g. optim, model.generation, data")
+    sub.add_argument("--markdown", action="store_true", help="Markdown tables (docs/reference/config.md)")
+    _add_debug(sub)
+    sub.set_defaults(handler=_config_reference)
+
     sub = commands.add_parser("describe", help="show a name's signature, documentation and source")
     sub.add_argument("name")
     _add_debug(sub)
@@ -199,7 +207,8 @@ def _run_stage(args: argparse.Namespace) -> int:
         module = vlm_lab.build_module(cfg)
         datamodule = vlm_lab.build_datamodule(cfg, module)
         datamodule.setup("fit")
-        vlm_lab.build_trainer(cfg, args.run_dir or "runs/check")  # checks the trainer arguments; writes nothing
+        with tempfile.TemporaryDirectory() as scratch:  # some loggers (MLflow) create their store when built
+            vlm_lab.build_trainer(cfg, scratch)  # checks the trainer arguments and builds the loggers
         parameters = sum(p.numel() for p in module.parameters())
         print(f"config OK: {cfg.name} builds a {parameters / 1e6:.2f}M-parameter model "
               f"({cfg.model.vision.name} + {cfg.model.text.name}, {cfg.model.loss.name} loss) "
@@ -308,15 +317,25 @@ def _checkpoint_upgrade(args: argparse.Namespace) -> int:
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from vlm_lab.generation import caption_images
+    from vlm_lab.api import caption_images
 
-    settings = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-                "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
-    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, **settings)):
+    options = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
+               "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}
+    changes = {key: value for key, value in options.items() if value is not None}  # unset: the checkpoint's
+    for path, caption in zip(args.images, caption_images(args.ckpt, args.images, changes)):
         print(f"{path}\t{caption}")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from vlm_lab.config import reference_markdown, reference_text
+
+    if args.markdown and args.section:
+        raise ConfigError("config-reference: --markdown renders every section; leave out SECTION")
+    print(reference_markdown() if args.markdown else reference_text(args.section))
     return 0
 
 

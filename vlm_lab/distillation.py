@@ -2,7 +2,7 @@
 
 The student trains on its usual loss plus ``weight`` times a distillation term
 (``vlm_lab.losses.SimilarityDistillation``): the KL divergence between the teacher's and the student's
-image-text similarity distributions over the batch. The teacher is a frozen ``VisionLanguageModule``
+image-text similarity distributions over the batch. The settings: ``vlm_lab.schema.DistillSettings``. The teacher is a frozen ``VisionLanguageModule``
 with a contrastive loss: a vlm-lab checkpoint, or a Hugging Face / open_clip CLIP folder
 (``vlm_lab.interop.load_teacher`` reads either; ``vlm_lab.build_module`` attaches it).
 
@@ -17,39 +17,14 @@ it to the batch's device on first use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from vlm_lab.config import dataclass_from_section
 from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """The ``model.distill`` config section.
-
-    Attributes:
-        teacher: a vlm-lab checkpoint file (``.ckpt``) or a Hugging Face ``CLIPModel`` / open_clip
-            folder; None: no distillation.
-        weight: the distillation term's weight in the training loss (open_clip: 1).
-    """
-
-    teacher: str | None = None
-    weight: float = 1.0
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, where: str = "model.distill") -> "DistillSettings":
-        """From a config section; a missing section (an older checkpoint) means no distillation."""
-        settings = dataclass_from_section(cls, section, where)
-        if settings.weight <= 0:
-            raise ConfigError(f"{where}.weight={settings.weight} should be above 0; to train without a teacher "
-                              f"set {where}.teacher=null")
-        return settings
 
 
 class Teacher:

@@ -42,6 +42,22 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def process_rank() -> int:
+    """This process's global rank, also before (or without) a process group.
+
+    From the process group once one exists, else from what the launcher set (torchrun's ``RANK``,
+    SLURM's ``SLURM_PROCID``; Lightning's own DDP children get ``LOCAL_RANK``), the variables and order
+    Lightning itself reads. For work that only one process should show, such as progress bars.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for variable in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        value = os.environ.get(variable, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """Whether ``flag`` holds on at least one rank; every rank gets the same answer.
 
@@ -61,7 +77,7 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     """The sum of ``tensor`` over all ranks, as a new tensor outside the autograd graph.
 
     For normalisers that must be global, such as the number of caption tokens a loss averages over
-    (see :meth:`vlm_lab.captioning.CocaCaptionHead.caption_loss`).
+    (see :meth:`vlm_lab.heads.coca.CocaCaptionHead.caption_loss`).
     """
     _, world_size = world_info()
     total = tensor.detach().clone()

@@ -21,6 +21,8 @@ A ``CacheableImages`` dataset has ``image_rows()``, ``image_identity()``, ``imag
 and an ``embeddings`` attribute: when set, its items carry ``vision_pooled`` (and ``vision_tokens``)
 from ``embeddings.lookup(row)`` in place of ``pixel_values``. The collate function stacks whichever
 of these keys the samples have, and the module uses ``vision_pooled`` when a batch has it.
+
+Settings: the ``embedding_cache`` config section (``CacheSettings``, declared in ``vlm_lab/schema.py``).
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Protocol
 
 import lightning as L
 import numpy as np
@@ -40,9 +41,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from vlm_lab.config import dataclass_from_section
-from vlm_lab.errors import ConfigError, did_you_mean
-from vlm_lab.paths import cache_root
+from vlm_lab.errors import ConfigError
+from vlm_lab.schema import CacheSettings
+from vlm_lab.progress import progress
 from vlm_lab.towers.base import TowerOutput
 
 log = logging.getLogger(__name__)
@@ -64,40 +65,6 @@ class CacheableImages(Protocol):
 
     def image_row_pixels(self, row: int) -> torch.Tensor | None:
         """The transformed image of a row, or None when it cannot be used (counted as bad when served)."""
-
-
-@dataclass(frozen=True)
-class CacheSettings:
-    """The ``embedding_cache`` config section.
-
-    Attributes:
-        enabled: cache a fully locked vision tower's outputs on splits with deterministic images.
-        storage: ``memory`` (each process its own copy) or ``disk`` (``.npy`` files, shared by runs).
-        dir: the disk cache's folder (default ``$XDG_CACHE_HOME/vlm-lab/embeddings``, else
-            ``~/.cache/vlm-lab/embeddings``).
-        tokens: also store the token outputs (for heads that attend to them; large).
-        batch_size, num_workers: the loader that fills the cache.
-    """
-
-    enabled: bool = True
-    storage: str = "memory"
-    dir: str | None = None
-    tokens: bool = False
-    batch_size: int = 64
-    num_workers: int = 0
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> "CacheSettings":
-        settings = dataclass_from_section(cls, section, "embedding_cache")
-        if settings.storage not in ("memory", "disk"):
-            raise ConfigError(f"embedding_cache.storage={settings.storage!r} is not one of 'memory', 'disk'"
-                              f"{did_you_mean(settings.storage, ('memory', 'disk'))}")
-        return settings
-
-    def directory(self) -> Path:
-        if self.dir is not None:
-            return Path(self.dir)
-        return cache_root() / "embeddings"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,11 +198,12 @@ def _collate_rows(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch.T
 
 
 def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch.Tensor], TowerOutput],
-         device: torch.device, batch_size: int, num_workers: int) -> int:
+         device: torch.device, batch_size: int, num_workers: int, desc: str = "embedding cache") -> int:
     """Run ``encode`` over the cache's missing rows and store the outputs; return how many it encoded.
 
     The loader draws its worker seeds from a generator of its own, so filling the cache leaves the
-    global random state (and with it the training data order) as it was.
+    global random state (and with it the training data order) as it was. A progress bar (``desc``,
+    vlm_lab/progress.py) counts the images: the fill can take minutes before the first training step.
     """
     missing = cache.missing_rows()
     if not missing:
@@ -243,11 +211,13 @@ def fill(cache: EmbeddingCache, images: CacheableImages, encode: Callable[[torch
     loader = DataLoader(_MissingRows(images, missing), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate_rows, generator=torch.Generator().manual_seed(0))
     encoded = 0
-    for rows, pixels, unusable in loader:
-        cache.mark_unusable(unusable)
-        if pixels is not None:
-            cache.store(rows, encode(pixels.to(device)))
-            encoded += len(rows)
+    with progress(total=len(missing), desc=desc, unit="img") as bar:
+        for rows, pixels, unusable in loader:
+            cache.mark_unusable(unusable)
+            if pixels is not None:
+                cache.store(rows, encode(pixels.to(device)))
+                encoded += len(rows)
+            bar.update(len(rows) + len(unusable))
     return encoded
 
 
@@ -304,7 +274,7 @@ class LockedTowerCache(Callback):
                 log.info("embedding cache: the %s images are not deterministic (augmentation?); not cached", split)
                 continue
             start, cpu_start = time.perf_counter(), time.process_time()
-            cache, encoded = self._prepare(trainer, pl_module, images, tower_hash)
+            cache, encoded = self._prepare(trainer, pl_module, images, tower_hash, f"embedding cache ({split})")
             datamodule.use_embedding_cache(split, cache)
             self.report[split] = {"encoded": encoded, "seconds": time.perf_counter() - start,
                                   "cpu_seconds": time.process_time() - cpu_start, **cache.counts()}
@@ -312,7 +282,7 @@ class LockedTowerCache(Callback):
                      cache.rows, encoded, self.report[split]["seconds"])
 
     def _prepare(self, trainer: L.Trainer, pl_module: Any, images: CacheableImages,
-                 tower_hash: str) -> tuple[EmbeddingCache, int]:
+                 tower_hash: str, desc: str) -> tuple[EmbeddingCache, int]:
         def encode(pixels: torch.Tensor) -> TowerOutput:
             # The same numerics as an uncached training step: eval mode, no graph, the run's precision.
             with torch.no_grad(), trainer.precision_plugin.forward_context():
@@ -328,12 +298,12 @@ class LockedTowerCache(Callback):
             cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
             settings = self.settings
             if cache.folder is None:
-                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+                return cache, fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
             encoded = 0
             if trainer.is_global_zero:
                 with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
                     cache.create_files()
-                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers)
+                    encoded = fill(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
                     cache.flush()
             trainer.strategy.barrier("embedding_cache")
             cache.reopen()  # every rank maps the files rank 0 wrote

@@ -1,13 +1,15 @@
-"""Caption generation for a CoCa model: greedy, sampling and beam search, with a KV cache.
+"""Caption decoding for a CoCa model: greedy, sampling and beam search, with a KV cache.
 
 The logits pipeline is transformers' (``LogitsProcessorList`` with ``MinLengthLogitsProcessor``,
 ``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
 ``TopPLogitsWarper``) and so are the stopping criteria of greedy/sampled decoding
 (``MaxLengthCriteria``, ``EosTokenCriteria``), so the controls mean what they mean in
 ``model.generate`` of transformers. The loop itself is ours, because the model is not a transformers
-model: each step runs the text tower and the multimodal decoder on the new token only, reading the
-earlier positions' keys and values from :class:`vlm_lab.captioning.DecodingCache`
-(``use_cache=False`` recomputes the whole prefix each step, the reference the cache is tested against).
+model: each step runs the text tower and the multimodal decoder on the new token only, their
+attention layers reading the earlier positions' keys and values from a :class:`DecodingCache` (the
+same forward passes training runs, given a cache; ``use_cache=False`` recomputes the whole prefix each
+step, the reference the cache is tested against). How to decode is one typed object, the config's
+``model.generation`` section (``vlm_lab.schema.GenerationSettings``).
 
 Sequences start with the tokenizer's BOS (``[CLS]`` for WordPiece) and end with its EOS (``[SEP]``);
 rows that finish early are padded.
@@ -15,8 +17,8 @@ rows that finish early are padded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from transformers.generation.logits_process import (
@@ -29,63 +31,11 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
-from vlm_lab.captioning import CocaCaptionHead, DecodingCache, text_states
-from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.errors import ConfigError
+from vlm_lab.heads.coca import CocaCaptionHead, DecoderCache
+from vlm_lab.schema import GenerationSettings
 from vlm_lab.towers.clip_text import ClipTextTower
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """How to decode (the ``model.generation`` config section holds the defaults for evaluation).
-
-    Attributes:
-        max_new_tokens: tokens generated after BOS at most (EOS included).
-        min_new_tokens: EOS is forbidden before this many tokens.
-        num_beams: 1 for greedy/sampling, more for beam search.
-        length_penalty: beam scores are ``sum log p / length ** length_penalty`` (>0 favours longer captions).
-        do_sample: sample instead of taking the most likely token (``num_beams`` must be 1).
-        temperature, top_k, top_p: sampling warpers (``top_k: 0`` and ``top_p: 1`` switch them off).
-        repetition_penalty: CTRL's penalty on tokens already generated (1 = off).
-        use_cache: reuse keys/values between steps (identical tokens, faster).
-        seed: seeds the sampler; None draws from torch's global generator.
-    """
-
-    max_new_tokens: int = 20
-    min_new_tokens: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    use_cache: bool = True
-    seed: int | None = None
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, **overrides: Any) -> "GenerationSettings":
-        """Settings from a config mapping plus keyword overrides (None values are ignored)."""
-        names = [f.name for f in fields(cls)]
-        values = {**(section or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        for key in values:
-            if key not in names:
-                raise ConfigError(f"unknown generation setting {key!r}.{did_you_mean(key, names)} "
-                                  f"Valid settings: {', '.join(names)}")
-        settings = cls(**values)
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(f"generation: need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
-                              f"got {self.min_new_tokens} and {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise ConfigError(f"generation: num_beams must be at least 1, got {self.num_beams}")
-        if self.do_sample and self.num_beams > 1:
-            raise ConfigError("generation: do_sample works with num_beams=1 only (beam sampling is not implemented)")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
-            raise ConfigError(f"generation: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; "
-                              f"got {self.temperature}, {self.top_p}, {self.top_k}, {self.repetition_penalty}")
+from vlm_lab.towers.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -105,6 +55,24 @@ class SpecialTokens:
         return cls(bos, eos, pad)
 
 
+@dataclass
+class DecodingCache:
+    """What incremental decoding keeps between steps: the text tower's keys and values and the decoder's."""
+
+    text: KVCache = field(default_factory=KVCache)
+    decoder: DecoderCache = field(default_factory=DecoderCache)
+
+    @property
+    def length(self) -> int:
+        """Positions already encoded."""
+        return self.text.length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
+        self.text.reorder(index)
+        self.decoder.reorder(index)
+
+
 class CaptionGenerator:
     """Decodes captions from image tokens with a text tower and a :class:`CocaCaptionHead`."""
 
@@ -116,8 +84,7 @@ class CaptionGenerator:
         """``[B, seq, dim]`` vision tower tokens -> ``[B, 1 + n]`` token ids (BOS first, padded after EOS)."""
         limit = self.text.max_length - 1
         if settings.max_new_tokens > limit:
-            settings = GenerationSettings(**{**settings.__dict__, "max_new_tokens": limit,
-                                             "min_new_tokens": min(settings.min_new_tokens, limit)})
+            settings = replace(settings, max_new_tokens=limit, min_new_tokens=min(settings.min_new_tokens, limit))
         image = self.head.pool_caption(image_tokens)
         start = torch.full((len(image), 1), self.special.bos, dtype=torch.long, device=image.device)
         if settings.num_beams > 1:
@@ -126,14 +93,12 @@ class CaptionGenerator:
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def _new_cache(self) -> DecodingCache:
-        return DecodingCache.empty(len(self.text.encoder.layers), len(self.head.layers))
-
     def _next_logits(self, ids: torch.Tensor, image: torch.Tensor, cache: DecodingCache | None) -> torch.Tensor:
         """Logits for the token after ``ids``; with a cache only the positions it lacks are computed."""
-        new = ids if cache is None else ids[:, cache.length:]
-        states = text_states(self.text, new, cache)
-        return self.head.decode(states, image, cache)[:, -1].float()
+        if cache is None:
+            return self.head.decode(self.text(ids).tokens, image)[:, -1].float()
+        states = self.text(ids[:, cache.length:], cache=cache.text).tokens
+        return self.head.decode(states, image, cache.decoder)[:, -1].float()
 
     def _processors(self, settings: GenerationSettings, sampling: bool) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -159,7 +124,7 @@ class CaptionGenerator:
         generator = None
         if settings.do_sample and settings.seed is not None:
             generator = torch.Generator(device=image.device).manual_seed(settings.seed)
-        cache = self._new_cache() if settings.use_cache else None
+        cache = DecodingCache() if settings.use_cache else None
         finished = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         while True:
             scores = processors(ids, self._next_logits(ids, image, cache))
@@ -184,7 +149,7 @@ class CaptionGenerator:
         processors = self._processors(settings, sampling=False)
         ids = start.repeat_interleave(beams, dim=0)
         image = image.repeat_interleave(beams, dim=0)
-        cache = self._new_cache() if settings.use_cache else None
+        cache = DecodingCache() if settings.use_cache else None
         beam_scores = torch.full((batch, beams), -float("inf"), device=ids.device)
         beam_scores[:, 0] = 0.0  # identical beams at the start: only the first may expand
         hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
@@ -258,33 +223,16 @@ def decode_captions(tokenizer: Any, ids: torch.Tensor, special: SpecialTokens) -
     return captions
 
 
-def caption_images(ckpt_path: str, image_paths: list[str], batch_size: int = 16, **settings: Any) -> list[str]:
-    """One caption per image file, from a CoCa checkpoint (what ``vlm-lab caption`` prints).
-
-    ``settings`` are :class:`GenerationSettings` fields; unset ones come from the checkpoint's
-    ``model.generation``."""
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
-
-    from vlm_lab.data.collate import image_to_tensor
-    from vlm_lab.module import VisionLanguageModule
-
-    if not Path(ckpt_path).is_file():
-        raise ConfigError(f"--ckpt: no checkpoint file at {ckpt_path}")
-    # eval(): a module comes back from a checkpoint in train mode, where a locked tower would still
-    # normalise with the batch's statistics (captions would depend on which images share a batch).
-    module = VisionLanguageModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
+def generate_captions(module: Any, image_tokens: torch.Tensor, settings: GenerationSettings) -> list[str]:
+    """Captions from a CoCa module's vision tokens ``[B, seq, dim]``, decoded as ``settings`` say
+    (the module in eval mode meanwhile)."""
     if module.caption_head is None:
-        raise ConfigError(f"--ckpt: {ckpt_path} has no caption head (it was trained with model.caption_weight=0)")
-    pixels = []
-    for path in image_paths:
-        try:
-            with Image.open(path) as image:
-                pixels.append(image_to_tensor(image, module.image_config))
-        except (FileNotFoundError, UnidentifiedImageError) as e:
-            raise ConfigError(f"cannot read image {path}: {e}") from None
-    captions: list[str] = []
-    for start in range(0, len(pixels), batch_size):
-        captions += module.generate(torch.stack(pixels[start:start + batch_size]), **settings)
-    return captions
+        raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
+    special = SpecialTokens.of(module.tokenizer)
+    was_training = module.training
+    module.eval()
+    try:
+        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, settings)
+    finally:
+        module.train(was_training)
+    return decode_captions(module.tokenizer, ids, special)

@@ -15,49 +15,19 @@ The same groups set layer-wise learning-rate decay (``optim.layer_decay``, :func
 ``lock: true`` freezes every group but the top ``unlocked_groups``. A frozen parameter has
 ``requires_grad=False``, so the optimizer never sees it and DDP never waits for its gradient. A
 tower frozen whole is *fully locked*: the module runs it in eval mode under ``no_grad``, and its
-outputs may be cached (``vlm_lab/embedding_cache.py``).
+outputs may be cached (``vlm_lab/embedding_cache.py``). The settings (``TowerLock``, the config's
+``model.vision_lock`` / ``model.text_lock``) are declared in ``vlm_lab/schema.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vlm_lab.config import dataclass_from_section
 from vlm_lab.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class TowerLock:
-    """How much of a tower to freeze (``model.vision_lock`` / ``model.text_lock`` in a config).
-
-    Attributes:
-        lock: freeze the tower (all of it unless ``unlocked_groups`` says otherwise).
-        unlocked_groups: the top N layer groups stay trainable (0: lock the whole tower).
-        freeze_bn_stats: BatchNorm layers in the frozen groups keep their running statistics (eval
-            mode). Without it they keep updating them in training, as open_clip's default does.
-        freeze_layer_norm: LayerNorms in the frozen groups are frozen too. ``false`` leaves their
-            gain and bias trainable (open_clip's ``--lock-text`` default): a cheap adaptation, but then
-            the tower is no longer fully locked and runs with gradients.
-    """
-
-    lock: bool = False
-    unlocked_groups: int = 0
-    freeze_bn_stats: bool = True
-    freeze_layer_norm: bool = True
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None, where: str) -> "TowerLock":
-        """Build from a config section; a missing section (an older checkpoint) means unlocked."""
-        lock = dataclass_from_section(cls, section, where)
-        if lock.unlocked_groups < 0:
-            raise ConfigError(f"{where}.unlocked_groups={lock.unlocked_groups} should be 0 or more")
-        if lock.unlocked_groups and not lock.lock:
-            raise ConfigError(f"{where}.unlocked_groups={lock.unlocked_groups} only applies with {where}.lock: true")
-        return lock
+from vlm_lab.schema import TowerLock
 
 
 @dataclass
@@ -93,11 +63,10 @@ def layer_decay_scales(tower: nn.Module, decay: float, where: str) -> dict[str, 
     each layer group learns ``decay`` times as fast as the one above it. The top of a CLIP tower in
     open_clip is its projection, at full rate; here the projection is the head above the tower, so
     of a tower's ``n`` layer groups (input side first) group ``i`` gets ``decay ** (n - i)``: the top
-    block ``decay``, the embeddings ``decay ** n``. ``decay=1`` gives every parameter 1.0. ``where``
-    names the setting in errors (``optim.layer_decay.vision``).
+    block ``decay``, the embeddings ``decay ** n``. ``decay`` lies in (0, 1] (``vlm_lab.schema.LayerDecay``
+    checks it); 1 gives every parameter 1.0. ``where`` names the setting in errors
+    (``optim.layer_decay.vision``).
     """
-    if not 0.0 < decay <= 1.0:
-        raise ConfigError(f"{where}={decay} should be above 0 and at most 1 (1: no decay; open_clip uses 0.65-0.9)")
     if decay == 1.0:
         return {name: 1.0 for name, _ in tower.named_parameters()}
     try:

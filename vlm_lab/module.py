@@ -14,6 +14,7 @@ machine, loading no pretrained weights. Every part is looked up by name in the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import math
@@ -25,16 +26,19 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lab import checkpoint_format, registry
-from vlm_lab.distributed import any_rank, world_info
-from vlm_lab.captioning import build_caption_head
-from vlm_lab.config import DEFAULTS
+from vlm_lab.contracts import ContrastiveLoss, TextTower, VisionTower
 from vlm_lab.data.transforms import normalize_pixels
-from vlm_lab.distillation import DistillSettings, Teacher
+from vlm_lab.distillation import Teacher
+from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.captioning import CaptionScorer, batch_references, generate_captions, log_caption_examples
+from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
 from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
-from vlm_lab.locking import TowerLock, layer_decay_scales, lock_tower
+from vlm_lab.generation import generate_captions
+from vlm_lab.gradient_cache import cached_encode, check_trainer
+from vlm_lab.heads.coca import build_caption_head
+from vlm_lab.locking import layer_decay_scales, lock_tower
 from vlm_lab.losses import SimilarityDistillation
+from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
@@ -49,59 +53,54 @@ class VisionLanguageModule(L.LightningModule):
         hyperparameter: the recipe as written), and the loaded tokenizer to use. Neither is a hyperparameter."""
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "model_as_built"])
+        # Typed, checked views of the two sections (vlm_lab/schema.py); keys that an older checkpoint's
+        # saved sections lack take their defaults.
         model = model_as_built if model_as_built is not None else model
-        self.vision = registry.build("vision_tower", model["vision"])
-        self.text, self.tokenizer = _text_tower_and_tokenizer(model, tokenizer)
-        # CoCa (vlm_lab/captioning.py): a weight of 0 means that part is not built at all.
-        self.contrastive_weight = float(model.get("contrastive_weight", 1.0))
-        self.caption_weight = float(model.get("caption_weight", 0.0))
-        if self.contrastive_weight <= 0 and self.caption_weight <= 0:
-            raise ConfigError("model.contrastive_weight and model.caption_weight are both 0: nothing to train")
-        self.caption_head = build_caption_head(model["caption_head"], self.vision, self.text) \
+        settings = ModelSettings.from_config(model)
+        self.optim_settings = OptimSettings.from_config(optim)
+        self.vision = registry.build("vision_tower", settings.vision, contract=VisionTower)
+        self.text, self.tokenizer = _text_tower_and_tokenizer(settings, tokenizer)
+        # CoCa (vlm_lab/heads/coca.py): a weight of 0 means that part is not built at all.
+        self.contrastive_weight = settings.contrastive_weight
+        self.caption_weight = settings.caption_weight
+        self.caption_head = build_caption_head(settings.caption_head, self.vision, self.text) \
             if self.caption_weight > 0 else None
         self.vision_head = self.text_head = self.loss = None
         if self.contrastive_weight > 0:
-            embed_dim = model["embed_dim"]
+            embed_dim = settings.embed_dim
             image_dim = self.vision.output_dim if self._contrastive_pooler is None else self.caption_head.output_dim
-            self.vision_head = registry.build("head", model["vision_head"], in_dim=image_dim, out_dim=embed_dim)
-            self.text_head = registry.build("head", model["text_head"], in_dim=self.text.output_dim, out_dim=embed_dim)
-            self.loss = registry.build("loss", model["loss"])
+            self.vision_head = registry.build("head", settings.vision_head, in_dim=image_dim, out_dim=embed_dim)
+            self.text_head = registry.build("head", settings.text_head, in_dim=self.text.output_dim, out_dim=embed_dim)
+            self.loss = registry.build("loss", settings.loss, contract=ContrastiveLoss)
         elif self.caption_head is not None:
             self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
         # Distillation (vlm_lab/distillation.py): the loss term now, the teacher from set_teacher().
-        self.distill = DistillSettings.from_config(model.get("distill"), "model.distill")
-        self.distill_loss = None
-        if self.distill.teacher is not None:
-            if self.loss is None:
-                raise ConfigError("model.distill distils image-text similarities, which a captioning-only model "
-                                  "(model.contrastive_weight: 0) does not compute")
-            self.distill_loss = SimilarityDistillation()
+        self.distill = settings.distill
+        self.distill_loss = SimilarityDistillation() if self.distill.teacher is not None else None
         self._teacher: Teacher | None = None
-        if model.get("init_from"):
-            from vlm_lab.interop import load_into_module  # towers, projections and logit scale
-
-            load_into_module(self, model["init_from"])
-        # After any weight loading: locking only flips requires_grad and train/eval modes.
-        self.vision_locked = lock_tower(self.vision, TowerLock.from_config(model.get("vision_lock"), "model.vision_lock"),
-                                        "model.vision_lock")
-        self.text_locked = lock_tower(self.text, TowerLock.from_config(model.get("text_lock"), "model.text_lock"),
-                                      "model.text_lock")
-        tower_limit = getattr(self.text, "max_length", None) or math.inf
-        self.max_length = int(min(model["tokenizer"]["max_length"], tower_limit))
+        self._compiled = False  # model.compile: done once, in setup()
+        # model.init_from: the module has the checkpoint's architecture (the config's model section
+        # comes from it); vlm_lab.build_module loads its weights, as interop sits above the module.
+        # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
+        self.vision_locked = lock_tower(self.vision, settings.vision_lock, "model.vision_lock")
+        self.text_locked = lock_tower(self.text, settings.text_lock, "model.text_lock")
+        tower_limit = self.text.max_length or math.inf
+        self.max_length = int(min(settings.tokenizer.max_length, tower_limit))
         self._eval_outputs: list[dict[str, torch.Tensor]] = []
         self._caption_scorer = CaptionScorer()
-        self._compiled = False  # model.compile: done once, in setup()
         self.skipped_nonfinite_steps = 0
+        # Checkpoints saved before the option existed have no value: one chunk, as they trained.
+        self.contrastive_chunks = self.optim_settings.contrastive_chunks  # checked by the schema
         self._discard_gradients = False  # set when a non-finite loss is skipped (see _nonfinite)
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
             f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
-        # Layer-wise lr decay (optim.layer_decay), from the towers' layer groups; also decided now, while
+        # Layer-wise lr decay (optim.layer_decay) from the towers' layer groups, also decided now, while
         # the towers are unwrapped. Older checkpoints have no layer_decay: no decay, as they trained.
-        layer_decay = {**DEFAULTS["optim"]["layer_decay"], **optim.get("layer_decay", {})}
         self._layer_lr_scales = {f"{tower}.{name}": scale for tower in ("vision", "text")
-                                 for name, scale in layer_decay_scales(getattr(self, tower), layer_decay[tower],
-                                                                       f"optim.layer_decay.{tower}").items()}
+                                 for name, scale in layer_decay_scales(
+                                     getattr(self, tower), getattr(self.optim_settings.layer_decay, tower),
+                                     f"optim.layer_decay.{tower}").items()}
         # What every checkpoint of this module carries to rebuild it without the recipe's files. Worked
         # out now: a tower that cannot say its architecture fails here, not at the first save, and the
         # tokenizer is saved as loaded (a fast tokenizer's file records the truncation of its last call).
@@ -189,10 +188,18 @@ class VisionLanguageModule(L.LightningModule):
         """Whether training reads the vision tower's tokens (the embedding cache must store them)."""
         return self.caption_head is not None
 
-    def generate(self, images: torch.Tensor, **settings: Any) -> list[str]:
-        """Captions for ``[B, 3, H, W]`` normalised images; ``settings`` override ``model.generation``
-        (see ``vlm_lab.generation.GenerationSettings``: num_beams, do_sample, top_k, top_p, ...)."""
-        return generate_captions(self, self.vision_tower_output(images.to(self.device)).tokens, **settings)
+    @property
+    def generation_settings(self) -> GenerationSettings:
+        """``model.generation`` as saved in the hyperparameters (evaluation may swap it: see
+        ``vlm_lab.api``), with defaults for keys an older checkpoint lacks."""
+        return GenerationSettings.from_config(self.hparams.model.get("generation"))
+
+    def generate(self, images: torch.Tensor, settings: GenerationSettings | None = None, **changes: Any) -> list[str]:
+        """Captions for ``[B, 3, H, W]`` normalised images, decoded as ``settings`` say (default: the
+        config's ``model.generation``) with ``changes`` on top: ``generate(pixels, num_beams=3)``.
+        A misspelt setting fails at once, naming the closest (``vlm_lab.schema.GenerationSettings``)."""
+        settings = (settings or self.generation_settings).replace(**changes)
+        return generate_captions(self, self.vision_tower_output(images.to(self.device)).tokens, settings)
 
     def encode_text(self, text: Sequence[str] | torch.Tensor, attention_mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
@@ -243,11 +250,11 @@ class VisionLanguageModule(L.LightningModule):
         state-dict keys stay as they are and checkpoints of compiled and eager runs are interchangeable.
         Compilation happens at the first forward pass (and again for each new input shape or grad mode).
         """
-        model = self.hparams.model
-        if self._compiled or not model.get("compile", False):
+        settings = ModelSettings.from_config(self.hparams.model)
+        if self._compiled or not settings.compile:
             return
         for tower in (self.vision, self.text):
-            tower.compile(mode=model.get("compile_mode", "default"))
+            tower.compile(mode=settings.compile_mode)
         self._compiled = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -256,6 +263,10 @@ class VisionLanguageModule(L.LightningModule):
         if isinstance(checkpoint.get("state_dict"), dict):
             checkpoint["state_dict"] = {key.replace("_orig_mod.", ""): value
                                         for key, value in checkpoint["state_dict"].items()}
+
+    def on_fit_start(self) -> None:
+        # Known only now: what the trainer's accumulation and strategy mean for the contrastive batch.
+        check_trainer(self.trainer, self.contrastive_chunks, self.loss is not None, self)
 
     def on_train_epoch_start(self) -> None:
         # Lightning restores the train/eval flags it captured before validation module by module,
@@ -287,31 +298,73 @@ class VisionLanguageModule(L.LightningModule):
         """``loss`` (the weighted sum) and, with both heads built, ``contrastive_loss`` and ``caption_loss``.
 
         The batch holds one caption per image (training). The text tower runs once: its pooled output
-        feeds the contrastive loss and its token states the caption decoder.
+        feeds the contrastive loss and its token states the caption decoder. With
+        ``optim.contrastive_chunks: N`` the towers run on N chunks of the batch in turn, with gradient
+        caching (vlm_lab/gradient_cache.py): the same loss and gradients, a fraction of the memory.
         """
-        vision = self.batch_vision_output(batch)
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
-            text = self.text(input_ids, attention_mask)
+        if self.contrastive_chunks > 1:
+            encoded = cached_encode(self.encode_pairs, batch, self.contrastive_chunks, self._encoder_parameters(),
+                                    freeze=self.frozen_outputs)
+        else:
+            encoded = self.encode_pairs(batch)
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
-            image_features = self._image_embedding(vision)
-            text_features = F.normalize(self.text_head(text.pooled), dim=-1)
-            terms["contrastive_loss"] = self.loss(image_features, text_features)
-            if self.distill_loss is not None:
-                terms["distill_loss"] = self._distillation(batch, image_features, text_features)
+            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"])
+            if self.distill_loss is not None:  # on the whole batch's features, also with chunks
+                terms["distill_loss"] = self._distillation(batch, encoded["image_features"], encoded["text_features"])
         if self.caption_head is not None:
-            logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
-            terms["caption_loss"] = self.caption_head.caption_loss(logits, input_ids, attention_mask)
+            terms["caption_loss"] = self.caption_head.caption_loss_from_sum(encoded["caption_token_losses"],
+                                                                            batch["attention_mask"])
         weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight,
                    "distill_loss": self.distill.weight}
         loss = sum(weights[name] * value for name, value in terms.items())
-        if self.caption_head is not None and (self._contrastive_pooler is not None or self.loss is None):
-            # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
-            # only the pooled output (clip_vit's post_layernorm) would get no gradient, which DDP
-            # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
-            loss = loss + 0.0 * vision.pooled.sum()
+        if "unread_pooled" in encoded:
+            loss = loss + encoded["unread_pooled"]
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
+
+    def encode_pairs(self, batch: dict[str, torch.Tensor], frozen: dict[str, TowerOutput] | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The part of the training loss that treats each pair on its own (what chunks may split).
+
+        ``image_features`` and ``text_features`` (``[B, embed_dim]``, normalised) with a contrastive
+        loss; ``caption_token_losses``, the caption cross-entropy summed over the batch's tokens, with a
+        caption head. ``frozen`` holds tower outputs already computed (``frozen_outputs``).
+        """
+        frozen = frozen or {}
+        vision = frozen["vision"] if "vision" in frozen else self.batch_vision_output(batch)
+        text = frozen["text"] if "text" in frozen else self._text_output(batch)
+        encoded: dict[str, torch.Tensor] = {}
+        if self.loss is not None:
+            encoded["image_features"] = self._image_embedding(vision)
+            encoded["text_features"] = F.normalize(self.text_head(text.pooled), dim=-1)
+        if self.caption_head is not None:
+            logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
+            encoded["caption_token_losses"] = self.caption_head.caption_token_losses(
+                logits, batch["input_ids"], batch["attention_mask"])
+            if self._contrastive_pooler is not None or self.loss is None:
+                # CoCa reads the vision tower's tokens, never its pooled output, so the parameters behind
+                # only the pooled output (clip_vit's post_layernorm) would get no gradient, which DDP
+                # refuses. A zero-weighted term gives them a zero gradient and changes nothing else.
+                encoded["unread_pooled"] = 0.0 * vision.pooled.sum()
+        return encoded
+
+    def frozen_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, TowerOutput]:
+        """The outputs of towers with nothing to train: a fully locked tower, or the embedding cache's
+        rows. The chunked step computes them once, without a graph, and never recomputes them."""
+        frozen = {}
+        if "vision_pooled" in batch or self.vision_locked.fully_locked:
+            frozen["vision"] = self.batch_vision_output(batch)
+        if self.text_locked.fully_locked:
+            frozen["text"] = self._text_output(batch)
+        return frozen
+
+    def _text_output(self, batch: dict[str, torch.Tensor]) -> TowerOutput:
+        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
+            return self.text(batch["input_ids"], batch["attention_mask"])
+
+    def _encoder_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable weights ``encode_pairs`` uses: all but the loss's temperature and bias."""
+        return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("loss.")]
 
     def set_teacher(self, teacher: torch.nn.Module) -> None:
         """Attach the frozen teacher ``model.distill`` distils from (``vlm_lab.interop.load_teacher(path)``;
@@ -340,7 +393,7 @@ class VisionLanguageModule(L.LightningModule):
         ``on_before_optimizer_step`` then throws the gradients away.
         """
         step = self.trainer.global_step if self._trainer is not None else -1
-        if self.hparams.optim.get("nonfinite_loss", "error") == "error":
+        if self.optim_settings.nonfinite_loss == "error":
             value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
             raise FloatingPointError(
                 f"the training loss is {value} at step {step}{self._logit_scale_note()}; lower optim.lr, "
@@ -363,9 +416,8 @@ class VisionLanguageModule(L.LightningModule):
         return "" if self.loss is None else f" (logit scale {float(self.loss.logit_scale_value()):.3g})"
 
     def configure_optimizers(self) -> dict[str, Any]:
-        cfg = self.hparams.optim
-        # A checkpoint saved before optim.lr_scale existed has none: the defaults fill it in.
-        scale = {**DEFAULTS["optim"]["lr_scale"], **cfg.get("lr_scale", {})}
+        cfg = self.optim_settings
+        scale = dataclasses.asdict(cfg.lr_scale)
         groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
@@ -377,15 +429,17 @@ class VisionLanguageModule(L.LightningModule):
             groups.setdefault((lr_scale, decays), []).append(parameter)
         # Decaying groups first. LambdaLR scales each group's own initial lr, so lr_scale holds throughout.
         optimizer = torch.optim.AdamW(
-            [{"params": params, "lr": cfg["lr"] * lr_scale, "weight_decay": cfg["weight_decay"] if decays else 0.0}
+            # "name": how the lr_monitor callback labels the group's learning rate (train/lr/decay_x1).
+            [{"params": params, "lr": cfg.lr * lr_scale, "weight_decay": cfg.weight_decay if decays else 0.0,
+              "name": f"{'decay' if decays else 'no_decay'}_x{lr_scale:g}"}
              for (lr_scale, decays), params in sorted(groups.items(), key=lambda g: (not g[0][1], g[0][0]))],
-            lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+            lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
             fused=_fused_adamw([p for params in groups.values() for p in params]),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = cosine_with_warmup(cfg["warmup_steps"], total, cfg["min_lr_ratio"])
+        schedule = cosine_with_warmup(cfg.warmup_steps, total, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     # ---------------------------------------------------------------------------------------------
     # Evaluation: multi-caption retrieval over the whole split
@@ -442,16 +496,16 @@ class VisionLanguageModule(L.LightningModule):
 
 
     # ---------------------------------------------------------------------------------------------
-    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/captioning.py)
+    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/caption_metrics.py)
 
     def _score_captions(self, batch: dict[str, Any], vision: TowerOutput) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
             return  # decoding is the slow part of evaluation, and sanity-check metrics are discarded
-        limit = (self.hparams.model.get("generation") or {}).get("max_images")
+        limit = self.generation_settings.max_images
         keep = len(batch["image_ids"]) if limit is None else max(0, limit - len(self._caption_scorer))
         if keep == 0:
             return
-        captions = generate_captions(self, vision.tokens[:keep])
+        captions = generate_captions(self, vision.tokens[:keep], self.generation_settings)
         references = batch_references(batch, self.tokenizer)[:keep]
         self._caption_scorer.add(batch["image_ids"][:keep].tolist(), captions, references)
 
@@ -461,8 +515,7 @@ class VisionLanguageModule(L.LightningModule):
             return
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "cider", sync_dist=True)
-        examples = int((self.hparams.model.get("generation") or {}).get("log_examples", 5))
-        log_caption_examples(self, stage, rows[:examples])
+        log_caption_examples(self, stage, rows[:self.generation_settings.log_examples])
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
@@ -498,7 +551,7 @@ def _unwrapped_name(name: str) -> str:
     return name
 
 
-def _text_tower_and_tokenizer(model: dict[str, Any], tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
+def _text_tower_and_tokenizer(model: ModelSettings, tokenizer: Any = None) -> tuple[torch.nn.Module, Any]:
     """The text tower and the tokenizer that feeds it (``tokenizer``, when given, is that tokenizer).
 
     A tower that takes ``vocab_size`` and is not given one is sized to the tokenizer. A tower with a
@@ -507,23 +560,19 @@ def _text_tower_and_tokenizer(model: dict[str, Any], tokenizer: Any = None) -> t
     produce ids beyond the tower's vocabulary. ``model.tokenizer.train_from`` swaps in a word-level
     vocabulary built from a captions file (vlm_lab/tokenizer.py).
     """
-    spec, path = model["text"], model["tokenizer"]["path"]
-    train_from = model["tokenizer"].get("train_from")
-    if train_from is not None and tokenizer is None:
-        if path is not None:
-            raise ConfigError("model.tokenizer: set either path (an existing tokenizer) or train_from "
-                              "(build a word vocabulary from captions), not both")
-        path = str(word_tokenizer_dir(train_from, model["tokenizer"].get("min_count", 5)))
-    init_from = model.get("init_from")
+    spec, path = model.text, model.tokenizer.path
+    if model.tokenizer.train_from is not None and tokenizer is None:  # (the schema refuses it with path)
+        path = str(word_tokenizer_dir(model.tokenizer.train_from, model.tokenizer.min_count))
+    init_from = model.init_from
     if tokenizer is None and path is None and checkpoint_format.is_checkpoint_file(init_from):
         tokenizer = checkpoint_format.read_portable_model(init_from, "model.init_from").tokenizer()
     constructor, preset = registry.resolve("text_tower", spec["name"])
     takes_vocab = "vocab_size" in inspect.signature(constructor).parameters
     if takes_vocab and "vocab_size" not in spec and "vocab_size" not in preset:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
-        return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}), tokenizer
+        return registry.build("text_tower", {**spec, "vocab_size": len(tokenizer)}, contract=TextTower), tokenizer
 
-    text = registry.build("text_tower", spec)
+    text = registry.build("text_tower", spec, contract=TextTower)
     if tokenizer is None:
         if path is None:
             source = init_from or getattr(text, "pretrained_path", None)
@@ -532,10 +581,9 @@ def _text_tower_and_tokenizer(model: dict[str, Any], tokenizer: Any = None) -> t
                 raise ConfigError(f"model.tokenizer.path: {source} has no tokenizer files; set model.tokenizer.path "
                                   f"to the tokenizer its text tower was trained with (docs/how-to/pretrained-clip.md)")
         tokenizer = load_tokenizer(path)
-    vocab_size = getattr(text, "vocab_size", None)
-    if vocab_size is not None and len(tokenizer) > vocab_size:
+    if text.vocab_size is not None and len(tokenizer) > text.vocab_size:
         raise ConfigError(f"model.tokenizer.path: the tokenizer has {len(tokenizer)} tokens but the text tower's "
-                          f"vocabulary only {vocab_size}; use the tokenizer the tower was trained with")
+                          f"vocabulary only {text.vocab_size}; use the tokenizer the tower was trained with")
     return text, tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Names for interchangeable parts: towers, heads, losses and data modules.
+"""Names for interchangeable parts: towers, heads, losses, data modules, loggers and callbacks.
 
 One flat dict per kind maps a name to a constructor (a class or a function), in the style of timm's
 ``_registry.py``. Registration returns the object unchanged, so a decorated class is still a plain
@@ -21,11 +21,9 @@ calling it, so a typo fails at once with the list of valid arguments instead of 
 
 from __future__ import annotations
 
-import collections.abc
 import fnmatch
 import inspect
 import os
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,14 @@ import yaml
 
 from vlm_lab import shipped
 from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.typecheck import type_problem
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
     from importlib.resources.abc import Traversable
 
 T = TypeVar("T")
 
-KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule")
+KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule", "logger", "callback")
 
 _constructors: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
@@ -123,6 +122,17 @@ def register_loss(name: str, obj: T | None = None, *, override: bool = False) ->
 
 def register_datamodule(name: str, obj: T | None = None, *, override: bool = False) -> Any:
     return register("datamodule", name, obj, override=override)
+
+
+def register_logger(name: str, obj: T | None = None, *, override: bool = False) -> Any:
+    """A logger for the ``loggers:`` list: a function of ``run_dir`` and ``config_name`` (supplied by
+    vlm-lab) and its own arguments, returning a ``lightning.pytorch.loggers.Logger`` (vlm_lab/tracking.py)."""
+    return register("logger", name, obj, override=override)
+
+
+def register_callback(name: str, obj: T | None = None, *, override: bool = False) -> Any:
+    """A ``lightning.pytorch.Callback`` (class or factory) for the ``callbacks:`` list (vlm_lab/callbacks.py)."""
+    return register("callback", name, obj, override=override)
 
 
 def register_import_path(kind: str, path: str) -> Any:
@@ -300,12 +310,23 @@ def list_datamodules(pattern: str = "*") -> list[str]:
     return list_names("datamodule", pattern)
 
 
+def list_loggers(pattern: str = "*") -> list[str]:
+    return list_names("logger", pattern)
+
+
+def list_callbacks(pattern: str = "*") -> list[str]:
+    return list_names("callback", pattern)
+
+
 def resolve(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     """Return ``(constructor, preset_args)`` for a name: a constructor has no presets, a card has."""
     table = _table(kind)
-    catalog = cards(kind)  # read first, so that a card clashing with a constructor is reported
+    # A name registered in code resolves without reading any catalog folder: a checkpoint, which names
+    # constructors only, then loads whatever the catalog holds. A card clashing with a constructor is
+    # reported by `vlm-lab list` and whenever a card of that kind is looked up.
     if name in table:
         return table[name], {}
+    catalog = cards(kind)
     card = catalog.get(name)
     if card is not None:
         if card.builds not in table:
@@ -364,16 +385,41 @@ def spec_arguments(kind: str, spec: Mapping[str, Any], provided: Mapping[str, An
         )
     hints = _type_hints(constructor)
     for key, value in given.items():
-        problem = _type_problem(value, hints.get(key, Any))
+        problem = type_problem(value, hints.get(key, Any))
         if problem:
             raise ConfigError(f"{kind} {name!r}: argument {key}={value!r} {problem}")
     return constructor, arguments
 
 
-def build(kind: str, spec: Mapping[str, Any], **provided: Any) -> Any:
-    """Build the object a spec names: ``build("vision_tower", {"name": "clip_vit", "layers": 2})``."""
+def build(kind: str, spec: Mapping[str, Any], *, contract: type | None = None, **provided: Any) -> Any:
+    """Build the object a spec names: ``build("vision_tower", {"name": "clip_vit", "layers": 2})``.
+
+    ``contract`` (a ``typing.Protocol``, see ``vlm_lab/contracts.py``) lists attributes and methods the
+    built object must have; a missing one is a one-line ``ConfigError`` naming it.
+    """
     constructor, arguments = spec_arguments(kind, spec, provided)
-    return constructor(**arguments)
+    built = constructor(**arguments)
+    if contract is not None:
+        missing = [member for member in protocol_members(contract) if not hasattr(built, member)]
+        if missing:
+            raise ConfigError(
+                f"{kind} {spec['name']!r} ({type(built).__name__}) has no {', '.join(missing)}: a {kind} must "
+                f"provide {', '.join(protocol_members(contract))} (vlm_lab/contracts.py, {contract.__name__})"
+            )
+    return built
+
+
+def protocol_members(contract: type) -> list[str]:
+    """The attributes and methods a ``typing.Protocol`` declares (its own and its bases'), ``forward`` aside:
+    every ``torch.nn.Module`` has one."""
+    members: dict[str, None] = {}
+    for cls in reversed(contract.__mro__):
+        if cls is object or cls is typing.Protocol or cls.__module__ == "typing":
+            continue
+        members.update(dict.fromkeys(getattr(cls, "__annotations__", {})))
+        members.update(dict.fromkeys(name for name, value in vars(cls).items()
+                                     if callable(value) and not name.startswith("_")))
+    return [name for name in members if name != "forward"]
 
 
 def _parameters(constructor: Callable[..., Any]) -> dict[str, inspect.Parameter]:
@@ -385,50 +431,19 @@ def _parameters(constructor: Callable[..., Any]) -> dict[str, inspect.Parameter]
     }
 
 
+def arguments(constructor: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
+    """``(name, type hint, default)`` of each argument a spec may set or vlm-lab supplies, in
+    signature order; the default is ``inspect.Parameter.empty`` for a required argument."""
+    hints = _type_hints(constructor)
+    return [(name, hints.get(name, Any), parameter.default) for name, parameter in _parameters(constructor).items()]
+
+
 def _type_hints(constructor: Callable[..., Any]) -> dict[str, Any]:
     target = constructor.__init__ if inspect.isclass(constructor) else constructor
     try:
         return typing.get_type_hints(target)
     except Exception:  # unresolvable forward references: skip type checks rather than fail
         return {}
-
-
-def _type_problem(value: Any, hint: Any) -> str | None:
-    """Why ``value`` does not fit ``hint``, or None. Covers the types YAML can express."""
-    origin = typing.get_origin(hint)
-    if hint is Any or hint is inspect.Parameter.empty:
-        return None
-    if origin is typing.Literal:
-        choices = typing.get_args(hint)
-        return None if value in choices else f"is not one of {', '.join(map(repr, choices))}"
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        problems = [_type_problem(value, option) for option in options]
-        if all(problems):
-            literal = [p for p in problems if p and p.startswith("is not one of")]
-            return literal[0] if literal else f"should be {_type_name(hint)}"
-        return None
-    if hint is type(None):
-        return None if value is None else "should be null"
-    if hint is bool:
-        return None if isinstance(value, bool) else "should be true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "should be an integer"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else "should be a number"
-    if hint is str:
-        return None if isinstance(value, str) else "should be a string"
-    if origin in (list, tuple, typing.Sequence, collections.abc.Sequence):
-        return None if isinstance(value, (list, tuple)) else "should be a list"
-    if origin in (dict, typing.Mapping, collections.abc.Mapping) or hint is dict:
-        return None if isinstance(value, Mapping) else "should be a mapping"
-    return None  # anything richer (tensors, callables) is the constructor's to check
-
-
-def _type_name(hint: Any) -> str:
-    names_ = [getattr(a, "__name__", str(a)) for a in typing.get_args(hint)]
-    return " or ".join("null" if n == "NoneType" else n for n in names_)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,16 +30,18 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 from omegaconf import DictConfig
 
 from vlm_lab import shipped
+from vlm_lab.api import load_config
 from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.progress import progress
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs", "slurm")
 RUN_KEYS = ("configs", "overrides")  # the keys of a ``runs`` entry written as a mapping
@@ -66,8 +68,6 @@ class Run:
 
     def config(self) -> DictConfig:
         """The run's resolved config, exactly what its ``vlm-lab fit`` will train (nothing runs)."""
-        from vlm_lab.config import load_config
-
         return load_config(*self.files, overrides=self.overrides)
 
     def command(self, run_dir: Path, resume: bool) -> list[str]:
@@ -254,11 +254,21 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     (out / "sweep.yaml").write_text(Path(file).read_text())
     todo = [r for r in runs if not (out / r.name / DONE).is_file()]
     outcomes = {r.name: Outcome(r.name, "skipped") for r in runs if r not in todo}
-    if launcher == "slurm":
-        outcomes.update({o.name: o for o in _run_with_submitit(todo, out, slurm_parameters(file), slurm_cluster)})
-    else:
-        with ThreadPoolExecutor(max_workers=max_parallel) as pool:
-            outcomes.update({o.name: o for o in pool.map(lambda r: run_one(r, out / r.name), todo)})
+    with progress(total=len(todo), desc=f"sweep ({len(runs) - len(todo)} done before)", unit="run") as bar:
+        def finished(outcome: Outcome) -> None:  # runs done / left, and the latest one's result
+            bar.set_postfix_str(f"{outcome.name}: {outcome.status}", refresh=False)
+            bar.update(1)
+
+        if launcher == "slurm":
+            done = _run_with_submitit(todo, out, slurm_parameters(file), slurm_cluster, finished)
+        else:
+            with ThreadPoolExecutor(max_workers=max_parallel) as pool:
+                futures = [pool.submit(run_one, r, out / r.name) for r in todo]
+                done = []
+                for future in as_completed(futures):
+                    done.append(future.result())
+                    finished(done[-1])
+    outcomes.update({o.name: o for o in done})
     report(out)
     return [outcomes[r.name] for r in runs]
 
@@ -283,8 +293,8 @@ def run_one(run_: Run, run_dir: Path) -> Outcome:
     return Outcome(run_.name, "failed", seconds, error)
 
 
-def _run_with_submitit(runs: Sequence[Run], out: Path, parameters: dict[str, Any],
-                       cluster: str | None) -> list[Outcome]:
+def _run_with_submitit(runs: Sequence[Run], out: Path, parameters: dict[str, Any], cluster: str | None,
+                       finished: Callable[[Outcome], None]) -> list[Outcome]:
     import submitit
 
     executor = submitit.AutoExecutor(folder=str(out / ".submitit"), cluster=cluster)
@@ -299,6 +309,7 @@ def _run_with_submitit(runs: Sequence[Run], out: Path, parameters: dict[str, Any
             outcomes.append(job.result())
         except Exception as e:  # the job itself died (node failure, timeout): record, go on
             outcomes.append(Outcome(r.name, "failed", error=f"{type(e).__name__}: {str(e).splitlines()[0]}"))
+        finished(outcomes[-1])
     return outcomes
 
 

@@ -32,6 +32,7 @@ from PIL import Image
 from vlm_lab.data.coco import read_coco_captions
 from vlm_lab.data.records import Record
 from vlm_lab.errors import ConfigError
+from vlm_lab.progress import progress
 
 STORED_AS_IS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -73,7 +74,7 @@ def coco_to_shards(ann_file: str | Path, images_dir: str | Path, out_dir: str | 
     shard_digits = max(5, len(str((samples - 1) // shard_size)))
 
     shards, skipped, total = [], Counter(), 0
-    pending = _samples(records, per)
+    pending = iter(progress(_samples(records, per), total=samples, desc="convert", unit="sample"))
     shard_id = 0
     while True:
         chunk = [next(pending, None) for _ in range(shard_size)]

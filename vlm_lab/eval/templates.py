@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from vlm_lab.errors import ConfigError, did_you_mean
+
 OPENAI_IMAGENET: tuple[str, ...] = (
     'a bad photo of a {}.', 'a photo of many {}.', 'a sculpture of a {}.', 'a photo of the hard to see {}.',
     'a low resolution photo of the {}.', 'a rendering of a {}.', 'graffiti of a {}.',
@@ -47,3 +51,17 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "cifar": CIFAR,
     "simple": ("a photo of a {}.",),
 }
+
+
+def resolve_templates(templates: str | Sequence[str]) -> list[str]:
+    """A template set's name, or a list of templates, as the list of templates."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATE_SETS:
+            raise ConfigError(f"zeroshot.templates: unknown template set {templates!r}."
+                              f"{did_you_mean(templates, TEMPLATE_SETS)} Valid: {', '.join(TEMPLATE_SETS)}, "
+                              f"or a list of templates with {{}} for the class name")
+        return list(TEMPLATE_SETS[templates])
+    templates = [str(t) for t in templates]
+    if not templates or any("{}" not in t for t in templates):
+        raise ConfigError(f"zeroshot.templates: each template needs {{}} where the class name goes; got {templates}")
+    return templates

@@ -5,15 +5,8 @@ template filled with its name, encoded, L2-normalised, averaged and normalised a
 ensemble). An image is classified by the class embedding closest to its own; top-1 and top-5
 accuracy are reported in percent.
 
-Settings (the ``zeroshot`` config section; ``ZeroShotSettings`` in Python):
-
-    root:           the image folder (null: no zero-shot evaluation)
-    classnames:     a text file with one class name per line, in the sorted order of the class
-                    folders (null: the folder names, underscores read as spaces)
-    templates:      openai_imagenet (80) | cifar (18) | simple (1) | a list of templates with {}
-    every_n_epochs: during fit, after validation every N epochs (0: never)
-    max_per_class:  the first N images of each class in file-name order (null: all)
-    batch_size, num_workers: the image loader's
+Settings: the ``zeroshot`` config section (``ZeroShotSettings``, declared with every other section in
+``vlm_lab/schema.py``; ``vlm-lab config-reference zeroshot`` lists its keys). ``root: null`` turns it off.
 
 During fit the results are logged as ``val/zeroshot_top1`` and ``val/zeroshot_top5`` (and land in
 ``metrics.json``); ``vlm-lab zeroshot`` reports ``zeroshot/top1`` and ``zeroshot/top5``.
@@ -33,44 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm_lab.data.transforms import build_transform, decode_size, open_image
-from vlm_lab.config import dataclass_from_section
-from vlm_lab.errors import ConfigError, did_you_mean
-from vlm_lab.eval.templates import TEMPLATE_SETS
+from vlm_lab.errors import ConfigError
+from vlm_lab.eval.templates import resolve_templates
+from vlm_lab.schema import ZeroShotSettings
+from vlm_lab.progress import progress
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-@dataclass(frozen=True)
-class ZeroShotSettings:
-    """The ``zeroshot`` config section (see the module docstring)."""
-
-    root: str | None = None
-    classnames: str | None = None
-    templates: str | list[str] = "openai_imagenet"
-    every_n_epochs: int = 1
-    max_per_class: int | None = None
-    batch_size: int = 64
-    num_workers: int = 0
-
-    @classmethod
-    def from_config(cls, section: Mapping[str, Any] | None) -> "ZeroShotSettings":
-        settings = dataclass_from_section(cls, section, "zeroshot")
-        resolve_templates(settings.templates)  # fail now, not after an epoch of training
-        return settings
-
-
-def resolve_templates(templates: str | Sequence[str]) -> list[str]:
-    """A template set's name, or a list of templates, as the list of templates."""
-    if isinstance(templates, str):
-        if templates not in TEMPLATE_SETS:
-            raise ConfigError(f"zeroshot.templates: unknown template set {templates!r}."
-                              f"{did_you_mean(templates, TEMPLATE_SETS)} Valid: {', '.join(TEMPLATE_SETS)}, "
-                              f"or a list of templates with {{}} for the class name")
-        return list(TEMPLATE_SETS[templates])
-    templates = [str(t) for t in templates]
-    if not templates or any("{}" not in t for t in templates):
-        raise ConfigError(f"zeroshot.templates: each template needs {{}} where the class name goes; got {templates}")
-    return templates
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +99,7 @@ def class_embeddings(module: Any, classnames: Sequence[str], templates: Sequence
                      batch_size: int = 256) -> torch.Tensor:
     """``[classes, embed_dim]``: each class's prompt-ensemble text embedding (CLIP's recipe)."""
     rows = []
-    for name in classnames:
+    for name in progress(classnames, desc="zero-shot classes", unit="class"):
         prompts = [template.format(name) for template in templates]
         embeddings = torch.cat([module.encode_text(prompts[i:i + batch_size])
                                 for i in range(0, len(prompts), batch_size)])
@@ -165,7 +126,7 @@ def zero_shot_accuracy(module: Any, settings: ZeroShotSettings) -> dict[str, flo
                             batch_size=settings.batch_size, num_workers=settings.num_workers)
         k = min(5, len(folder.classnames))
         top1 = top5 = 0
-        for pixels, labels in loader:
+        for pixels, labels in progress(loader, desc="zero-shot images", unit="batch"):
             logits = module.encode_image(pixels.to(module.device)).float() @ classifier.T.to(module.device)
             best = logits.topk(k, dim=-1).indices.cpu()
             top1 += int((best[:, 0] == labels).sum())

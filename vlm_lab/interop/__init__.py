@@ -11,7 +11,8 @@ and modules), ``parts.py`` (a trained module as plain numbers), ``exporting.py``
 from vlm_lab.interop.checkpoint import ClipCheckpoint, read_clip_checkpoint
 from vlm_lab.interop.exporting import export, load_module
 from vlm_lab.interop.open_clip import clip_tokenizer_from_bpe
-from vlm_lab.interop.pretrained import init_model_section, load_into_module
+from vlm_lab.interop.pretrained import (init_model_section, load_into_module, pretrained_text_tower,
+                                        pretrained_vision_tower)
 from vlm_lab.interop.teacher import load_teacher
 
 __all__ = [
@@ -22,5 +23,7 @@ __all__ = [
     "load_into_module",
     "load_module",
     "load_teacher",
+    "pretrained_text_tower",
+    "pretrained_vision_tower",
     "read_clip_checkpoint",
 ]

@@ -11,9 +11,11 @@ Two entry points, both with the architecture read from the checkpoint's config:
   logit scale, requiring every key to match. A vlm-lab checkpoint file (``last.ckpt``) works the same
   way: its model section as built and its tokenizer (``vlm_lab/checkpoint_format.py``), then every
   weight of the module; the optimizer and the schedule start afresh.
-* ``clip_vit_pretrained`` / ``clip_text_pretrained`` (``ClipVisionTower.from_pretrained``): one tower
-  on its own, e.g. a pretrained image tower under a new text tower (LiT). Registry cards such as
-  ``openai_clip_vit_b32`` name these with a default ``path``.
+* ``clip_vit_pretrained`` / ``clip_text_pretrained`` (``pretrained_vision_tower(path)`` /
+  ``pretrained_text_tower(path)`` in Python): one tower on its own, e.g. a pretrained image tower
+  under a new text tower (LiT). Registry cards such as ``openai_clip_vit_b32`` name these with a
+  default ``path``. They are registered here, not next to the towers: interop reads checkpoints and
+  builds towers, so it sits a layer above them (``vlm_lab/layers.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from typing import Any, Literal
 from torch import nn
 
 from vlm_lab import checkpoint_format
-from vlm_lab.interop.checkpoint import load_exactly, read_clip_checkpoint
+from vlm_lab.interop.checkpoint import ClipCheckpoint, load_exactly, read_clip_checkpoint
+from vlm_lab.registry import register_text_tower, register_vision_tower
+from vlm_lab.towers.clip_text import ClipTextTower
+from vlm_lab.towers.clip_vit import ClipVisionTower
 
 # Module parts an init_from checkpoint must fill completely.
 _PARTS = ("vision.", "text.", "vision_head.", "text_head.")
@@ -76,3 +81,26 @@ def load_tower(tower_class: type[nn.Module], half: Literal["vision", "text"], pa
     if half == "text":
         tower.tokenizer_path = checkpoint.tokenizer_dir
     return tower
+
+
+@register_vision_tower("clip_vit_pretrained")
+def pretrained_vision_tower(path: str, grad_checkpointing: bool = False, patch_dropout: float = 0.0) -> ClipVisionTower:
+    """The vision tower of the CLIP checkpoint directory ``path`` (Hugging Face ``CLIPModel`` or open_clip).
+
+    The architecture (sizes, activation, LayerNorm eps, image mean/std) comes from the checkpoint's
+    config and every weight must load. ``grad_checkpointing`` and ``patch_dropout`` (FLIP) change how
+    it trains, not its weights.
+    """
+    return load_tower(ClipVisionTower, "vision", path, grad_checkpointing=grad_checkpointing,
+                      patch_dropout=patch_dropout)
+
+
+@register_text_tower("clip_text_pretrained")
+def pretrained_text_tower(path: str, grad_checkpointing: bool = False) -> ClipTextTower:
+    """The text tower of the CLIP checkpoint directory ``path`` (Hugging Face ``CLIPModel`` or open_clip).
+
+    The architecture, vocabulary size and pooling rule come from the checkpoint's config and every
+    weight must load; the module then uses the checkpoint's tokenizer unless ``model.tokenizer.path``
+    names one.
+    """
+    return load_tower(ClipTextTower, "text", path, grad_checkpointing=grad_checkpointing)

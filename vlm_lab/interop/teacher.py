@@ -6,14 +6,14 @@ preprocessing), which ``VisionLanguageModule.set_teacher`` freezes and keeps out
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlm_lab.config import DEFAULTS, merge
+from vlm_lab.config import merge
 from vlm_lab.errors import ConfigError
 from vlm_lab.interop.checkpoint import read_clip_checkpoint
 from vlm_lab.interop.pretrained import load_into_module
+from vlm_lab.schema import defaults
 
 if TYPE_CHECKING:
     from vlm_lab.module import VisionLanguageModule
@@ -40,9 +40,9 @@ def load_teacher(source: str) -> VisionLanguageModule:
                               f"({type(error).__name__}: {first_line})") from None
         return module.eval()
     if path.is_dir():
-        checkpoint = read_clip_checkpoint(path)
-        section = merge({"model": copy.deepcopy(DEFAULTS["model"])}, {"model": checkpoint.model_section()})["model"]
-        module = VisionLanguageModule(model=section, optim=copy.deepcopy(DEFAULTS["optim"]))
+        config = defaults()
+        model = merge({"model": config["model"]}, {"model": read_clip_checkpoint(path).model_section()})["model"]
+        module = VisionLanguageModule(model=model, optim=config["optim"])
         load_into_module(module, str(path))
         return module.eval()
     raise ConfigError(f"model.distill.teacher: no checkpoint file or CLIP folder at {source} "

@@ -17,6 +17,7 @@ from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_text_tower
 from vlm_lab.towers.base import TowerOutput
 from vlm_lab.towers.clip_vit import ClipEncoder
+from vlm_lab.towers.kv_cache import KVCache, causal_mask
 
 
 class ClipTextEmbeddings(nn.Module):
@@ -27,9 +28,10 @@ class ClipTextEmbeddings(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token plus position embeddings; ``start`` is the first token's position (decoding steps)."""
         seq = input_ids.shape[1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:seq].unsqueeze(0)
+        return self.token_embedding(input_ids) + self.position_embedding.weight[start:start + seq].unsqueeze(0)
 
 
 def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,21 +112,10 @@ class ClipTextTower(nn.Module):
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.final_layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    # Set by from_pretrained: the checkpoint directory, and its tokenizer directory (or None).
+    # Set by clip_text_pretrained (vlm_lab/interop/pretrained.py): the checkpoint directory, and its
+    # tokenizer directory (or None).
     pretrained_path: str | None = None
     tokenizer_path: str | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str, grad_checkpointing: bool = False) -> ClipTextTower:
-        """The text tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
-
-        The architecture, vocabulary size and pooling rule come from the checkpoint's config and every
-        weight must load; the module then uses the checkpoint's tokenizer unless
-        ``model.tokenizer.path`` names one. Registered as ``clip_text_pretrained``.
-        """
-        from vlm_lab.interop.pretrained import load_tower  # interop imports this module
-
-        return load_tower(cls, "text", path, grad_checkpointing=grad_checkpointing)
 
     def architecture_spec(self) -> dict[str, Any]:
         """The ``clip_text`` spec that rebuilds this tower, also when it came from a pretrained checkpoint."""
@@ -133,17 +124,33 @@ class ClipTextTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> TowerOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> TowerOutput:
+        """Encode ``input_ids`` ``[batch, seq]``.
+
+        With a ``cache`` (incremental decoding, ``vlm_lab/generation.py``) ``input_ids`` are the positions
+        after those the cache holds, every layer appends its keys and values to it, and
+        ``attention_mask`` (if given) covers the cached positions and the new ones; ``tokens`` and
+        ``pooled`` then come from the new positions. Without one this is the training forward pass.
+        """
         batch, seq = input_ids.shape
-        if seq > self.max_length:
+        past = 0 if cache is None else cache.length
+        if past + seq > self.max_length:
             raise ValueError(
-                f"clip_text: sequence length {seq} exceeds context_length {self.max_length}; "
+                f"clip_text: sequence length {past + seq} exceeds context_length {self.max_length}; "
                 f"truncate the text to at most {self.max_length} tokens"
             )
-        if attention_mask is None:
+        if cache is not None and attention_mask is None:
+            mask = causal_mask(seq, past, input_ids.device)  # no padding: causality alone
             attention_mask = torch.ones_like(input_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            mask = causal_padding_mask(attention_mask)
+            if past:  # the new positions' rows; the mask returned covers them only
+                mask, attention_mask = mask[:, :, past:], attention_mask[:, past:]
 
-        hidden_states = self.encoder(self.embeddings(input_ids), causal_padding_mask(attention_mask))
+        hidden_states = self.encoder(self.embeddings(input_ids, start=past), mask, cache)
         last_hidden_state = self.final_layer_norm(hidden_states)
 
         if self.pooling == "argmax":
@@ -156,5 +163,3 @@ class ClipTextTower(nn.Module):
         pooled = last_hidden_state[torch.arange(batch, device=input_ids.device), index]
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=attention_mask)
 
-
-register_text_tower("clip_text_pretrained", ClipTextTower.from_pretrained)

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_vision_tower
 from vlm_lab.towers.base import ImageConfig, TowerOutput
+from vlm_lab.towers.kv_cache import KeyValues, KVCache
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -37,7 +38,8 @@ class QuickGELU(nn.Module):
 
 
 class ClipAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections, as HF stores them."""
+    """Multi-head attention with separate q/k/v projections, as HF stores them: self-attention, or
+    cross-attention to a ``context`` (CoCa's decoder), with an optional cache of keys and values."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -50,17 +52,33 @@ class ClipAttention(nn.Module):
         self.q_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attention_mask`` is boolean, broadcastable to ``[batch, heads, query, key]``, True = may attend."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KeyValues | None = None, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states`` attend to themselves, or to ``context`` when given.
+
+        ``attention_mask`` is boolean, broadcastable to ``[batch, heads, query, key]``, True = may attend.
+        With a ``cache`` (incremental decoding), self-attention appends this call's keys and values to
+        the cached positions and attends over all of them; cross-attention computes the context's keys
+        and values on the first call and reuses them afterwards.
+        """
         batch, seq, width = hidden_states.shape
-        shape = (batch, seq, self.heads, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q = self._split_heads(self.q_proj(hidden_states))
+        if context is not None and cache is not None and cache.keys is not None:
+            k, v = cache.keys, cache.values
+        else:
+            source = hidden_states if context is None else context
+            k, v = self._split_heads(self.k_proj(source)), self._split_heads(self.v_proj(source))
+            if cache is not None:
+                k, v = cache.append(k, v)
         # SDPA picks a fused kernel (flash / memory-efficient) when it can; its default scale is
         # head_dim ** -0.5, the same as HF's CLIPAttention.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq, width]`` -> ``[batch, heads, seq, head_dim]``."""
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
 
 
 class ClipMLP(nn.Module):
@@ -85,8 +103,9 @@ class ClipEncoderLayer(nn.Module):
         self.mlp = ClipMLP(width, int(width * mlp_ratio), quick_gelu)
         self.layer_norm2 = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KeyValues | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 
 
@@ -125,14 +144,17 @@ class ClipEncoder(nn.Module):
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, mlp.fc1, mlp.fc2):
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """``cache``: each layer's keys and values between decoding steps (``hidden_states`` are then the
+        new positions only)."""
         # Checkpointing only pays off when a backward pass will follow.
-        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for index, layer in enumerate(self.layers):
             if recompute:
                 hidden_states = checkpoint(layer, hidden_states, attention_mask, use_reentrant=False)
             else:
-                hidden_states = layer(hidden_states, attention_mask)
+                hidden_states = layer(hidden_states, attention_mask, None if cache is None else cache.layer(index))
         return hidden_states
 
 
@@ -280,20 +302,9 @@ class ClipVisionTower(nn.Module):
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
 
-    # Where from_pretrained loaded the weights from (None: built from arguments).
+    # Where clip_vit_pretrained (vlm_lab/interop/pretrained.py) loaded the weights from (None: built
+    # from arguments).
     pretrained_path: str | None = None
-
-    @classmethod
-    def from_pretrained(cls, path: str, grad_checkpointing: bool = False, patch_dropout: float = 0.0) -> ClipVisionTower:
-        """The vision tower of a CLIP checkpoint directory (Hugging Face ``CLIPModel`` or open_clip).
-
-        The architecture (sizes, activation, LayerNorm eps, image mean/std) comes from the
-        checkpoint's config and every weight must load; registered as ``clip_vit_pretrained``.
-        ``grad_checkpointing`` and ``patch_dropout`` change how it trains, not its weights.
-        """
-        from vlm_lab.interop.pretrained import load_tower  # interop imports this module
-
-        return load_tower(cls, "vision", path, grad_checkpointing=grad_checkpointing, patch_dropout=patch_dropout)
 
     def architecture_spec(self) -> dict[str, Any]:
         """The ``clip_vit`` spec that rebuilds this tower, also when it came from a pretrained checkpoint."""
@@ -309,5 +320,3 @@ class ClipVisionTower(nn.Module):
         pooled = self.post_layernorm(last_hidden_state[:, 0])
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=None)
 
-
-register_vision_tower("clip_vit_pretrained", ClipVisionTower.from_pretrained)

@@ -354,6 +354,7 @@ class HFTextTower(nn.Module):
         self.output_dim = int(model_config.hidden_size)
         self.token_dim = int(model_config.hidden_size)
         self.max_length: int | None = getattr(model_config, "max_position_embeddings", None)
+        self.vocab_size: int | None = getattr(model_config, "vocab_size", None)
 
     def architecture_spec(self) -> dict[str, Any]:
         """An ``hf_text`` spec built from this model's config: no directory, no package, no weights."""

@@ -1,4 +1,4 @@
-"""CoCa's captioning half: attentional poolers and the multimodal text decoder, with a KV cache.
+"""CoCa's captioning half: attentional poolers and the multimodal text decoder.
 
 CoCa (Yu et al., 2022) trains one model with two losses::
 
@@ -12,9 +12,10 @@ cross-attention to the pooled image tokens. Because the text tower is causal, st
 tokens ``<= i``, so teacher-forced training never peeks at the token it predicts.
 
 :class:`CocaCaptionHead` (registered as the head ``coca_decoder``) holds both poolers and the
-decoder. For generation (``vlm_lab/generation.py``) it runs incrementally: :class:`DecodingCache`
-keeps every self-attention layer's keys and values (of the text tower and of the decoder) and the
-cross-attention keys and values, which are computed once per image.
+decoder. The decoder is made of the text tower's own building blocks (``ClipAttention``, ``ClipMLP``),
+so it decodes incrementally the way the tower does: given a :class:`DecoderCache`, each attention layer
+keeps its keys and values between steps (the cross-attention's, of the pooled image, are computed
+once). ``vlm_lab/generation.py`` runs the decoding loop.
 """
 
 from __future__ import annotations
@@ -26,93 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_lab import registry
 from vlm_lab.distributed import sum_over_ranks, world_info
 from vlm_lab.errors import ConfigError
-from vlm_lab import registry
+from vlm_lab.heads.pooling import AttentionalPooler
 from vlm_lab.registry import register_head
 from vlm_lab.towers.clip_text import ClipTextTower
 from vlm_lab.towers.clip_vit import ClipAttention, ClipMLP
-
-# --------------------------------------------------------------------------------------------------
-# Attention with an optional cache (shared by the text tower's incremental run and the decoder)
-
-
-@dataclass
-class KeyValues:
-    """One attention layer's cached keys and values, ``[batch, heads, seq, head_dim]`` each."""
-
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-
-    def reorder(self, index: torch.Tensor) -> None:
-        if self.keys is not None:
-            self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
-
-
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, seq, width = x.shape
-    return x.view(batch, seq, heads, width // heads).transpose(1, 2)
-
-
-def self_attention(attn: ClipAttention, x: torch.Tensor, cache: KeyValues | None = None) -> torch.Tensor:
-    """Causal self-attention of ``x`` (the new positions) over the cached positions and themselves.
-
-    Without a cache ``x`` is the whole sequence. With one, the new keys and values are appended to it,
-    and new position ``t`` sees every cached position and the new positions up to ``t``.
-    """
-    batch, seq, width = x.shape
-    q, k, v = (_heads(proj(x), attn.heads) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-    past = 0
-    if cache is not None:
-        if cache.keys is not None:
-            past = cache.keys.shape[2]
-            k, v = torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2)
-        cache.keys, cache.values = k, v
-    mask = None
-    if seq > 1:  # a single new position may see everything before it: no mask needed
-        mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
-
-
-def cross_attention(attn: ClipAttention, x: torch.Tensor, context: torch.Tensor,
-                    cache: KeyValues | None = None) -> torch.Tensor:
-    """``x`` attends to every ``context`` position; with a cache, the context's keys/values are computed once."""
-    batch, seq, width = x.shape
-    if cache is not None and cache.keys is not None:
-        k, v = cache.keys, cache.values
-    else:
-        k, v = _heads(attn.k_proj(context), attn.heads), _heads(attn.v_proj(context), attn.heads)
-        if cache is not None:
-            cache.keys, cache.values = k, v
-    q = _heads(attn.q_proj(x), attn.heads)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return attn.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
-
-
-# --------------------------------------------------------------------------------------------------
-# Attentional pooler
-
-
-class AttentionalPooler(nn.Module):
-    """Learned queries cross-attend over a tower's tokens: ``[B, seq, context_dim] -> [B, queries, width]``.
-
-    CoCa uses one pooler with a single query for the contrastive embedding and one with N queries
-    (256 in the paper) for the decoder, so each task gets the image summary it needs.
-    """
-
-    def __init__(self, width: int, context_dim: int, num_queries: int, heads: int) -> None:
-        super().__init__()
-        self.queries = nn.Parameter(torch.randn(num_queries, width) * width**-0.5)
-        self.context_norm = nn.LayerNorm(context_dim)
-        self.query_norm = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        context = self.context_norm(tokens)
-        queries = self.query_norm(self.queries).unsqueeze(0).expand(len(tokens), -1, -1)
-        return self.attn(queries, context, context, need_weights=False)[0]
-
+from vlm_lab.towers.kv_cache import KeyValues, KVCache, causal_mask
 
 # --------------------------------------------------------------------------------------------------
 # Multimodal decoder
@@ -130,31 +52,27 @@ class MultimodalDecoderLayer(nn.Module):
         self.norm_cross = nn.LayerNorm(width)
         self.norm_mlp = nn.LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, image: torch.Tensor, self_cache: KeyValues | None = None,
-                cross_cache: KeyValues | None = None) -> torch.Tensor:
-        x = x + self_attention(self.self_attn, self.norm_self(x), self_cache)
-        x = x + cross_attention(self.cross_attn, self.norm_cross(x), image, cross_cache)
+    def forward(self, x: torch.Tensor, image: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                self_cache: KeyValues | None = None, cross_cache: KeyValues | None = None) -> torch.Tensor:
+        """``attention_mask``: the self-attention's causal mask (``causal_mask``); the caches: the two
+        attentions' keys and values between decoding steps."""
+        x = x + self.self_attn(self.norm_self(x), attention_mask, self_cache)
+        x = x + self.cross_attn(self.norm_cross(x), cache=cross_cache, context=image)
         return x + self.mlp(self.norm_mlp(x))
 
 
 @dataclass
-class DecodingCache:
-    """Everything incremental decoding keeps between steps (one entry per attention layer)."""
+class DecoderCache:
+    """The multimodal decoder's keys and values between decoding steps: its self-attention's (one
+    position more each step) and its cross-attention's (the pooled image, computed once)."""
 
-    text: list[KeyValues] = field(default_factory=list)
-    decoder_self: list[KeyValues] = field(default_factory=list)
-    decoder_cross: list[KeyValues] = field(default_factory=list)
-    length: int = 0  # positions already encoded
-
-    @classmethod
-    def empty(cls, text_layers: int, decoder_layers: int) -> "DecodingCache":
-        return cls([KeyValues() for _ in range(text_layers)], [KeyValues() for _ in range(decoder_layers)],
-                   [KeyValues() for _ in range(decoder_layers)])
+    self_attention: KVCache = field(default_factory=KVCache)
+    cross_attention: KVCache = field(default_factory=KVCache)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows ``index`` (beam search: each surviving beam continues its parent's cache)."""
-        for entry in (*self.text, *self.decoder_self, *self.decoder_cross):
-            entry.reorder(index)
+        self.self_attention.reorder(index)
+        self.cross_attention.reorder(index)
 
 
 @register_head("coca_decoder")
@@ -235,18 +153,20 @@ class CocaCaptionHead(nn.Module):
         """``[B, seq, in_dim]`` -> ``[B, image_queries, width]``: what the decoder cross-attends to."""
         return self.caption_pooler(image_tokens)
 
-    def decode(self, text_states: torch.Tensor, image: torch.Tensor, cache: DecodingCache | None = None) -> torch.Tensor:
+    def decode(self, text_states: torch.Tensor, image: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
         """Next-token logits ``[B, seq, vocab]`` for text states ``[B, seq, text_dim]`` (only the new
         positions when ``cache`` holds the earlier ones) and pooled image tokens ``[B, queries, width]``."""
         x = self.text_proj(text_states)
+        past = 0 if cache is None else cache.self_attention.length
+        mask = causal_mask(x.shape[1], past, x.device)
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for i, layer in enumerate(self.layers):
+        for index, layer in enumerate(self.layers):
             if recompute:
-                x = checkpoint(layer, x, image, use_reentrant=False)
+                x = checkpoint(layer, x, image, mask, use_reentrant=False)
             elif cache is not None:
-                x = layer(x, image, cache.decoder_self[i], cache.decoder_cross[i])
+                x = layer(x, image, mask, cache.self_attention.layer(index), cache.cross_attention.layer(index))
             else:
-                x = layer(x, image)
+                x = layer(x, image, mask)
         return self.output(self.final_norm(x))
 
     def caption_loss(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -262,16 +182,26 @@ class CocaCaptionHead(nn.Module):
         On one process this is the plain token average. Checked against one process in
         ``tests/test_distributed.py``.
         """
+        return self.caption_loss_from_sum(self.caption_token_losses(logits, input_ids, attention_mask), attention_mask)
+
+    def caption_token_losses(self, logits: torch.Tensor, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor) -> torch.Tensor:
+        """``S_r``: the cross-entropy summed over the batch's non-padding tokens. A sum over pairs,
+        so the chunks of a chunked step (vlm_lab/gradient_cache.py) add up to the batch's."""
         targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-        summed = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                 label_smoothing=self.label_smoothing, reduction="sum")
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               label_smoothing=self.label_smoothing, reduction="sum")
+
+    def caption_loss_from_sum(self, summed: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``W * S_r / N`` (``caption_loss``) from ``S_r``, with ``N`` counted on the whole batch's
+        ``attention_mask`` (every position but the first predicts a token) and over all ranks."""
         _, world_size = world_info()
-        tokens = sum_over_ranks((targets != -100).sum()).clamp_min(1)
+        tokens = sum_over_ranks((attention_mask[:, 1:] != 0).sum()).clamp_min(1)
         return summed * world_size / tokens
 
 
 # --------------------------------------------------------------------------------------------------
-# The text tower, run incrementally
+# Building
 
 
 def check_causal_text_tower(text: nn.Module) -> None:
@@ -280,26 +210,6 @@ def check_causal_text_tower(text: nn.Module) -> None:
         raise ConfigError(f"model.caption_head: a caption head needs a causal text tower (clip_text or one of its "
                           f"cards), got {type(text).__name__}; a bidirectional tower would show each position "
                           f"the token it must predict")
-
-
-def text_states(text: ClipTextTower, input_ids: torch.Tensor, cache: DecodingCache | None = None) -> torch.Tensor:
-    """The text tower's token states for ``input_ids`` (the new positions when ``cache`` holds the rest).
-
-    Equal to ``text(input_ids).tokens`` for unpadded input; with a cache, each step costs one
-    position per layer instead of the whole prefix.
-    """
-    if cache is None:
-        return text(input_ids).tokens
-    start = cache.length
-    if start + input_ids.shape[1] > text.max_length:
-        raise ValueError(f"clip_text: decoding past the tower's context_length {text.max_length}")
-    embeddings = text.embeddings
-    x = embeddings.token_embedding(input_ids) + embeddings.position_embedding.weight[start:start + input_ids.shape[1]]
-    for layer, entry in zip(text.encoder.layers, cache.text):
-        x = x + self_attention(layer.self_attn, layer.layer_norm1(x), entry)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    cache.length = start + input_ids.shape[1]
-    return text.final_layer_norm(x)
 
 
 def build_caption_head(spec: dict, vision: nn.Module, text: nn.Module) -> CocaCaptionHead:

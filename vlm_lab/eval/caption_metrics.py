@@ -6,10 +6,15 @@ are removed. That tokenizer is Java; :func:`ptb_tokenize` reimplements the rules
 captions in Python (lower-casing, splitting off punctuation and the clitics ``'s n't 're 've 'll 'd
 'm``, keeping hyphenated words and abbreviations whole, brackets as ``-lrb-``..., dropping the same
 punctuation list); it tokenises 35,449 of Flickr8k's 35,455 captions exactly as the Java tokenizer
-does (the rest hold ``at&t``, ``slip 'n' slide`` and the like), so evaluation needs no Java. :func:`bleu` and :func:`cider` are line-by-line ports of pycocoevalcap's ``BleuScorer``
+does (the rest hold ``at&t``, ``slip 'n' slide`` and the like), so evaluation needs no Java.
+:func:`bleu` and :func:`cider` are line-by-line ports of pycocoevalcap's ``BleuScorer``
 (corpus BLEU, "closest" reference length) and ``CiderScorer`` (CIDEr-D: sigma 6, clipped tf-idf
 n-grams 1-4, document frequencies from the references of the evaluated set, x10);
 ``tests/test_caption_metrics.py`` pins their values to pycocoevalcap 1.2's on fixed inputs.
+
+The module's caption evaluation uses the rest: :class:`CaptionScorer` collects an epoch's captions
+and scores them, :func:`batch_references` and :func:`log_caption_examples`. The captions themselves
+are decoded by ``vlm_lab/generation.py``.
 """
 
 from __future__ import annotations
@@ -172,26 +177,6 @@ def batch_references(batch: Mapping[str, Any], tokenizer: Any) -> list[list[str]
     for owner, text in zip(owners, texts):
         references[owner].append(text)
     return references
-
-
-def generate_captions(module: Any, image_tokens: torch.Tensor, **settings: Any) -> list[str]:
-    """Captions from a CoCa module's vision tokens; ``settings`` override ``model.generation``."""
-    from vlm_lab.errors import ConfigError
-    from vlm_lab.generation import CaptionGenerator, GenerationSettings, SpecialTokens, decode_captions
-
-    if module.caption_head is None:
-        raise ConfigError("generate: this model has no caption head (set model.caption_weight > 0 to build one)")
-    section = dict(module.hparams.model.get("generation") or {})
-    section = {k: v for k, v in section.items() if k not in ("max_images", "log_examples")}
-    options = GenerationSettings.from_config(section, **settings)
-    special = SpecialTokens.of(module.tokenizer)
-    was_training = module.training
-    module.eval()
-    try:
-        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, options)
-    finally:
-        module.train(was_training)
-    return decode_captions(module.tokenizer, ids, special)
 
 
 def log_caption_examples(module: Any, stage: str, rows: Sequence[tuple[int, str, list[str]]]) -> None:
