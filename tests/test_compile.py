@@ -88,6 +88,18 @@ def test_compiled_towers_train_and_evaluate_as_the_eager_ones():
 
 
 @pytest.mark.slow
+def test_compiled_towers_in_chunked_contrastive_steps():
+    """optim.contrastive_chunks (gradient caching) runs the compiled towers twice per chunk, with and
+    without a graph: the same step as one eager pass over the whole batch."""
+    compiled = build("model.compile=true", "optim.contrastive_chunks=2", *RECIPE)
+    compiled.compile_towers()
+    loss, grads = loss_and_grads(compiled.train(), fixed_batch())
+    expected_loss, expected_grads = loss_and_grads(build(*RECIPE).train(), fixed_batch())
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-5)
+    assert_close_grads(grads, expected_grads)
+
+
+@pytest.mark.slow
 def test_checkpoints_of_compiled_and_eager_runs_load_into_each_other(tmp_path):
     import vlm_lab
     from interop_helpers import save_checkpoint

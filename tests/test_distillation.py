@@ -120,6 +120,24 @@ def test_the_student_trains_on_its_loss_plus_the_weighted_term(teacher_checkpoin
     assert losses["distill_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_the_term_is_the_same_with_chunked_contrastive_steps(teacher_checkpoint):
+    """optim.contrastive_chunks (gradient caching): the term is computed on the whole batch's features,
+    so a chunked step gives the same losses and gradients."""
+    data = batch()
+    results = []
+    for chunks in (1, 2):
+        student = build(f"model.distill.teacher={teacher_checkpoint}", f"optim.contrastive_chunks={chunks}")
+        losses = student.losses(data)
+        losses["loss"].backward()
+        results.append(({k: v.item() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (losses, grads), (chunked_losses, chunked_grads) = results
+    assert losses == pytest.approx(chunked_losses, abs=1e-6) and losses["distill_loss"] > 0
+    assert grads.keys() == chunked_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(chunked_grads[name], grad, atol=1e-5 * max(1.0, grad.abs().max().item())), name
+
+
 def test_a_fit_distils_and_its_checkpoints_hold_only_the_student(teacher_checkpoint, tmp_path):
     cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}",
                                                "trainer.log_every_n_steps=1", "trainer.max_epochs=1"])
