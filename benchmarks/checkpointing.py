@@ -2,6 +2,7 @@
 
     python benchmarks/checkpointing.py                       # ViT-B/16 + CLIP base text, batch 32
     python benchmarks/checkpointing.py --batch-size 8 --steps 3 --repeats 2
+    python benchmarks/checkpointing.py --device cuda --precision bf16-mixed --batch-size 128   # a GPU
 
 The model is a real ``VisionLanguageModule``: the ``clip_vit_b16`` vision tower (224 px, 86M
 parameters), the ``clip_text_base`` text tower (width 512, 12 layers, 77 tokens), linear heads into
@@ -24,6 +25,12 @@ Step time is the median wall-clock time over the measured steps (and repeats); C
 process's own CPU seconds per step (all its threads), which other processes competing for the
 cores inflate less than wall-clock time. Linux only (``/proc``). Timings depend on what else runs
 on the machine: check ``uptime`` first, and compare the two ratios.
+
+On a GPU (``--device cuda``, ``benchmarks/gpu_check.sh`` runs it so) the figures are CUDA's own
+allocator counters instead of the resident size: ``baseline`` is ``torch.cuda.memory_allocated()``
+between steps and the peak ``torch.cuda.max_memory_allocated()`` over the measured steps, reset at the
+baseline; ``--precision bf16-mixed`` runs the step under bf16 autocast. ``--tiny`` swaps in the
+toy towers (``clip_vit_tiny``, ``clip_text_tiny``) to check the script, measuring nothing.
 """
 
 from __future__ import annotations
@@ -52,36 +59,53 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
 
 
-def worker(checkpointing: bool, batch_size: int, steps: int) -> dict:
+def worker(checkpointing: bool, batch_size: int, steps: int, device: str = "cpu", precision: str = "32",
+           tiny: bool = False) -> dict:
     """One configuration in this (fresh) process: the figures as a dict."""
+    import contextlib
+
     import torch
 
     import vlm_lab
 
+    towers = ["model.vision.name=clip_vit_tiny", "model.text.name=clip_text_tiny"] if tiny else \
+        ["model.vision.name=clip_vit_b16", "model.text.name=clip_text_base"]
     overrides = [
-        "model.vision.name=clip_vit_b16", "model.text.name=clip_text_base", "model.embed_dim=512",
+        *towers, "model.embed_dim=512",
         f"model.vision.grad_checkpointing={str(checkpointing).lower()}",
         f"model.text.grad_checkpointing={str(checkpointing).lower()}",
     ]
     cfg = vlm_lab.load_config(overrides=overrides)
     torch.manual_seed(0)
-    module = vlm_lab.build_module(cfg).train()
+    module = vlm_lab.build_module(cfg).train().to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     gen = torch.Generator().manual_seed(0)
+    size = module.image_config.size
     batch = {
-        "pixel_values": torch.randn(batch_size, 3, 224, 224, generator=gen),
+        "pixel_values": torch.randn(batch_size, 3, *size, generator=gen),
         "input_ids": torch.randint(1000, 20000, (batch_size, module.max_length), generator=gen),
         "attention_mask": torch.ones(batch_size, module.max_length, dtype=torch.long),
         "text_image_index": torch.arange(batch_size),
         "image_ids": torch.arange(batch_size),
     }
+    batch = {key: value.to(device) for key, value in batch.items()}
+    cuda = torch.device(device).type == "cuda"
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) \
+        if precision == "bf16-mixed" else contextlib.nullcontext
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     def step() -> tuple[float, float]:
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = module.training_step(batch, 0)
+        with autocast():
+            loss = module.training_step(batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         return time.perf_counter() - start, time.process_time() - start_cpu
 
     import warnings
@@ -92,24 +116,35 @@ def worker(checkpointing: bool, batch_size: int, steps: int) -> dict:
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    baseline = _status_kib("VmRSS")
-    _reset_peak()
-    times = [step() for _ in range(steps)]
-    peak = _status_kib("VmHWM")
-    return {
+    if cuda:  # CUDA's allocator counts exactly what tensors occupy
+        sync()
+        baseline = torch.cuda.memory_allocated(device) // 1024
+        torch.cuda.reset_peak_memory_stats(device)
+        times = [step() for _ in range(steps)]
+        peak = torch.cuda.max_memory_allocated(device) // 1024
+    else:
+        baseline = _status_kib("VmRSS")
+        _reset_peak()
+        times = [step() for _ in range(steps)]
+        peak = _status_kib("VmHWM")
+    return {"device": device, "precision": precision, "memory": "cuda allocated" if cuda else "resident set",
         "checkpointing": checkpointing, "batch_size": batch_size,
         "step_times_s": [wall for wall, _ in times], "step_cpu_s": [cpu for _, cpu in times],
-        "peak_rss_mib": peak / 1024, "baseline_rss_mib": baseline / 1024,
+        "peak_mib": peak / 1024, "baseline_mib": baseline / 1024,
         "parameters_m": sum(p.numel() for p in module.parameters()) / 1e6,
         "threads": torch.get_num_threads(),
     }
 
 
-def run_configuration(checkpointing: bool, batch_size: int, steps: int) -> dict:
+def run_configuration(checkpointing: bool, batch_size: int, steps: int, device: str = "cpu", precision: str = "32",
+                      tiny: bool = False) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, __file__, "--worker", "--batch-size", str(batch_size), "--steps", str(steps)]
+    command = [sys.executable, __file__, "--worker", "--batch-size", str(batch_size), "--steps", str(steps),
+               "--device", device, "--precision", precision]
     if checkpointing:
         command.append("--checkpointing")
+    if tiny:
+        command.append("--tiny")
     output = subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -120,31 +155,39 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="measured steps per run")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration, alternating")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="32", choices=("32", "bf16-mixed"))
+    parser.add_argument("--tiny", action="store_true", help="toy towers: checks the script, measures nothing")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.checkpointing, args.batch_size, args.steps)))
+        print(json.dumps(worker(args.checkpointing, args.batch_size, args.steps, args.device, args.precision,
+                                args.tiny)))
         return
 
     runs: dict[bool, list[dict]] = {False: [], True: []}
     for _ in range(args.repeats):
         for checkpointing in (False, True):  # alternate, so a change in machine load hits both
-            runs[checkpointing].append(run_configuration(checkpointing, args.batch_size, args.steps))
+            runs[checkpointing].append(run_configuration(checkpointing, args.batch_size, args.steps, args.device,
+                                                         args.precision, args.tiny))
     summary = {}
     for checkpointing, results in runs.items():
         summary[checkpointing] = {
             "step_s": statistics.median(t for r in results for t in r["step_times_s"]),
             "cpu_s": statistics.median(t for r in results for t in r["step_cpu_s"]),
-            "peak_mib": max(r["peak_rss_mib"] for r in results),
-            "baseline_mib": statistics.median(r["baseline_rss_mib"] for r in results),
+            "peak_mib": max(r["peak_mib"] for r in results),
+            "baseline_mib": statistics.median(r["baseline_mib"] for r in results),
         }
     off, on = summary[False], summary[True]
     first = runs[False][0]
-    print(f"clip_vit_b16 + clip_text_base ({first['parameters_m']:.0f}M parameters), batch {args.batch_size}, "
-          f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{first['threads']} torch threads), {time.strftime('%Y-%m-%d')}")
-    print(f"{'':<22}{'step time':>11}{'CPU time':>11}{'peak RSS':>11}{'activations':>13}")
+    where = (f"{args.device}, {args.precision}, memory: {first['memory']}" if args.device != "cpu" else
+             f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"{first['threads']} torch threads)")
+    towers = "clip_vit_tiny + clip_text_tiny" if args.tiny else "clip_vit_b16 + clip_text_base"
+    print(f"{towers} ({first['parameters_m']:.0f}M parameters), batch {args.batch_size}, "
+          f"{where}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'':<22}{'step time':>11}{'CPU time':>11}{'peak mem':>11}{'activations':>13}")
     for name, figures in (("no checkpointing", off), ("grad_checkpointing", on)):
         activations = figures["peak_mib"] - figures["baseline_mib"]
         print(f"{name:<22}{figures['step_s']:>10.2f}s{figures['cpu_s']:>10.2f}s{figures['peak_mib'] / 1024:>8.2f}GiB"

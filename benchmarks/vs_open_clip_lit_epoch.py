@@ -2,6 +2,7 @@
 
     python benchmarks/vs_open_clip_lit_epoch.py                      # the full epoch: 6,091 images, 48 steps
     python benchmarks/vs_open_clip_lit_epoch.py --limit-batches 3    # a quick look during development
+    python benchmarks/vs_open_clip_lit_epoch.py --device cuda --precision bf16-mixed   # on a GPU
 
 The model is the LiT headline recipe (``experiments/lit/flickr8k_lit.yaml``) at the settings the
 benchmarks/README.md's figures were measured with: EfficientNet-Lite0 at 224 px locked, MiniLM-L6 tuned, linear
@@ -24,11 +25,18 @@ The two epochs read the same data module's loader (``data.num_workers`` workers,
 same order); only vlm-lab's serves cached rows. Data loading counts in both. The CPU seconds add the
 loader workers' (``RUSAGE_CHILDREN``: the workers end with the epoch). Prints the table and the
 ratios (targets: open_clip / vlm-lab >= 3, vlm-lab / text alone <= 1.15).
+
+``--device cuda --precision bf16-mixed``: all three on a GPU under bf16 autocast, the clocks read
+after ``torch.cuda.synchronize()`` (``benchmarks/gpu_check.sh`` runs it so). ``--override key=value``
+(repeatable) changes the config of both systems, e.g. a smaller annotation file for a dry run;
+``--json FILE`` also writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import resource
 import sys
@@ -50,8 +58,14 @@ from vs_open_clip_pairs import (FLICKR, ROOT, lit_pair, machine, open_clip_loss,
 CONFIG = ROOT / "experiments" / "lit" / "flickr8k_lit.yaml"
 
 
+DEVICE = torch.device("cpu")  # --device; every clock reading waits for it to finish its queued work
+PRECISION = "32"  # --precision
+
+
 def clocks() -> tuple[float, float]:
     """Wall seconds, and CPU seconds of this process plus its finished children (the loader workers)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.perf_counter(), own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
@@ -71,14 +85,26 @@ class EpochClock(L.Callback):
         self.seconds = since(self.start)
 
 
-def overrides(limit_batches: int | None) -> list[str]:
-    run = ["model.embed_dim=256", "data.batch_size=128", "data.train_sampling=image",
+def autocast() -> contextlib.AbstractContextManager:
+    """For the plain loops, what Lightning's ``bf16-mixed`` does around vlm-lab's step."""
+    if PRECISION == "bf16-mixed":
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def on_device(batch: dict) -> dict:
+    return {key: value.to(DEVICE, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+def overrides(limit_batches: int | None, extra: list[str] = ()) -> list[str]:
+    run = [f"trainer.accelerator={DEVICE.type}", "trainer.devices=1", f"trainer.precision={PRECISION}","model.embed_dim=256", "data.batch_size=128", "data.train_sampling=image",
            "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
            "trainer.logger=false", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
            "trainer.enable_model_summary=false", "zeroshot.root=null"]
     if limit_batches is not None:
         run.append(f"trainer.limit_train_batches={limit_batches}")
-    return run
+    return run + list(extra)
 
 
 def vlm_lab_epoch(cfg, module, run_dir: Path) -> tuple[tuple[float, float], int, dict, list[dict]]:
@@ -108,11 +134,13 @@ def open_clip_epoch(cfg, module, reference, limit_batches: int | None) -> tuple[
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     L.seed_everything(cfg.seed, verbose=False)
+    reference.to(DEVICE)
     open_clip_train_mode(reference)
     steps = 0
     start = clocks()
     for batch in datamodule.train_dataloader():
-        loss = open_clip_loss(reference, batch)
+        with autocast():
+            loss = open_clip_loss(reference, on_device(batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -124,11 +152,13 @@ def open_clip_epoch(cfg, module, reference, limit_batches: int | None) -> tuple[
 
 def text_alone_epoch(module, batches: list[dict]) -> tuple[float, float]:
     """The cached batches, already in memory, through text tower, heads, loss and AdamW."""
+    module.to(DEVICE)  # Lightning hands the module back on the CPU after fit
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True)
     module.train()
     start = clocks()
     for batch in batches:
-        loss = vlm_lab_loss(module, batch)
+        with autocast():
+            loss = vlm_lab_loss(module, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -139,14 +169,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit-batches", type=int, default=None, help="steps per epoch (default: the whole epoch)")
     parser.add_argument("--skip-open-clip", action="store_true", help="only vlm-lab and the text tower alone")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="32", choices=("32", "bf16-mixed"))
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both systems (repeatable)")
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    global DEVICE, PRECISION
+    DEVICE, PRECISION = torch.device(args.device), args.precision
     if not FLICKR.is_dir():
         sys.exit(f"Flickr8k is not at {FLICKR}")
     # The config's data paths are relative to the repository root; the cache key holds them as
     # written, so the LiT runs' disk cache is found from there.
     os.chdir(ROOT)
-    cfg = vlm_lab.load_config(CONFIG, overrides=overrides(args.limit_batches))
-    module, reference = lit_pair(overrides(args.limit_batches))
+    cfg = vlm_lab.load_config(CONFIG, overrides=overrides(args.limit_batches, args.override))
+    module, reference = lit_pair(overrides(args.limit_batches, args.override))
     print(f"\n{machine()}\nstart {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
 
     with tempfile.TemporaryDirectory() as run_dir:
@@ -180,6 +217,11 @@ def main() -> None:
           f"target <= 1.15x")
     if fill:
         print(f"the cache: {fill}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": args.device, "precision": args.precision, "steps": steps, "images": images, "cache": fill,
+            "rows": {name: {"wall_s": seconds[0], "cpu_s": seconds[1]} for name, seconds in rows if seconds}},
+            indent=2))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
+from vlm_lab.sharding import build_strategy
 
 RUNS_DIR = Path("runs")
 
@@ -81,6 +82,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
+    # trainer.strategy: fsdp2 (or {name: fsdp2, ...}) becomes a strategy object (vlm_lab/sharding.py).
+    options["strategy"] = build_strategy(options)
     # trainer.logger is Lightning's switch: false turns every logger off; else the `loggers` list.
     loggers = build_loggers(_plain(cfg.get("loggers", [])), run_dir, cfg.name or "run") \
         if options.get("logger", True) is not False else []
@@ -123,7 +126,7 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     ckpt_path = None
     if resume:
         last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():  # a file, or a directory with checkpoint: sharded (vlm_lab/sharding.py)
             raise ConfigError(f"--resume: no checkpoint to resume from at {last}")
         ckpt_path = str(last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -304,7 +307,7 @@ def _run_dir(cfg: DictConfig, run_dir: str | Path | None, resume: bool) -> Path:
     base = RUNS_DIR / (cfg.name or "run")
     if resume:
         # Newest by checkpoint time, not by name: launcher-named runs (slurm-123) do not sort by date.
-        previous = sorted((p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()),
+        previous = sorted((p for p in base.glob("*") if (p / "checkpoints" / "last.ckpt").exists()),
                           key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime)
         if not previous:
             raise ConfigError(f"--resume: no earlier run with a checkpoint under {base}/; pass --run-dir")

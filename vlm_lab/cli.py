@@ -10,6 +10,7 @@
     vlm-lab config-reference [SECTION] [--markdown]
     vlm-lab export --ckpt CKPT --format hf|open_clip --out DIR
     vlm-lab checkpoint show CKPT | upgrade OLD NEW
+    vlm-lab consolidate CKPT_DIR --out CKPT   (a sharded checkpoint of trainer.strategy=fsdp2 as one file)
     vlm-lab data convert --ann FILE --images DIR --out DIR [--per caption|image] [--shard-size N]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
     vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
@@ -136,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     upgrade.add_argument("new", help="the self-contained checkpoint to write (a new file)")
     _add_debug(upgrade)
     upgrade.set_defaults(handler=_checkpoint_upgrade)
+    sub = commands.add_parser("consolidate", help="write a sharded checkpoint directory (trainer.strategy: "
+                                                  "{name: fsdp2, checkpoint: sharded}) as one checkpoint file")
+    sub.add_argument("ckpt", help="the checkpoint directory, e.g. RUN_DIR/checkpoints/last.ckpt")
+    sub.add_argument("--out", required=True, help="the new checkpoint file")
+    _add_debug(sub)
+    sub.set_defaults(handler=_consolidate)
 
     sub = commands.add_parser("caption", help="caption images with a CoCa checkpoint (one line per image)")
     sub.add_argument("images", nargs="+", metavar="IMAGE")
@@ -299,6 +306,13 @@ def _export(args: argparse.Namespace) -> int:
 
     out = export(args.ckpt, args.format, args.out)
     print(f"wrote {args.format} model to {out}")
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from vlm_lab.sharding import consolidate_checkpoint
+
+    print(f"wrote {consolidate_checkpoint(args.ckpt, args.out)}")
     return 0
 
 

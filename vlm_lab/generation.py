@@ -34,6 +34,7 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 from vlm_lab.errors import ConfigError
 from vlm_lab.heads.coca import CocaCaptionHead, DecoderCache
 from vlm_lab.schema import GenerationSettings
+from vlm_lab.sharding import gathered_parameters
 from vlm_lab.towers.clip_text import ClipTextTower
 from vlm_lab.towers.kv_cache import KVCache
 
@@ -232,7 +233,10 @@ def generate_captions(module: Any, image_tokens: torch.Tensor, settings: Generat
     was_training = module.training
     module.eval()
     try:
-        ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, settings)
+        # Incremental decoding runs the text tower's layers piece by piece, not through their forward:
+        # under trainer.strategy=fsdp2 their parameters are gathered for the whole generation.
+        with gathered_parameters(module.text, module.caption_head):
+            ids = CaptionGenerator(module.text, module.caption_head, special).generate(image_tokens, settings)
     finally:
         module.train(was_training)
     return decode_captions(module.tokenizer, ids, special)

@@ -39,6 +39,7 @@ from vlm_lab.heads.coca import build_caption_head
 from vlm_lab.locking import layer_decay_scales, lock_tower
 from vlm_lab.losses import SimilarityDistillation
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
+from vlm_lab.sharding import configure_sharding
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
@@ -232,6 +233,11 @@ class VisionLanguageModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------
     # Training
+
+    def configure_model(self) -> None:
+        # trainer.strategy: fsdp2 shards towers, heads and loss over the processes (vlm_lab/sharding.py);
+        # any other strategy leaves the module as built.
+        configure_sharding(self)
 
     def train(self, mode: bool = True) -> "VisionLanguageModule":
         """Switch train/eval mode; locked parts stay in eval mode whatever ``mode`` is."""

@@ -355,6 +355,7 @@ def check_trainer_arguments(trainer: Any, where: str) -> None:
                               f"{did_you_mean(key, valid)}")
     if trainer.get("precision") is not None:
         _check_precision(trainer["precision"], f"{where}.precision")
+    check_strategy(trainer)
     if trainer.get("logger") not in (True, False, None):
         raise ConfigError(f"{where}.logger={trainer['logger']!r} should be true or false; choose loggers with "
                           f"the top-level list, e.g. loggers: [{{name: csv}}, {{name: tensorboard}}]")
@@ -497,3 +498,68 @@ def declarations(cls: type = ExperimentConfig) -> list[tuple[dataclasses.Field, 
     hints = typing.get_type_hints(cls)
     return [(declaration, hints[declaration.name]) for declaration in dataclasses.fields(cls)]
 
+
+# --------------------------------------------------------------------------------------------------
+# trainer.strategy: the sharded strategy's options (built by vlm_lab/sharding.py)
+
+STRATEGY_NAME = "fsdp2"
+# Lightning's ModelParallelStrategy accepts these precisions (it refuses 64-true and 16-mixed).
+SHARDED_PRECISIONS = ("32", "32-true", "bf16", "bf16-mixed", "bf16-true", "16-true")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSettings(Section):
+    """``trainer.strategy: {name: fsdp2, ...}``: how vlm-lab shards with FSDP2 (``vlm_lab/sharding.py``)."""
+
+    where: ClassVar[str] = "trainer.strategy"
+
+    locked: Literal["shard", "replicate"] = setting(
+        "shard", "frozen parameters (a locked tower): sharded like the rest and gathered for each forward "
+                 "(shard), or kept whole on every process (replicate: more memory, no all-gather)")
+    checkpoint: Literal["full", "sharded"] = setting(
+        "full", "one ordinary checkpoint file written by rank 0 (full), or a directory of per-process shards "
+                "(sharded; `vlm-lab consolidate DIR` makes one file)")
+    reshard_after_forward: bool = setting(
+        True, "free each block's gathered parameters after its forward (ZeRO-3, least memory) or keep them "
+              "until backward (no second all-gather)")
+
+
+def sharding_settings(value: Any) -> ShardingSettings | None:
+    """The settings ``trainer.strategy`` asks for, or None when it names another strategy: ``fsdp2`` or
+    ``{name: fsdp2, <options>}``; a mapping naming anything else or a bad option is a ``ConfigError``."""
+    if isinstance(value, str):
+        return ShardingSettings() if value == STRATEGY_NAME else None
+    if not isinstance(value, Mapping):
+        return None
+    options = dict(value)
+    name = options.pop("name", None)
+    if name != STRATEGY_NAME:
+        raise ConfigError(f"trainer.strategy: a mapping configures the sharded strategy and needs "
+                          f"name: {STRATEGY_NAME} (got name: {name!r}); other strategies are given by name, "
+                          f"e.g. trainer.strategy=ddp")
+    return from_section(ShardingSettings, options, "trainer.strategy")
+
+
+def check_strategy(trainer: Mapping[str, Any]) -> None:
+    """``trainer.strategy`` (and what it implies for ``trainer.precision``), long before Lightning would
+    fail with a traceback."""
+    from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+
+    value = trainer.get("strategy", "auto")
+    settings = sharding_settings(value)
+    if settings is None:
+        if not isinstance(value, str):
+            raise ConfigError(f"trainer.strategy={value!r} should be a strategy name or a mapping with "
+                              f"name: {STRATEGY_NAME}")
+        names = ["auto", STRATEGY_NAME, *StrategyRegistry.available_strategies()]
+        if value not in names:
+            raise ConfigError(f"trainer.strategy={value!r} is not a strategy; valid: {', '.join(names)}."
+                              f"{did_you_mean(value, names)}")
+        if value in FSDPStrategy.get_registered_strategies() and trainer.get("accelerator", "auto") == "cpu":
+            raise ConfigError(f"trainer.strategy={value} (Lightning's FSDPStrategy) needs a CUDA accelerator; "
+                              f"on the CPU use trainer.strategy={STRATEGY_NAME}")
+        return
+    precision = trainer.get("precision")
+    if precision is not None and str(precision) not in SHARDED_PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} does not work with trainer.strategy={STRATEGY_NAME} "
+                          f"(Lightning's ModelParallelStrategy); valid: {', '.join(SHARDED_PRECISIONS)}")

@@ -277,7 +277,7 @@ def run_one(run_: Run, run_dir: Path) -> Outcome:
     """One run as a subprocess, logging to ``run_dir/log.txt``; resumes when a checkpoint exists."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / FAILED).unlink(missing_ok=True)
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resume = (run_dir / "checkpoints" / "last.ckpt").exists()  # a sharded checkpoint is a directory
     start = time.monotonic()
     with open(run_dir / LOG, "a") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resuming' if resume else 'starting'} {run_.name}\n")
