@@ -66,7 +66,7 @@ def test_compile_settings_are_checked():
     with pytest.raises(ConfigError, match="model.compile='maybe' should be true or false"):
         vlm_lab.load_config(TINY, overrides=["model.compile=maybe"])
     module = build("model.compile=true")
-    assert not module._compiled  # compiled by setup(), i.e. when a Trainer runs it
+    assert not module._compiled  # compiled by configure_model(), i.e. when a Trainer runs it
     assert module.state_dict().keys() == build().state_dict().keys()
 
 
@@ -107,7 +107,10 @@ def test_checkpoints_of_compiled_and_eager_runs_load_into_each_other(tmp_path):
 
     short = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0"]
     compiled_cfg = vlm_lab.load_config(TINY, overrides=["model.compile=true", *RECIPE, *short])
-    vlm_lab.fit(compiled_cfg, run_dir=tmp_path / "compiled")
+    module = vlm_lab.build_module(compiled_cfg)
+    vlm_lab.api.build_trainer(compiled_cfg, tmp_path / "compiled").fit(module, datamodule=vlm_lab.build_datamodule(
+        compiled_cfg, module))
+    assert module._compiled and module.text._compiled_call_impl is not None  # the Trainer compiled it
     state = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     eager = build(*RECIPE)
     eager.load_state_dict(state)  # strict: the same keys, nothing "_orig_mod."
@@ -145,7 +148,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     module = build("model.compile=true", *RECIPE)
-    module.compile_towers()  # what setup() does before Lightning wraps the module in DDP
+    module.compile_towers()  # what configure_model() does before Lightning wraps the module in DDP
     shard = {k: v.chunk(2)[rank] for k, v in fixed_batch().items()}
     shard["text_image_index"] = torch.arange(BATCH // 2)
     ddp = DistributedDataParallel(_TrainingStep(module))

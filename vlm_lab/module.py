@@ -79,7 +79,7 @@ class VisionLanguageModule(L.LightningModule):
         self.distill = settings.distill
         self.distill_loss = SimilarityDistillation() if self.distill.teacher is not None else None
         self._teacher: Teacher | None = None
-        self._compiled = False  # model.compile: done once, in setup()
+        self._compiled = False  # model.compile: done once, in configure_model()
         # model.init_from: the module has the checkpoint's architecture (the config's model section
         # comes from it); vlm_lab.build_module loads its weights, as interop sits above the module.
         # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
@@ -236,8 +236,10 @@ class VisionLanguageModule(L.LightningModule):
 
     def configure_model(self) -> None:
         # trainer.strategy: fsdp2 shards towers, heads and loss over the processes (vlm_lab/sharding.py);
-        # any other strategy leaves the module as built.
+        # any other strategy leaves the module as built. model.compile then compiles the towers (after
+        # sharding, as FSDP2 asks; before the strategy wraps the module in DDP).
         configure_sharding(self)
+        self.compile_towers()
 
     def train(self, mode: bool = True) -> "VisionLanguageModule":
         """Switch train/eval mode; locked parts stay in eval mode whatever ``mode`` is."""
@@ -245,14 +247,11 @@ class VisionLanguageModule(L.LightningModule):
         self._keep_locked_parts_in_eval()
         return self
 
-    def setup(self, stage: str) -> None:
-        self.compile_towers()
-
     def compile_towers(self) -> None:
         """``model.compile``: compile both towers with ``torch.compile`` (``model.compile_mode``), once.
 
-        A Trainer calls this in ``setup``, before DDP wraps the module; a plain training loop calls it
-        itself. Towers are compiled in place (``nn.Module.compile``), not wrapped, so parameter names and
+        A Trainer calls this in ``configure_model`` (fit, validate, test), before DDP wraps the module; a
+        plain training loop calls it itself. Towers are compiled in place (``nn.Module.compile``), not wrapped, so parameter names and
         state-dict keys stay as they are and checkpoints of compiled and eager runs are interchangeable.
         Compilation happens at the first forward pass (and again for each new input shape or grad mode).
         """
