@@ -2,9 +2,10 @@
 
 The student trains on its usual loss plus ``weight`` times a distillation term
 (``vlm_lab.losses.SimilarityDistillation``): the KL divergence between the teacher's and the student's
-image-text similarity distributions over the batch. The settings: ``vlm_lab.schema.DistillSettings``. The teacher is a frozen ``VisionLanguageModule``
-with a contrastive loss: a vlm-lab checkpoint, or a Hugging Face / open_clip CLIP folder
-(``vlm_lab.interop.load_teacher`` reads either; ``vlm_lab.build_module`` attaches it).
+image-text similarity distributions over the batch (settings: ``vlm_lab.schema.DistillSettings``). The
+teacher is a frozen ``VisionLanguageModule`` with a contrastive loss: a vlm-lab checkpoint, or a
+Hugging Face / open_clip CLIP folder (``vlm_lab.interop.load_teacher`` reads either;
+``vlm_lab.build_module`` attaches it).
 
 The teacher sees what the student sees, in its own terms: the batch's captions (the raw strings)
 through its own tokenizer, and the batch's pixels converted to its own image size, mean and std
