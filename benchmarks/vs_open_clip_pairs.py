@@ -155,6 +155,18 @@ def normalised_features(batch: int, dim: int, seed: int = 0) -> tuple[torch.Tens
 # Timing and reporting
 
 
+def add_threads_option(parser: Any) -> None:
+    """``--threads N`` for an argparse parser; call :func:`use_threads` with the parsed value."""
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice). On a machine shared "
+                        "with other jobs, 1 keeps the CPU seconds honest: idle threads of a team spin-wait for the "
+                        "ones the other jobs hold up, and that waiting counts as CPU time")
+
+
+def use_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def timed(step: Callable[[], Any]) -> float:
     start = time.perf_counter()
     step()

@@ -147,8 +147,16 @@ def one_pass(loader) -> list[tuple]:
     return [(b["image_ids"].tolist(), b["captions"], b["pixel_values"]) for b in loader]
 
 
+# The shorthand, and a config with every kind of random draw timm's create_transform makes: crop,
+# flips, RandAugment (Python's random), colour jitter, random erasing (torch's generator).
+AUGMENTATIONS = {"shorthand": True,
+                 "timm": {"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "hflip": 0.5,
+                          "re_prob": 0.5, "re_mode": "pixel", "scale": [0.5, 1.0], "interpolation": "random"}}
+
+
+@pytest.mark.parametrize("augment", list(AUGMENTATIONS))
 @pytest.mark.parametrize("layout", ["coco_captions", "cc3m"])
-def test_loader_workers_draw_by_seed_and_epoch_only(tmp_path, layout):
+def test_loader_workers_draw_by_seed_and_epoch_only(tmp_path, layout, augment):
     if layout == "coco_captions":
         ann, images = captioned_images(tmp_path / "data")
         spec = {"name": layout, "train_ann": ann, "train_images": images}
@@ -157,7 +165,8 @@ def test_loader_workers_draw_by_seed_and_epoch_only(tmp_path, layout):
     tokenizer = load_tokenizer(None)
 
     def datamodule(seed=0):
-        return registry.build("datamodule", {**spec, "batch_size": 4, "num_workers": 2, "augment": True, "seed": seed},
+        return registry.build("datamodule", {**spec, "batch_size": 4, "num_workers": 2, "augment": AUGMENTATIONS[augment],
+                                                "seed": seed},
                               tokenizer=tokenizer, image_config=TINY_IMAGES, max_length=32)
 
     whole_run = datamodule().train_dataloader()

@@ -33,6 +33,7 @@ from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
+from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
@@ -54,10 +55,13 @@ def load_config(*files: str | Path, overrides: Iterable[str] = (), allow_import_
 
 def build_module(cfg: DictConfig) -> VisionLanguageModule:
     """The LightningModule a config describes (``model`` and ``optim`` sections), with the pretrained
-    weights of ``model.init_from`` loaded (towers, projections and logit scale)."""
+    weights of ``model.init_from`` loaded (towers, projections and logit scale) and the distillation
+    teacher ``model.distill.teacher`` names attached."""
     module = VisionLanguageModule(model=_plain(cfg.model), optim=_plain(cfg.optim))
     if cfg.model.init_from:
         load_into_module(module, cfg.model.init_from)
+    if module.distill.teacher is not None:
+        module.set_teacher(load_teacher(module.distill.teacher))
     return module
 
 

@@ -380,6 +380,9 @@ class LockedTowerCache(Callback):
         datamodule = trainer.datamodule
         if locked is None or not locked.fully_locked:
             return
+        if not getattr(pl_module, "vision_outputs_cacheable", True):
+            log.info("embedding cache: a distillation teacher reads the pixels; the locked tower runs every epoch")
+            return
         if not hasattr(datamodule, "cacheable_images"):
             log.info("embedding cache: %s does not serve cached embeddings; the locked tower runs every epoch",
                      type(datamodule).__name__)

@@ -55,7 +55,7 @@ LAYERS: tuple[Layer, ...] = (
     Layer("heads", ("vlm_lab.heads",)),
     Layer("data", ("vlm_lab.data", "vlm_lab.embedding_cache")),
     Layer("evaluation", ("vlm_lab.eval", "vlm_lab.generation")),
-    Layer("module", ("vlm_lab.module",)),
+    Layer("module", ("vlm_lab.module", "vlm_lab.distillation")),  # the module and its distillation teacher
     Layer("interop", ("vlm_lab.interop",)),
     Layer("api", ("vlm_lab.api",)),
     Layer("commands", ("vlm_lab.cli", "vlm_lab.sweep", "vlm_lab.data.commands", "vlm_lab.layers", PACKAGE)),

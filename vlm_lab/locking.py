@@ -10,6 +10,8 @@ A tower is split into *layer groups*, ordered from the input side:
   (embeddings, pre-norm) form the first group; those after the last (final norm, pooler) join the
   last block's group, as in open_clip's ``VisionTransformer.lock``.
 
+The same groups set layer-wise learning-rate decay (``optim.layer_decay``, :func:`layer_decay_scales`).
+
 ``lock: true`` freezes every group but the top ``unlocked_groups``. A frozen parameter has
 ``requires_grad=False``, so the optimizer never sees it and DDP never waits for its gradient. A
 tower frozen whole is *fully locked*: the module runs it in eval mode under ``no_grad``, and its
@@ -52,6 +54,27 @@ def layer_groups(tower: nn.Module) -> list[list[str]]:
         groups = group_parameters(timm_model, timm_model.group_matcher(coarse=False))
         return [[f"model.{name}" for name in groups[key]] for key in sorted(groups)]
     return _block_groups(tower)
+
+
+def layer_decay_scales(tower: nn.Module, decay: float, where: str) -> dict[str, float]:
+    """Layer-wise learning-rate decay: a learning-rate multiplier for each of ``tower``'s parameter names.
+
+    open_clip's ``--image-layer-decay`` / ``--text-layer-decay`` (BEiT's rule): counted from the top,
+    each layer group learns ``decay`` times as fast as the one above it. The top of a CLIP tower in
+    open_clip is its projection, at full rate; here the projection is the head above the tower, so
+    of a tower's ``n`` layer groups (input side first) group ``i`` gets ``decay ** (n - i)``: the top
+    block ``decay``, the embeddings ``decay ** n``. ``decay`` lies in (0, 1] (``vlm_lab.schema.LayerDecay``
+    checks it); 1 gives every parameter 1.0. ``where`` names the setting in errors
+    (``optim.layer_decay.vision``).
+    """
+    if decay == 1.0:
+        return {name: 1.0 for name, _ in tower.named_parameters()}
+    try:
+        groups = layer_groups(tower)
+    except ConfigError:
+        raise ConfigError(f"{where}={decay}: {type(tower).__name__} has no stack of blocks to split into layer "
+                          f"groups (vlm_lab/locking.py); give it a layer_groups() method, or set {where}=1") from None
+    return {name: decay ** (len(groups) - index) for index, group in enumerate(groups) for name in group}
 
 
 def _block_groups(tower: nn.Module) -> list[list[str]]:

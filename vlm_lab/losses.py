@@ -282,3 +282,45 @@ class SigLipLoss(nn.Module):
         if positives:  # the block of this rank's own texts: row i matches column i
             labels.diagonal().fill_(1.0)
         return -F.logsigmoid(labels * logits).sum()
+
+
+class SimilarityDistillation(nn.Module):
+    """Distillation from a teacher CLIP: KL(teacher || student) between image-text similarity distributions.
+
+    open_clip's ``DistillClipLoss`` term (Li et al.'s recipe behind ``--distill``): each image's softmax
+    over the batch's texts, and each text's over the images, as the student scores them
+    (``student_scale * image @ text.T``), are pulled towards the teacher's (its own features and
+    scale), and the two directions are averaged. open_clip reports the cross-entropy
+    ``-sum(p_teacher * log p_student)``; this is that minus the teacher's entropy, a constant for the
+    student, so the gradients are the same and the value is 0 when the student agrees with the teacher.
+
+    Distributed, it scores the local rows against every rank's columns, as ``ClipLoss`` with
+    ``local_loss`` does (the teacher's features gathered without a graph), so the mean over ranks is
+    the loss of the global batch. Not a registry loss: it is added to the contrastive loss, not chosen
+    instead of it (``model.distill``; ``vlm_lab/distillation.py``).
+    """
+
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                teacher_image_features: Tensor, teacher_text_features: Tensor, teacher_logit_scale: Tensor) -> Tensor:
+        """All features L2-normalised, ``[B, D]`` (the teacher's ``D`` may differ); scales are multipliers."""
+        region, image_features, text_features = _float32(image_features, text_features)
+        _, teacher_image_features, teacher_text_features = _float32(teacher_image_features, teacher_text_features)
+        with region:
+            per_image, per_text, _ = _contrastive_similarities(image_features, text_features, self.local_loss,
+                                                               self.gather_with_grad)
+            teacher_per_image, teacher_per_text, _ = _contrastive_similarities(
+                teacher_image_features.detach(), teacher_text_features.detach(), self.local_loss, False)
+            scale, teacher_scale = _at_least_float32(logit_scale), _at_least_float32(teacher_logit_scale).detach()
+            return (_kl_rows(teacher_scale * teacher_per_image, scale * per_image)
+                    + _kl_rows(teacher_scale * teacher_per_text, scale * per_text)) / 2
+
+
+def _kl_rows(teacher_logits: Tensor, student_logits: Tensor) -> Tensor:
+    """Mean over rows of KL(softmax(teacher row) || softmax(student row))."""
+    return F.kl_div(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1),
+                    reduction="batchmean", log_target=True)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from vlm_lab import checkpoint_format, registry
 from vlm_lab.contracts import ContrastiveLoss, TextTower, VisionTower
 from vlm_lab.data.transforms import normalize_pixels
+from vlm_lab.distillation import Teacher
 from vlm_lab.distributed import any_rank, world_info
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
@@ -35,7 +36,8 @@ from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
 from vlm_lab.generation import generate_captions
 from vlm_lab.gradient_cache import cached_encode, check_trainer
 from vlm_lab.heads.coca import build_caption_head
-from vlm_lab.locking import lock_tower
+from vlm_lab.locking import layer_decay_scales, lock_tower
+from vlm_lab.losses import SimilarityDistillation
 from vlm_lab.schema import GenerationSettings, ModelSettings, OptimSettings
 from vlm_lab.sharding import configure_sharding
 from vlm_lab.tokenizer import load_tokenizer, word_tokenizer_dir
@@ -73,6 +75,11 @@ class VisionLanguageModule(L.LightningModule):
             self.loss = registry.build("loss", settings.loss, contract=ContrastiveLoss)
         elif self.caption_head is not None:
             self.caption_head.contrastive_pooler = None  # captioning only: the pooler would get no gradient
+        # Distillation (vlm_lab/distillation.py): the loss term now, the teacher from set_teacher().
+        self.distill = settings.distill
+        self.distill_loss = SimilarityDistillation() if self.distill.teacher is not None else None
+        self._teacher: Teacher | None = None
+        self._compiled = False  # model.compile: done once, in configure_model()
         # model.init_from: the module has the checkpoint's architecture (the config's model section
         # comes from it); vlm_lab.build_module loads its weights, as interop sits above the module.
         # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
@@ -89,6 +96,12 @@ class VisionLanguageModule(L.LightningModule):
         # Decided now, from the true shapes: under FSDP configure_optimizers sees flattened 1-D shards.
         self._no_decay_names = {name for name, p in self.named_parameters() if p.ndim < 2} | {
             f"loss.{name}" for name in (self.loss.no_weight_decay() if self.loss is not None else ())}
+        # Layer-wise lr decay (optim.layer_decay) from the towers' layer groups, also decided now, while
+        # the towers are unwrapped. Older checkpoints have no layer_decay: no decay, as they trained.
+        self._layer_lr_scales = {f"{tower}.{name}": scale for tower in ("vision", "text")
+                                 for name, scale in layer_decay_scales(
+                                     getattr(self, tower), getattr(self.optim_settings.layer_decay, tower),
+                                     f"optim.layer_decay.{tower}").items()}
         # What every checkpoint of this module carries to rebuild it without the recipe's files. Worked
         # out now: a tower that cannot say its architecture fails here, not at the first save, and the
         # tokenizer is saved as loaded (a fast tokenizer's file records the truncation of its last call).
@@ -166,6 +179,12 @@ class VisionLanguageModule(L.LightningModule):
         return None if self.caption_head is None else self.caption_head.contrastive_pooler
 
     @property
+    def vision_outputs_cacheable(self) -> bool:
+        """Whether training may read the vision tower's cached outputs instead of pixels
+        (vlm_lab/embedding_cache.py): the tower is fully locked and no distillation teacher needs the pixels."""
+        return self.vision_locked.fully_locked and self.distill_loss is None
+
+    @property
     def needs_vision_tokens(self) -> bool:
         """Whether training reads the vision tower's tokens (the embedding cache must store them)."""
         return self.caption_head is not None
@@ -217,14 +236,38 @@ class VisionLanguageModule(L.LightningModule):
 
     def configure_model(self) -> None:
         # trainer.strategy: fsdp2 shards towers, heads and loss over the processes (vlm_lab/sharding.py);
-        # any other strategy leaves the module as built.
+        # any other strategy leaves the module as built. model.compile then compiles the towers (after
+        # sharding, as FSDP2 asks; before the strategy wraps the module in DDP).
         configure_sharding(self)
+        self.compile_towers()
 
     def train(self, mode: bool = True) -> "VisionLanguageModule":
         """Switch train/eval mode; locked parts stay in eval mode whatever ``mode`` is."""
         super().train(mode)
         self._keep_locked_parts_in_eval()
         return self
+
+    def compile_towers(self) -> None:
+        """``model.compile``: compile both towers with ``torch.compile`` (``model.compile_mode``), once.
+
+        A Trainer calls this in ``configure_model`` (fit, validate, test), before DDP wraps the module; a
+        plain training loop calls it itself. Towers are compiled in place (``nn.Module.compile``), not wrapped, so parameter names and
+        state-dict keys stay as they are and checkpoints of compiled and eager runs are interchangeable.
+        Compilation happens at the first forward pass (and again for each new input shape or grad mode).
+        """
+        settings = ModelSettings.from_config(self.hparams.model)
+        if self._compiled or not settings.compile:
+            return
+        for tower in (self.vision, self.text):
+            tower.compile(mode=settings.compile_mode)
+        self._compiled = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A state dict saved from a module wrapped by torch.compile (rather than compiled in place, as
+        # compile_towers does) has "_orig_mod." levels in its keys; they name the same parameters.
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = {key.replace("_orig_mod.", ""): value
+                                        for key, value in checkpoint["state_dict"].items()}
 
     def on_fit_start(self) -> None:
         # Known only now: what the trainer's accumulation and strategy mean for the contrastive batch.
@@ -272,10 +315,13 @@ class VisionLanguageModule(L.LightningModule):
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
             terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"])
+            if self.distill_loss is not None:  # on the whole batch's features, also with chunks
+                terms["distill_loss"] = self._distillation(batch, encoded["image_features"], encoded["text_features"])
         if self.caption_head is not None:
             terms["caption_loss"] = self.caption_head.caption_loss_from_sum(encoded["caption_token_losses"],
                                                                             batch["attention_mask"])
-        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
+        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight,
+                   "distill_loss": self.distill.weight}
         loss = sum(weights[name] * value for name, value in terms.items())
         if "unread_pooled" in encoded:
             loss = loss + encoded["unread_pooled"]
@@ -325,6 +371,24 @@ class VisionLanguageModule(L.LightningModule):
         """The trainable weights ``encode_pairs`` uses: all but the loss's temperature and bias."""
         return [p for name, p in self.named_parameters() if p.requires_grad and not name.startswith("loss.")]
 
+    def set_teacher(self, teacher: torch.nn.Module) -> None:
+        """Attach the frozen teacher ``model.distill`` distils from (``vlm_lab.interop.load_teacher(path)``;
+        ``vlm_lab.build_module`` does this). It is frozen here and kept out of this module's parameters
+        and state dict."""
+        if self.distill_loss is None:
+            raise ConfigError("set_teacher: this module was built without model.distill.teacher")
+        self._teacher = Teacher(teacher, self.distill.teacher or "the teacher")
+
+    def _distillation(self, batch: dict[str, Any], image_features: torch.Tensor,
+                      text_features: torch.Tensor) -> torch.Tensor:
+        if self._teacher is None:
+            raise ConfigError(f"model.distill.teacher={self.distill.teacher!r} is set but no teacher is attached; "
+                              f"build the module with vlm_lab.build_module(cfg), or call "
+                              f"module.set_teacher(vlm_lab.interop.load_teacher(path))")
+        teacher_image, teacher_text, teacher_scale = self._teacher.features(batch, self.image_config)
+        return self.distill_loss(image_features, text_features, self.loss.logit_scale_value(),
+                                 teacher_image, teacher_text, teacher_scale)
+
     def _nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
         """A NaN/Inf loss on some rank: stop with a clear message, or skip the optimizer step
         (``optim.nonfinite_loss``). Every rank comes here together (see ``training_step``).
@@ -363,10 +427,11 @@ class VisionLanguageModule(L.LightningModule):
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad:
                 continue
-            tower = _unwrapped_name(name).split(".", 1)[0]
+            name = _unwrapped_name(name)
             # Biases, norm gains, embeddings of rank < 2 and temperatures must not shrink towards 0.
-            decays = _unwrapped_name(name) not in self._no_decay_names
-            groups.setdefault((scale.get(tower, 1.0), decays), []).append(parameter)
+            decays = name not in self._no_decay_names
+            lr_scale = scale.get(name.split(".", 1)[0], 1.0) * self._layer_lr_scales.get(name, 1.0)
+            groups.setdefault((lr_scale, decays), []).append(parameter)
         # Decaying groups first. LambdaLR scales each group's own initial lr, so lr_scale holds throughout.
         optimizer = torch.optim.AdamW(
             # "name": how the lr_monitor callback labels the group's learning rate (train/lr/decay_x1).
@@ -484,8 +549,9 @@ def _fused_adamw(parameters: list[torch.nn.Parameter]) -> bool | None:
 
 
 def _unwrapped_name(name: str) -> str:
-    """A parameter's name without the module levels that FSDP and activation-checkpoint wrappers add."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+    """A parameter's name without the module levels that FSDP, activation-checkpoint and torch.compile
+    wrappers add."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
 

@@ -188,6 +188,24 @@ class GenerationSettings(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillSettings(Section):
+    """``model.distill``: distillation from a frozen teacher CLIP (``vlm_lab/distillation.py``; open_clip's
+    ``--distill``)."""
+
+    where: ClassVar[str] = "model.distill"
+
+    teacher: str | None = setting(None, "a teacher CLIP: a vlm-lab .ckpt file or a Hugging Face / open_clip CLIP "
+                                        "folder (null: no distillation)")
+    weight: float = setting(1.0, "weight of the distillation loss (KL between the teacher's and the student's "
+                                 "image-text similarities)")
+
+    def check(self, where: str) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"{where}.weight={self.weight} should be above 0; to train without a teacher "
+                              f"set {where}.teacher=null")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSettings(Section):
     """``model``: the parts of the model and how they are combined (``vlm_lab/module.py``)."""
 
@@ -212,10 +230,18 @@ class ModelSettings(Section):
     caption_head: dict[str, Any] = spec("head", "coca_decoder", "CoCa's poolers and multimodal decoder "
                                         "(built when caption_weight > 0)", provided=("in_dim", "out_dim", "text_dim"))
     generation: GenerationSettings = subsection(GenerationSettings, "caption decoding")
+    distill: DistillSettings = subsection(DistillSettings, "distillation from a frozen teacher CLIP")
+    compile: bool = setting(False, "torch.compile the towers when a Trainer sets the module up (fit, validate, test; "
+                                   "docs/how-to/compile.md)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = setting(
+        "default", "torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: tuned GEMM kernels)")
 
     def check(self, where: str) -> None:
         if self.contrastive_weight <= 0 and self.caption_weight <= 0:
             raise ConfigError(f"{where}.contrastive_weight and {where}.caption_weight are both 0: nothing to train")
+        if self.distill.teacher is not None and self.contrastive_weight <= 0:
+            raise ConfigError(f"{where}.distill distils image-text similarities, which a captioning-only model "
+                              f"({where}.contrastive_weight: 0) does not compute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +253,24 @@ class LrScale(Section):
     vision: float = setting(1.0, "multiplies optim.lr for the vision tower (e.g. 0.1 to tune a pretrained tower "
                                  "gently)")
     text: float = setting(1.0, "multiplies optim.lr for the text tower")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDecay(Section):
+    """``optim.layer_decay``: layer-wise learning-rate decay within each tower (``vlm_lab.locking.layer_decay_scales``)."""
+
+    where: ClassVar[str] = "optim.layer_decay"
+
+    vision: float = setting(1.0, "each layer group of the vision tower learns this times as fast as the one above "
+                                 "(open_clip's --image-layer-decay; 1: off)")
+    text: float = setting(1.0, "the same for the text tower (open_clip's --text-layer-decay; 1: off)")
+
+    def check(self, where: str) -> None:
+        for tower in ("vision", "text"):
+            decay = getattr(self, tower)
+            if not 0.0 < decay <= 1.0:
+                raise ConfigError(f"{where}.{tower}={decay} should be above 0 and at most 1 (1: no decay; open_clip "
+                                  f"uses 0.65-0.9)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +286,8 @@ class OptimSettings(Section):
     warmup_steps: int = setting(100, "linear warm-up steps before the cosine decay")
     min_lr_ratio: float = setting(0.0, "the cosine decay ends at lr * min_lr_ratio")
     lr_scale: LrScale = subsection(LrScale, "per-tower learning-rate multipliers")
+    layer_decay: LayerDecay = subsection(LayerDecay, "layer-wise learning-rate decay within each tower, on top of "
+                                                     "lr_scale")
     nonfinite_loss: Literal["error", "skip"] = setting("error", "a NaN/Inf training loss stops the run (error) or "
                                                                 "skips the optimizer step (skip)")
     contrastive_chunks: int = setting(1, "run the towers on N chunks of each batch with cached embedding gradients: "

@@ -20,7 +20,7 @@ from vlm_lab.data.handoff import WorkerSlots, pins_memory
 from vlm_lab.data.health import BadSampleCounter, attach_report
 from vlm_lab.data.records import CaptionedImages, RawSample
 from vlm_lab.data.shards import ShardStream, StreamLoader
-from vlm_lab.data.transforms import build_transform, decode_size
+from vlm_lab.data.transforms import Augmentation, build_transform, decode_size
 from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig
@@ -32,7 +32,7 @@ class CaptionDataModule(L.LightningDataModule):
     """Base of the image-caption data modules (not registered itself)."""
 
     def __init__(self, tokenizer: Any, image_config: ImageConfig, max_length: int, batch_size: int,
-                 eval_batch_size: int | None, num_workers: int, augment: bool, seed: int,
+                 eval_batch_size: int | None, num_workers: int, augment: bool | dict[str, Any] | None, seed: int,
                  worker_slots: int) -> None:
         super().__init__()
         if worker_slots < 0:
@@ -40,7 +40,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers, self.augment, self.seed = num_workers, augment, seed
+        self.num_workers, self.seed = num_workers, seed
+        # None, or the training augmentation (``augment: true`` is its defaults; transforms.Augmentation).
+        self.augment: Augmentation | None = Augmentation.from_config(augment, "data.augment")
         self.worker_slots = worker_slots
         self._slots: dict[str, WorkerSlots | None] = {}
         self.bad_samples = {split: BadSampleCounter(split) for split in SPLITS}
@@ -66,8 +68,8 @@ class CaptionDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def transform(self, split: str) -> Callable[[Image.Image], torch.Tensor]:
-        """The tower's preprocessing, with the random crop in training when ``augment`` is on."""
-        return build_transform(self.image_config, augment=self.augment and split == "train")
+        """The tower's preprocessing, with the ``augment`` augmentation in training."""
+        return build_transform(self.image_config, augment=self.augment if split == "train" else None)
 
     def collate(self, split: str) -> ImageTextCollate:
         """Tokenises in the loader workers, padding each batch to its longest caption."""
@@ -116,7 +118,7 @@ class CaptionDataModule(L.LightningDataModule):
     def cacheable_images(self, split: str) -> CaptionedImages | ShardStream | None:
         """The split's images for the embedding cache: a map-style dataset, or a stream whose shard
         counts are known, when not augmented; else None."""
-        if self.augment and split == "train":
+        if self.augment is not None and split == "train":  # every augmentation draws at random
             return None
         dataset = self.dataset(split)
         if isinstance(dataset, CaptionedImages) or isinstance(dataset, ShardStream) and dataset.cacheable():

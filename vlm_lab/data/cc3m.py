@@ -55,7 +55,8 @@ class CC3MDataModule(CaptionDataModule):
         worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
             hand-off, fresh shared memory per batch; see ``vlm_lab/data/handoff.py``).
         shuffle_buffer: samples each training worker shuffles among (per source when resampled).
-        augment: random crops in training.
+        augment: training augmentation: true (a random 90-100% crop) or a mapping of settings for timm's
+            ``create_transform`` (``vlm_lab.data.transforms.Augmentation``: auto_augment, color_jitter...).
         seed: fixes the shard order, shuffling, crops and caption draws of every epoch.
     """
 
@@ -67,7 +68,7 @@ class CC3MDataModule(CaptionDataModule):
                  train_samples: int | None = None, val_samples: int | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4,
-                 shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
+                 shuffle_buffer: int = 1000, augment: bool | dict[str, Any] = False, seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
         self.shuffle_buffer, self.resampled = shuffle_buffer, resampled

@@ -99,7 +99,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
         num_workers: data loader worker processes.
         worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
             hand-off, fresh shared memory per batch; see ``vlm_lab/data/handoff.py``).
-        augment: random crops in training.
+        augment: training augmentation: true (a random 90-100% crop) or a mapping of settings for timm's
+            ``create_transform`` (``vlm_lab.data.transforms.Augmentation``: auto_augment, color_jitter...).
         seed: fixes each epoch's order and the seeds of its loader workers (caption draws and crops
             made in workers; those made with ``num_workers: 0`` follow the experiment's ``seed``).
     """
@@ -112,7 +113,7 @@ class CocoCaptionsDataModule(CaptionDataModule):
                  train_sampling: Literal["image", "caption"] = "image",
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4,
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: bool | dict[str, Any] = False, seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
         self.train_sampling = train_sampling

@@ -434,7 +434,8 @@ class HFDatasetDataModule(CaptionDataModule):
         worker_slots: batches each worker may have in flight in reused shared memory (0: PyTorch's
             hand-off; see ``vlm_lab/data/handoff.py``).
         shuffle_buffer: samples each streaming training worker shuffles among.
-        augment: random crops in training.
+        augment: training augmentation: true (a random 90-100% crop) or a mapping of settings for timm's
+            ``create_transform`` (``vlm_lab.data.transforms.Augmentation``: auto_augment, color_jitter...).
         seed: fixes each epoch's order, crops and caption draws.
     """
 
@@ -446,7 +447,8 @@ class HFDatasetDataModule(CaptionDataModule):
                  train_samples: int | None = None, val_samples: int | None = None, test_samples: int | None = None,
                  train_sampling: Literal["image", "caption"] = "image", cache_dir: str | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
-                 worker_slots: int = 4, shuffle_buffer: int = 1000, augment: bool = False, seed: int = 0) -> None:
+                 worker_slots: int = 4, shuffle_buffer: int = 1000, augment: bool | dict[str, Any] = False,
+                 seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
         if streaming and train_sampling == "caption":

@@ -121,7 +121,9 @@ def read_weights_file(file: Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{file} does not hold a state dict (found {type(state).__name__})")
     if state and all(key.startswith("module.") for key in state):  # saved from a DDP-wrapped model
         state = {key[len("module."):]: value for key, value in state.items()}
-    return state
+    # Saved from a model wrapped by torch.compile (open_clip_train --torchcompile saves the unwrapped one,
+    # other scripts may not): "_orig_mod." levels name the same parameters.
+    return {key.replace("_orig_mod.", ""): value for key, value in state.items()}
 
 
 # --------------------------------------------------------------------------------------------------

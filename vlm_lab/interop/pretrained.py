@@ -84,13 +84,15 @@ def load_tower(tower_class: type[nn.Module], half: Literal["vision", "text"], pa
 
 
 @register_vision_tower("clip_vit_pretrained")
-def pretrained_vision_tower(path: str, grad_checkpointing: bool = False) -> ClipVisionTower:
+def pretrained_vision_tower(path: str, grad_checkpointing: bool = False, patch_dropout: float = 0.0) -> ClipVisionTower:
     """The vision tower of the CLIP checkpoint directory ``path`` (Hugging Face ``CLIPModel`` or open_clip).
 
     The architecture (sizes, activation, LayerNorm eps, image mean/std) comes from the checkpoint's
-    config and every weight must load.
+    config and every weight must load. ``grad_checkpointing`` and ``patch_dropout`` (FLIP) change how
+    it trains, not its weights.
     """
-    return load_tower(ClipVisionTower, "vision", path, grad_checkpointing=grad_checkpointing)
+    return load_tower(ClipVisionTower, "vision", path, grad_checkpointing=grad_checkpointing,
+                      patch_dropout=patch_dropout)
 
 
 @register_text_tower("clip_text_pretrained")

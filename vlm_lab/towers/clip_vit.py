@@ -162,6 +162,38 @@ class ClipEncoder(nn.Module):
 # Vision tower
 
 
+class PatchDropout(nn.Module):
+    """FLIP's patch dropout (Li et al., 2023): in training, keep a random ``1 - prob`` of the patch tokens.
+
+    The class token (position 0) is always kept; each image keeps its own random subset, in random
+    order (position embeddings are already added, so order carries no meaning). The transformer then
+    runs on about half the tokens at ``prob=0.5``, which is where the speed-up comes from. In eval
+    mode, or at ``prob=0``, the input passes through unchanged. As open_clip's ``PatchDropout``
+    (``transformer.py``), with the random draw on the input's device.
+    """
+
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ConfigError(f"clip_vit: patch_dropout={prob} should be at least 0 and below 1 (the fraction "
+                              f"of patch tokens dropped in training, e.g. 0.5)")
+        self.prob = float(prob)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.prob == 0.0:
+            return tokens
+        class_token, patches = tokens[:, :1], tokens[:, 1:]
+        batch, count = patches.shape[:2]
+        keep = max(1, int(count * (1.0 - self.prob)))
+        # The top-k of Gaussian noise is a uniformly random subset of k positions per row.
+        kept = torch.randn(batch, count, device=tokens.device).topk(keep, dim=-1).indices
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([class_token, patches], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
 class ClipVisionEmbeddings(nn.Module):
     """Patchify with a strided convolution, prepend a class token, add learned positions."""
 
@@ -222,6 +254,10 @@ class ClipVisionTower(nn.Module):
     (class token first, not post-normed), exactly HF's ``pooler_output`` / ``last_hidden_state``.
     Images of another size than ``image_size`` work if both sides are multiples of ``patch_size``:
     the position embeddings are then interpolated bicubically.
+
+    ``patch_dropout`` (FLIP): the fraction of patch tokens dropped at random in training, after the
+    position embeddings are added; 0 (default) keeps them all, and evaluation always does. In
+    training ``tokens`` then holds only the kept patches (after the class token).
     """
 
     def __init__(
@@ -237,13 +273,15 @@ class ClipVisionTower(nn.Module):
         grad_checkpointing: bool = False,
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        patch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ConfigError(f"clip_vit: image_size {image_size} is not a multiple of patch_size {patch_size}")
         if len(image_mean) != 3 or len(image_std) != 3:
             raise ConfigError(f"clip_vit: image_mean and image_std need 3 values, got {image_mean}, {image_std}")
-        # Every argument but grad_checkpointing, explicit: what a checkpoint rebuilds the tower from.
+        # Every argument but grad_checkpointing and patch_dropout, explicit: what a checkpoint rebuilds the
+        # tower from.
         self._architecture = {
             "image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers, "heads": heads,
             "mlp_ratio": mlp_ratio, "quick_gelu": quick_gelu, "layer_norm_eps": layer_norm_eps,
@@ -259,6 +297,7 @@ class ClipVisionTower(nn.Module):
         )
 
         self.embeddings = ClipVisionEmbeddings(image_size, patch_size, width)
+        self.patch_dropout = PatchDropout(patch_dropout)  # no parameters: the state dict stays HF's
         self.pre_layrnorm = nn.LayerNorm(width, eps=layer_norm_eps)  # sic: HF's spelling
         self.encoder = ClipEncoder(width, layers, heads, mlp_ratio, quick_gelu, layer_norm_eps, grad_checkpointing)
         self.post_layernorm = nn.LayerNorm(width, eps=layer_norm_eps)
@@ -269,13 +308,14 @@ class ClipVisionTower(nn.Module):
 
     def architecture_spec(self) -> dict[str, Any]:
         """The ``clip_vit`` spec that rebuilds this tower, also when it came from a pretrained checkpoint."""
-        return {"name": "clip_vit", **self._architecture, "grad_checkpointing": self.encoder.grad_checkpointing}
+        return {"name": "clip_vit", **self._architecture, "grad_checkpointing": self.encoder.grad_checkpointing,
+                "patch_dropout": self.patch_dropout.prob}  # training settings: a resumed fit trains as before
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
 
     def forward(self, pixel_values: torch.Tensor) -> TowerOutput:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values))
+        hidden_states = self.pre_layrnorm(self.patch_dropout(self.embeddings(pixel_values)))
         last_hidden_state = self.encoder(hidden_states)
         pooled = self.post_layernorm(last_hidden_state[:, 0])
         return TowerOutput(pooled=pooled, tokens=last_hidden_state, mask=None)
