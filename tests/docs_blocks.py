@@ -18,7 +18,7 @@ number masked, for figures that differ at the small settings)::
 
 Attributes of ``runnable`` (shell-quoted):
 
-- ``small="key=value ..."``: bash only; appended to each ``vlm-lab fit|validate|test|check|zeroshot``
+- ``small="key=value ..."``: bash only; appended to each ``vlm-lab fit|validate|test|check|eval``
   line, so the page shows the real command and the suite runs a small one;
 - ``replace='OLD => NEW'`` (repeatable): a text substitution before running, for Python blocks;
 - ``exit=N``: the exit status a bash block must end with (default 0);
@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"^\s*<!--\s*(runnable|output)\b(.*?)-->\s*$")
 FENCE = re.compile(r"^(\s*)(`{3,})\s*([\w+-]*)")
-STAGE_COMMAND = re.compile(r"^\s*vlm-lab\s+(fit|validate|test|check|zeroshot)\b")
+STAGE_COMMAND = re.compile(r"^\s*vlm-lab\s+(fit|validate|test|check|eval)\b")
 
 
 @dataclass

@@ -107,7 +107,7 @@ def quickstart(here: Path) -> Case:
 def lit(here: Path) -> Case:
     paths = flickr_subset(here / "flickr")
     return Case([EXPERIMENTS / "lit" / "flickr8k_lit.yaml"], [*flickr_overrides(paths, here / "flickr"),
-                "zeroshot.root=null"], COCO_DATA, image_size=224, exports=("hf", "open_clip"),
+                "eval.every_n_epochs=0"], COCO_DATA, image_size=224, exports=("hf", "open_clip"),
                 moved=[here / "flickr"])
 
 

@@ -32,7 +32,7 @@ def test_headline_is_a_cacheable_lit_recipe_on_flickr8k():
     assert cfg.model.text.name == "minilm_l6" and not cfg.model.text_lock.lock
     assert not cfg.data.augment and cfg.embedding_cache.enabled  # deterministic images: cached
     assert cfg.data.train_ann.endswith("flickr8k/annotations/captions_train.json")
-    assert cfg.zeroshot.root.endswith("cifar10-test")
+    assert cfg.eval.evaluators.cifar10.root.endswith("cifar10-test")
 
 
 @pytest.mark.parametrize("stem, image, text", [
@@ -55,7 +55,7 @@ def test_each_variant_matches_its_lit_letters(stem, image, text):
 def test_results_table_reads_finished_runs(tmp_path):
     run = tmp_path / "locked_both_floor"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"val/i2t_R@1": 18.3, "val/t2i_R@1": 14.04, "val/zeroshot_top1": 31.0,
+    (run / "metrics.json").write_text(json.dumps({"val/i2t_R@1": 18.3, "val/t2i_R@1": 14.04, "eval/cifar10/top1": 31.0,
                                                   "epoch": 3}))
     (run / "wall_seconds").write_text("1200\n")
     (run / "DONE").write_text("")

@@ -12,7 +12,7 @@ import vlm_lab
 from vlm_lab import sweep
 from vlm_lab.data.convert import coco_to_shards
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.zeroshot import ZeroShotSettings, zero_shot_accuracy
+from vlm_lab.eval.zeroshot import ZeroShotEvaluator
 from vlm_lab.progress import progress, shown
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.yaml")
@@ -93,7 +93,7 @@ def test_zero_shot_shows_progress(tmp_path, capsys, watched):
     for name, rgb in COLOURS.items():
         (tmp_path / name).mkdir()
         Image.new("RGB", (8, 8), rgb).save(tmp_path / name / "0.png")
-    metrics = zero_shot_accuracy(ColourModel(), ZeroShotSettings(root=str(tmp_path), templates="simple", batch_size=2))
+    metrics = ZeroShotEvaluator(root=str(tmp_path), templates="simple", batch_size=2).evaluate(ColourModel())
     assert metrics["top1"] == 100.0
     err = capsys.readouterr().err
     assert "zero-shot classes: 100%" in err and "3/3" in err

@@ -4,6 +4,7 @@ Importing the package registers every built-in tower, head, loss and data module
 """
 
 from vlm_lab import callbacks, data, heads, interop, losses, towers, tracking  # noqa: F401  (registers the built-ins)
+from vlm_lab.eval import image_text_retrieval, probes, zeroshot  # noqa: F401  (registers the built-in evaluators)
 from vlm_lab.api import (
     build_datamodule,
     build_module,
@@ -21,6 +22,7 @@ from vlm_lab.registry import (
     describe,
     list_callbacks,
     list_datamodules,
+    list_evaluators,
     list_heads,
     list_loggers,
     list_losses,
@@ -28,6 +30,7 @@ from vlm_lab.registry import (
     list_vision_towers,
     register_callback,
     register_datamodule,
+    register_evaluator,
     register_head,
     register_logger,
     register_loss,
@@ -48,6 +51,7 @@ __all__ = [
     "fit",
     "list_callbacks",
     "list_datamodules",
+    "list_evaluators",
     "list_heads",
     "list_loggers",
     "list_losses",
@@ -56,6 +60,7 @@ __all__ = [
     "load_config",
     "register_callback",
     "register_datamodule",
+    "register_evaluator",
     "register_head",
     "register_logger",
     "register_loss",

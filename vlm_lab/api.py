@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,13 +29,14 @@ from vlm_lab import checkpoint_format, config, registry
 from vlm_lab.callbacks import build_callbacks
 from vlm_lab.config import to_yaml
 from vlm_lab.data.collate import image_to_tensor
-from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, share_run_dir
+from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, process_rank, share_run_dir
 from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_accuracy
+from vlm_lab.eval.suite import EvaluationSuite, build_evaluators, run_evaluators
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
+from vlm_lab.schema import EvalSettings
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
 from vlm_lab.sharding import build_strategy
@@ -103,9 +105,9 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         cache_settings = dataclasses.replace(cache_settings, tokens=True)
     if cache_settings.enabled:
         callbacks.append(LockedTowerCache(cache_settings))  # acts only when the vision tower is fully locked
-    zeroshot_settings = ZeroShotSettings.from_config(_plain(cfg.get("zeroshot")))
-    if zeroshot_settings.root is not None and zeroshot_settings.every_n_epochs > 0:
-        callbacks.append(ZeroShotCallback(zeroshot_settings))
+    eval_settings = EvalSettings.from_config(_plain(cfg.get("eval")))
+    if eval_settings.evaluators and eval_settings.every_n_epochs > 0:  # built now: a missing folder fails before training
+        callbacks.append(EvaluationSuite(build_evaluators(eval_settings), eval_settings.every_n_epochs))
     if options.get("enable_checkpointing", True):
         callbacks.append(checkpoints)
     if loggers:
@@ -161,21 +163,27 @@ def _evaluate(stage: str, cfg: DictConfig, ckpt_path: str | None, run_dir: str |
     return read_metrics(run_dir)
 
 
-def zeroshot(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | None = None) -> dict[str, float]:
-    """Zero-shot top-1/top-5 of a checkpoint (or a fresh module) on the image folder ``cfg.zeroshot.root``.
+def evaluate(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Run the ``eval`` section's evaluators on a checkpoint (or a fresh module): what ``vlm-lab eval`` does.
 
-    Returns ``zeroshot/top1``, ``zeroshot/top5`` (percent), ``zeroshot/images`` and ``zeroshot/classes``,
-    also merged into ``run_dir/metrics.json``.
+    Returns ``eval/<name>/<metric>`` (and ``.../chance_<metric>``), also merged into ``run_dir/metrics.json``.
+    Under a multi-process launch (torchrun) with a process group set up, every process must call it.
     """
-    settings = ZeroShotSettings.from_config(_plain(cfg.zeroshot))
-    if settings.root is None:
-        raise ConfigError("zeroshot.root is not set; give an image folder, e.g. zeroshot.root=../shared/data/cifar10-test")
+    settings = EvalSettings.from_config(_plain(cfg.get("eval")))
+    if not settings.evaluators:
+        raise ConfigError("eval.evaluators is empty; list evaluators by name, e.g. "
+                          "eval.evaluators.cifar10={name: zeroshot, root: ../shared/data/cifar10-test}")
+    evaluators = build_evaluators(settings)
     run_dir = _run_dir(cfg, run_dir, resume=False)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = _module_to_evaluate(cfg, ckpt_path)
-    metrics = {f"zeroshot/{key}": value for key, value in zero_shot_accuracy(module, settings).items()}
-    _save_config(cfg, run_dir)
-    (run_dir / "metrics.json").write_text(json.dumps({**read_metrics(run_dir), **metrics}, indent=2, sort_keys=True) + "\n")
+    if torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+        module = module.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    metrics = run_evaluators(module, evaluators)
+    if process_rank() == 0:
+        _save_config(cfg, run_dir)
+        (run_dir / "metrics.json").write_text(json.dumps({**read_metrics(run_dir), **metrics}, indent=2,
+                                                         sort_keys=True) + "\n")
     return metrics
 
 
@@ -259,12 +267,12 @@ class MetricsFile(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._write(trainer, "val/")
+            self._write(trainer, ("val/", "eval/"))  # eval/: the evaluation suite, run after validation
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write(trainer, "test/")
+        self._write(trainer, ("test/",))
 
-    def _write(self, trainer: L.Trainer, prefix: str) -> None:
+    def _write(self, trainer: L.Trainer, prefix: tuple[str, ...]) -> None:
         if not trainer.is_global_zero:
             return
         metrics = read_metrics(self.path.parent)

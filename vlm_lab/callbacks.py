@@ -246,7 +246,7 @@ class EMA(Callback):
 
     * Validation during the fit, and the zero-shot evaluation with it, run on the averaged weights.
     * A checkpoint's ``state_dict`` holds the averaged weights, so everything that loads one
-      (``vlm-lab validate/test/zeroshot ckpt_path=...``, ``vlm-lab export``) uses them;
+      (``vlm-lab validate/test/eval ckpt_path=...``, ``vlm-lab export``) uses them;
       the raw weights are kept beside them under ``current_model_state`` (the key Lightning's own
       ``WeightAveraging`` uses), and ``--resume`` restores both, so the average carries on.
     * When the fit ends, the module holds the averaged weights (as the last checkpoint does).

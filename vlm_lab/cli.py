@@ -4,7 +4,7 @@
                                                                        packaged experiment: quickstart)
     vlm-lab validate|test CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]
     vlm-lab check CONFIG... [key=value ...]
-    vlm-lab zeroshot CONFIG... [ckpt_path=CKPT] zeroshot.root=DIR [--run-dir DIR] [key=value ...]
+    vlm-lab eval CONFIG... [ckpt_path=CKPT] [--run-dir DIR] [key=value ...]   (the eval section's evaluators)
     vlm-lab list [PATTERN] [--kind KIND]
     vlm-lab describe NAME
     vlm-lab config-reference [SECTION] [--markdown]
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     for stage, text in [("fit", "train a model"), ("validate", "evaluate on the validation split"),
                         ("test", "evaluate on the test split"),
                         ("check", "check a config: build the model and the data, train nothing"),
-                        ("zeroshot", "zero-shot classification on an image folder (zeroshot.root=DIR)")]:
+                        ("eval", "run the evaluators of the config's eval section (zero-shot, retrieval, probes)")]:
         sub = commands.add_parser(stage, help=text, description=text)
         sub.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                          help="YAML files (or packaged experiments by name, e.g. quickstart) merged "
@@ -221,12 +221,13 @@ def _run_stage(args: argparse.Namespace) -> int:
               f"({cfg.model.vision.name} + {cfg.model.text.name}, {cfg.model.loss.name} loss) "
               f"and the {cfg.data.name} data module")
         return 0
-    if args.stage == "zeroshot":
-        from vlm_lab.eval.zeroshot import format_zeroshot_table
+    if args.stage == "eval":
+        from vlm_lab.eval.suite import format_eval_table
 
-        metrics = vlm_lab.api.zeroshot(cfg, ckpt_path=ckpt_path, run_dir=args.run_dir)
-        print()
-        print(format_zeroshot_table(metrics))
+        metrics = vlm_lab.api.evaluate(cfg, ckpt_path=ckpt_path, run_dir=args.run_dir)
+        if rank_zero_only.rank == 0:
+            print()
+            print(format_eval_table(metrics))
         return 0
     if args.stage == "fit":
         metrics = vlm_lab.fit(cfg, run_dir=args.run_dir, resume=args.resume)

@@ -5,7 +5,9 @@ batch against the features of all ranks. The losses call :func:`gather_features`
 :func:`all_gather_batch`, :func:`neighbour_exchange`, :func:`scale_gradient` and :func:`world_info`
 and contain no other distributed code; on one process all of them are no-ops. :func:`sum_over_ranks`
 gives the caption loss its global token count, and :func:`any_rank` lets every rank take the same
-decision when only one rank's loss is non-finite.
+decision when only one rank's loss is non-finite. Evaluation (``vlm_lab/eval/``) splits its data with
+:func:`shard_indices` and puts the pieces back with :func:`gather_shards` and :func:`gather_uneven`,
+all-gathers of fixed-size tensors (never ``all_gather_object`` of whole feature matrices).
 
 The rest of the file reads what a launcher (torchrun, SLURM, Lightning's own) tells its processes,
 so that the same YAML runs on one laptop core or on many nodes: :func:`launcher_layout` (how many
@@ -84,6 +86,54 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     if world_size > 1:
         dist.all_reduce(total)
     return total
+
+
+def shard_indices(count: int) -> range:
+    """The indices of ``count`` items this rank evaluates: every world-size-th one, from its rank.
+
+    Strided, not in blocks, so that :func:`gather_shards` can put the rows back in order without
+    being told how the split went; no item is padded in or counted twice.
+    """
+    rank, world_size = world_info()
+    return range(rank, count, world_size)
+
+
+def gather_shards(local: Tensor, count: int) -> Tensor:
+    """The rows of all ranks' :func:`shard_indices` shards, back in the order of the ``count`` items.
+
+    ``local`` holds this rank's rows (``[len(shard_indices(count)), ...]``). Every rank pads its rows
+    to the same ``ceil(count / world_size)`` and one ``all_gather`` of that fixed size brings them
+    together; item ``i`` is row ``i // world_size`` of rank ``i % world_size``.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return local
+    per_rank = -(-count // world_size)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded.contiguous())
+    # [world, per_rank, ...] -> [per_rank, world, ...]: row-major order is then the item order.
+    return torch.stack(gathered, dim=1).reshape(per_rank * world_size, *local.shape[1:])[:count]
+
+
+def gather_uneven(local: Tensor) -> Tensor:
+    """Every rank's ``local`` rows concatenated in rank order, when the ranks hold different numbers.
+
+    The row counts are all-gathered first, then every rank pads to the largest count for one
+    fixed-size ``all_gather``; the padding is cut off again.
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return local
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size)]
+    dist.all_gather(counts, torch.tensor([len(local)], dtype=torch.long, device=local.device))
+    sizes = [int(c.item()) for c in counts]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([rows[:size] for rows, size in zip(gathered, sizes)])
 
 
 def gather_features(

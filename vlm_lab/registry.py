@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
 
 T = TypeVar("T")
 
-KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule", "logger", "callback")
+KINDS = ("vision_tower", "text_tower", "head", "loss", "datamodule", "logger", "callback", "evaluator")
 
 _constructors: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
@@ -133,6 +133,12 @@ def register_logger(name: str, obj: T | None = None, *, override: bool = False) 
 def register_callback(name: str, obj: T | None = None, *, override: bool = False) -> Any:
     """A ``lightning.pytorch.Callback`` (class or factory) for the ``callbacks:`` list (vlm_lab/callbacks.py)."""
     return register("callback", name, obj, override=override)
+
+
+def register_evaluator(name: str, obj: T | None = None, *, override: bool = False) -> Any:
+    """An evaluator for the ``eval.evaluators`` section: a class whose constructor takes its data and
+    settings and whose ``evaluate(module)`` returns flat metrics (``vlm_lab/eval/suite.py``)."""
+    return register("evaluator", name, obj, override=override)
 
 
 def register_import_path(kind: str, path: str) -> Any:
@@ -316,6 +322,10 @@ def list_loggers(pattern: str = "*") -> list[str]:
 
 def list_callbacks(pattern: str = "*") -> list[str]:
     return list_names("callback", pattern)
+
+
+def list_evaluators(pattern: str = "*") -> list[str]:
+    return list_names("evaluator", pattern)
 
 
 def resolve(kind: str, name: str) -> tuple[Callable[..., Any], dict[str, Any]]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 from vlm_lab import registry
 from vlm_lab.errors import ConfigError, did_you_mean
-from vlm_lab.eval.templates import resolve_templates
 from vlm_lab.paths import cache_root
 from vlm_lab.typecheck import type_problem
 
@@ -302,24 +302,35 @@ class OptimSettings(Section):
                               f"number of chunks a batch's towers run in (1: the whole batch at once)")
 
 
+def check_evaluators(evaluators: Any, where: str) -> None:
+    """``eval.evaluators``: ``{<name>: <evaluator spec>}``; each name becomes ``eval/<name>/<metric>``."""
+    if not isinstance(evaluators, Mapping):
+        raise ConfigError(f"{where}={evaluators!r} should map a name to an evaluator spec, e.g. "
+                          f"{{cifar10: {{name: zeroshot, root: DIR}}}}")
+    for name, spec in evaluators.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{where}: evaluator name {name!r} should be letters, digits, _ . or - "
+                              f"(it becomes the metric names eval/<name>/...)")
+        try:
+            registry.spec_arguments("evaluator", spec)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{name}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
-class ZeroShotSettings(Section):
-    """``zeroshot``: zero-shot classification on an image folder (``vlm_lab/eval/zeroshot.py``)."""
+class EvalSettings(Section):
+    """``eval``: the evaluation suite, evaluators by name (``vlm_lab/eval/suite.py``; docs/how-to/evaluate.md)."""
 
-    where: ClassVar[str] = "zeroshot"
+    where: ClassVar[str] = "eval"
 
-    root: str | None = setting(None, "an image folder ROOT/<class>/<images> (null: no zero-shot evaluation)")
-    classnames: str | None = setting(None, "a file with one class name per line, in the sorted order of the folders "
-                                           "(null: folder names)")
-    templates: str | list[str] = setting("openai_imagenet", "openai_imagenet (80), cifar (18), simple (1), or a "
-                                                            "list of templates with {}")
-    every_n_epochs: int = setting(1, "during fit, after validation every N epochs (0: never)")
-    max_per_class: int | None = setting(None, "the first N images of each class (null: all)")
-    batch_size: int = setting(64, "images per batch")
-    num_workers: int = setting(0, "image loader worker processes")
+    evaluators: dict[str, Any] = setting({}, "{<name>: {name: <evaluator>, <its data and settings>}}: zeroshot, "
+                                             "retrieval, linear_probe, fewshot (vlm-lab list --kind evaluator)",
+                                         check=check_evaluators)
+    every_n_epochs: int = setting(1, "during fit, after validation every N epochs (0: only with vlm-lab eval)")
 
     def check(self, where: str) -> None:
-        resolve_templates(self.templates)  # fail now, not after an epoch of training
+        if self.every_n_epochs < 0:
+            raise ConfigError(f"{where}.every_n_epochs={self.every_n_epochs} should be 0 (never during fit) or more")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +406,7 @@ class ExperimentConfig(Section):
     data: dict[str, Any] = spec("datamodule", "synthetic_shapes", "the data module",
                                 provided=("tokenizer", "image_config", "max_length"))
     optim: OptimSettings = subsection(OptimSettings, "the optimizer and schedule")
-    zeroshot: ZeroShotSettings = subsection(ZeroShotSettings, "zero-shot classification")
+    eval: EvalSettings = subsection(EvalSettings, "the evaluation suite: zero-shot, retrieval, probes")
     embedding_cache: CacheSettings = subsection(CacheSettings, "the locked-tower embedding cache")
     trainer: dict[str, Any] = setting({}, "lightning.Trainer arguments (max_epochs, precision, devices...)",
                                       check=check_trainer_arguments)

@@ -54,7 +54,11 @@ API_MODULES = [
     ("vlm_lab.data.base", "vlm_lab.data.base"),
     ("vlm_lab.data.health", "vlm_lab.data.health"),
     ("vlm_lab.eval.retrieval", "vlm_lab.eval.retrieval"),
+    ("vlm_lab.eval.suite", "vlm_lab.eval.suite"),
     ("vlm_lab.eval.zeroshot", "vlm_lab.eval.zeroshot"),
+    ("vlm_lab.eval.image_folder", "vlm_lab.eval.image_folder"),
+    ("vlm_lab.eval.image_text_retrieval", "vlm_lab.eval.image_text_retrieval"),
+    ("vlm_lab.eval.probes", "vlm_lab.eval.probes"),
     ("vlm_lab.eval.caption_metrics", "vlm_lab.eval.caption_metrics"),
 ]
 

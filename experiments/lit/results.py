@@ -7,7 +7,7 @@
 
 Each variant is ``vlm-lab fit experiments/lit/flickr8k_lit.yaml experiments/lit/<variant>.yaml`` in
 ``--out/<variant>`` (a finished run, marked ``DONE``, is not run again). The table has validation
-R@1/5/10 in both directions, zero-shot CIFAR-10 top-1 (on the images the config's ``zeroshot``
+R@1/5/10 in both directions, zero-shot CIFAR-10 top-1 (on the images the config's ``eval.evaluators.cifar10``
 section names), epochs and wall-clock time. Extra ``key=value`` arguments go to every run.
 """
 
@@ -68,7 +68,7 @@ def table(out: Path) -> str:
         wall = f"{float(wall_file.read_text()) / 60:.0f} min" if wall_file.is_file() else "?"
         cells = [f"{m[k]:.1f}" if k in m else "-" for k in
                  ("val/i2t_R@1", "val/i2t_R@5", "val/i2t_R@10", "val/t2i_R@1", "val/t2i_R@5", "val/t2i_R@10",
-                  "val/zeroshot_top1")]
+                  "eval/cifar10/top1")]
         status = "" if (out / stem / "DONE").is_file() else " (unfinished)"
         lines.append(f"| {paper}: {what}{status} | `{stem}` | " + " | ".join(cells)
                      + f" | {int(m.get('epoch', -1)) + 1} | {wall} |")

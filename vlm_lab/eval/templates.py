@@ -4,10 +4,15 @@
   "Prompt Engineering for ImageNet" notebook; open_clip's ``OPENAI_IMAGENET_TEMPLATES``).
 * ``cifar``: the 18 templates CLIP's ``data/prompts.md`` gives for CIFAR-10 and CIFAR-100.
 * ``simple``: one template, ``a photo of a {}.``.
+* ``cifar10``, ``cifar100`` and ``imagenet1k``: CLIP_benchmark's names for the same lists (its
+  ``en_zeroshot_classification_templates.json`` gives exactly these, in this order).
+
+A template list may also come from a file, one template per line.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 from vlm_lab.errors import ConfigError, did_you_mean
@@ -50,16 +55,21 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "openai_imagenet": OPENAI_IMAGENET,
     "cifar": CIFAR,
     "simple": ("a photo of a {}.",),
+    "cifar10": CIFAR,
+    "cifar100": CIFAR,
+    "imagenet1k": OPENAI_IMAGENET,
 }
 
 
 def resolve_templates(templates: str | Sequence[str]) -> list[str]:
-    """A template set's name, or a list of templates, as the list of templates."""
+    """A template set's name, a file of templates (one per line), or a list of templates, as the list."""
+    if isinstance(templates, str) and templates not in TEMPLATE_SETS and Path(templates).is_file():
+        templates = [line.strip() for line in Path(templates).read_text().splitlines() if line.strip()]
     if isinstance(templates, str):
         if templates not in TEMPLATE_SETS:
             raise ConfigError(f"zeroshot.templates: unknown template set {templates!r}."
-                              f"{did_you_mean(templates, TEMPLATE_SETS)} Valid: {', '.join(TEMPLATE_SETS)}, "
-                              f"or a list of templates with {{}} for the class name")
+                              f"{did_you_mean(templates, TEMPLATE_SETS)} Valid: {', '.join(TEMPLATE_SETS)}, a file "
+                              f"with one template per line, or a list of templates with {{}} for the class name")
         return list(TEMPLATE_SETS[templates])
     templates = [str(t) for t in templates]
     if not templates or any("{}" not in t for t in templates):

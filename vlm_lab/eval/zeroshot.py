@@ -1,172 +1,109 @@
-"""Zero-shot classification on an image folder, as CLIP evaluates it.
+"""Zero-shot classification on an image folder, as CLIP evaluates it (the ``zeroshot`` evaluator).
 
-An image folder is ``ROOT/<class>/<image files>``. Each class gets a text embedding: every prompt
-template filled with its name, encoded, L2-normalised, averaged and normalised again (CLIP's prompt
-ensemble). An image is classified by the class embedding closest to its own; top-1 and top-5
-accuracy are reported in percent.
+Each class gets a text embedding: every prompt template filled with its name, encoded,
+L2-normalised, averaged and normalised again (CLIP's prompt ensemble). An image is classified by the
+class embedding closest to its own. Reported in percent: ``top1``, ``top5`` and
+``mean_per_class_recall`` (the mean over classes of the share of their images classified right,
+CLIP_benchmark's ``mean_per_class_recall``), beside ``images``, ``classes`` and ``skipped`` (unreadable
+images, left out). Where the class names come from: ``vlm_lab/eval/image_folder.py``.
 
-Settings: the ``zeroshot`` config section (``ZeroShotSettings``, declared with every other section in
-``vlm_lab/schema.py``; ``vlm-lab config-reference zeroshot`` lists its keys). ``root: null`` turns it off.
+Both sides are split over the ranks of a distributed run: each encodes its share of the classes
+and of the images, and fixed-size all-gathers put the rows back in order on every rank.
 
-During fit the results are logged as ``val/zeroshot_top1`` and ``val/zeroshot_top5`` (and land in
-``metrics.json``); ``vlm-lab zeroshot`` reports ``zeroshot/top1`` and ``zeroshot/top5``.
+Differences from CLIP_benchmark by design: an image whose two best classes score exactly alike
+counts as right only if the lower class index is the true one (``torch.topk`` there leaves ties in
+an unspecified order); with float32 features such ties do not occur in practice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from vlm_lab.data.transforms import build_transform, decode_size, open_image
-from vlm_lab.errors import ConfigError
+from vlm_lab.distributed import gather_shards, shard_indices
+from vlm_lab.eval.image_folder import image_features, read_image_folder
+from vlm_lab.eval.suite import Evaluator
 from vlm_lab.eval.templates import resolve_templates
-from vlm_lab.schema import ZeroShotSettings
 from vlm_lab.progress import progress
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-# --------------------------------------------------------------------------------------------------
-# The image folder
-
-
-@dataclass(frozen=True)
-class ImageFolder:
-    """Class names and ``(image path, class index)`` samples of a ``<class>/<images>`` folder."""
-
-    classnames: list[str]
-    samples: list[tuple[Path, int]]
-
-
-def read_image_folder(root: str | Path, classnames: str | Path | None = None,
-                      max_per_class: int | None = None) -> ImageFolder:
-    """Scan ``root``: class folders in sorted order, their images in file-name order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"zeroshot.root: no image folder at {root}")
-    folders = sorted(d for d in root.iterdir() if d.is_dir())
-    if not folders:
-        raise ConfigError(f"zeroshot.root: {root} has no class folders (expected {root}/<class>/<images>)")
-    names = [folder.name.replace("_", " ") for folder in folders]
-    if classnames is not None:
-        names = _read_classnames(Path(classnames), folders)
-    samples: list[tuple[Path, int]] = []
-    for label, folder in enumerate(folders):
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise ConfigError(f"zeroshot.root: class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        samples += [(path, label) for path in images[:max_per_class]]
-    return ImageFolder(names, samples)
-
-
-def _read_classnames(path: Path, folders: list[Path]) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"zeroshot.classnames: no file at {path}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(names) != len(folders):
-        raise ConfigError(f"zeroshot.classnames: {path} has {len(names)} names for {len(folders)} class folders; "
-                          f"give one per line, in the sorted order of the folders ({folders[0].name}, ...)")
-    return names
-
-
-class _FolderImages(Dataset):
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor],
-                 min_size: tuple[int, int]) -> None:
-        self.samples, self.transform, self.min_size = samples, transform, min_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return self.transform(open_image(path, self.min_size)), label
-
-
-# --------------------------------------------------------------------------------------------------
-# Classifying
+from vlm_lab.registry import register_evaluator
 
 
 @torch.no_grad()
 def class_embeddings(module: Any, classnames: Sequence[str], templates: Sequence[str],
                      batch_size: int = 256) -> torch.Tensor:
-    """``[classes, embed_dim]``: each class's prompt-ensemble text embedding (CLIP's recipe)."""
+    """``[classes, embed_dim]`` float32: each class's prompt-ensemble text embedding (CLIP's recipe),
+    this rank encoding its share of the classes, every rank returning all of them."""
     rows = []
-    for name in progress(classnames, desc="zero-shot classes", unit="class"):
+    mine = [classnames[i] for i in shard_indices(len(classnames))]
+    for name in progress(mine, desc="zero-shot classes", unit="class"):
         prompts = [template.format(name) for template in templates]
         embeddings = torch.cat([module.encode_text(prompts[i:i + batch_size])
                                 for i in range(0, len(prompts), batch_size)])
         rows.append(F.normalize(embeddings.float().mean(dim=0), dim=-1))
-    return torch.stack(rows)
+    if rows:
+        local = torch.stack(rows)
+    else:  # more ranks than classes: this rank joins the gather with no rows
+        local = module.encode_text([templates[0].format(classnames[0])]).float()[:0]
+    return gather_shards(local, len(classnames))
 
 
-@torch.no_grad()
-def zero_shot_accuracy(module: Any, settings: ZeroShotSettings) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (percent) of ``module`` on ``settings.root``.
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """``top1``, ``top5`` and ``mean_per_class_recall`` in percent of ``logits [N, C]`` against ``labels``;
+    rows labelled -1 (unreadable images) are left out. Equal scores rank the lower class first."""
+    keep = labels >= 0
+    logits, labels = logits[keep], labels[keep]
+    if len(labels) == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "mean_per_class_recall": float("nan")}
+    k = min(5, num_classes)
+    # A stable descending sort ranks equal scores by class index: the same answer on every machine.
+    best = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    right = best[:, 0] == labels
+    per_class_images = torch.bincount(labels, minlength=num_classes).float()
+    per_class_right = torch.bincount(labels[right], minlength=num_classes).float()
+    present = per_class_images > 0
+    return {
+        "top1": 100.0 * right.float().mean().item(),
+        "top5": 100.0 * (best == labels[:, None]).any(dim=-1).float().mean().item(),
+        "mean_per_class_recall": 100.0 * (per_class_right[present] / per_class_images[present]).mean().item(),
+    }
 
-    ``module`` is a ``VisionLanguageModule`` (anything with ``encode_image``, ``encode_text`` and
-    ``image_config``). Returns ``{"top1", "top5", "images", "classes"}``.
+
+@register_evaluator("zeroshot")
+class ZeroShotEvaluator(Evaluator):
+    """Zero-shot classification of the images of ``root`` (``ROOT/<class>/<images>``).
+
+    Args:
+        root: the image folder.
+        classnames: a shipped list (cifar10, cifar100, imagenet1k) or a file with one name per line in
+            the sorted order of the folders (null: CLIP's ImageNet names for WordNet-id folders, else
+            the folder names).
+        templates: a template set (openai_imagenet, cifar, simple...: ``vlm_lab/eval/templates.py``), a
+            file with one template per line, or a list of templates with ``{}`` for the class name.
+        max_per_class: the first N images of each class (null: all).
+        batch_size: images per batch.
+        num_workers: image loader worker processes.
     """
-    if settings.root is None:
-        raise ConfigError("zeroshot.root is not set; give an image folder, e.g. zeroshot.root=../shared/data/cifar10-test")
-    folder = read_image_folder(settings.root, settings.classnames, settings.max_per_class)
-    was_training = module.training
-    module.eval()
-    try:
-        classifier = class_embeddings(module, folder.classnames, resolve_templates(settings.templates))
-        transform = build_transform(module.image_config, augment=False)
-        loader = DataLoader(_FolderImages(folder.samples, transform, decode_size(module.image_config)),
-                            batch_size=settings.batch_size, num_workers=settings.num_workers)
-        k = min(5, len(folder.classnames))
-        top1 = top5 = 0
-        for pixels, labels in progress(loader, desc="zero-shot images", unit="batch"):
-            logits = module.encode_image(pixels.to(module.device)).float() @ classifier.T.to(module.device)
-            best = logits.topk(k, dim=-1).indices.cpu()
-            top1 += int((best[:, 0] == labels).sum())
-            top5 += int((best == labels[:, None]).any(dim=-1).sum())
-    finally:
-        module.train(was_training)
-    n = len(folder.samples)
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": float(n),
-            "classes": float(len(folder.classnames))}
 
+    def __init__(self, root: str, classnames: str | None = None, templates: str | list[str] = "openai_imagenet",
+                 max_per_class: int | None = None, batch_size: int = 64, num_workers: int = 0) -> None:
+        self.folder = read_image_folder(root, classnames, max_per_class, where="zeroshot")
+        self.templates = resolve_templates(templates)
+        self.batch_size, self.num_workers = batch_size, num_workers
 
-class ZeroShotCallback(Callback):
-    """Runs zero-shot classification after validation every ``every_n_epochs`` epochs of a fit.
+    def evaluate(self, module: Any) -> dict[str, float]:
+        classes = self.folder.classnames
+        classifier = class_embeddings(module, classes, self.templates).to(module.device)
+        features, labels = image_features(module, self.folder.samples, self.batch_size, self.num_workers,
+                                          desc="zero-shot images")
+        logits = features.to(module.device) @ classifier.T
+        metrics = classification_metrics(logits.cpu(), labels, len(classes))
+        skipped = int((labels < 0).sum())
+        return {**metrics, "images": float(len(labels) - skipped), "classes": float(len(classes)),
+                "skipped": float(skipped)}
 
-    The process of global rank 0 evaluates the whole folder and logs ``val/zeroshot_top1`` and
-    ``val/zeroshot_top5``; the others skip it.
-    """
-
-    def __init__(self, settings: ZeroShotSettings) -> None:
-        self.settings = settings
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        every = self.settings.every_n_epochs
-        if trainer.sanity_checking or every <= 0 or (trainer.current_epoch + 1) % every:
-            return
-        if not trainer.is_global_zero:
-            return
-        metrics = zero_shot_accuracy(pl_module, self.settings)
-        pl_module.log("val/zeroshot_top1", metrics["top1"], rank_zero_only=True)
-        pl_module.log("val/zeroshot_top5", metrics["top5"], rank_zero_only=True)
-
-
-def format_zeroshot_table(metrics: Mapping[str, float]) -> str:
-    """A short text table of ``zeroshot/top1`` and ``zeroshot/top5`` beside chance."""
-    classes = metrics.get("zeroshot/classes", float("nan"))
-    rows = [f"{'metric':<16}{'value':>9}{'chance':>9}"]
-    for k in (1, 5):
-        key = f"zeroshot/top{k}"
-        if key in metrics:
-            rows.append(f"{key:<16}{metrics[key]:>8.2f}%{100.0 * min(k, classes) / classes:>8.2f}%")
-    rule = "-" * len(rows[0])
-    where = f"{int(metrics.get('zeroshot/images', 0))} images, {int(classes)} classes"
-    return "\n".join([where, rule, rows[0], rule, *rows[1:], rule])
+    def chance(self) -> dict[str, float]:
+        classes = len(self.folder.classnames)
+        return {"top1": 100.0 / classes, "top5": 100.0 * min(5, classes) / classes,
+                "mean_per_class_recall": 100.0 / classes}
