@@ -89,11 +89,12 @@ def _top1(model: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) 
 def choose_weight_decay(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                         num_classes: int, **training: Any) -> float:
     """CLIP_benchmark's search: the best of 7 evenly spaced decays, then around the best at steps of 8,
-    4, 2 and 1 grid points; the first of equally good candidates wins."""
+    4, 2 and 1 grid points; the first of equally good candidates wins. As in its ``find_peak``, a round
+    where no candidate beats 0% accuracy returns the grid's first decay."""
     grid = weight_decay_grid()
 
     def peak(indices: list[int]) -> int:
-        best, best_accuracy = indices[0], -1.0
+        best, best_accuracy = 0, 0.0
         for index in indices:
             accuracy = _top1(train_linear_probe(*train, num_classes, grid[index], **training), *val)
             if accuracy > best_accuracy:
