@@ -1,4 +1,4 @@
-"""The evaluation suite: retrieval, linear probe and few-shot evaluators, and 2 processes = 1 process.
+"""The evaluation suite: retrieval, captioning, linear probe and few-shot evaluators, and 2 processes = 1 process.
 
 The distributed test starts this file twice as a gloo worker (``python test_eval_suite.py worker ...``,
 as tests/test_distributed.py does): each rank runs every evaluator on its share of the data, and
@@ -44,9 +44,9 @@ def noisy_colour_folder(root: Path, per_class: int, seed: int) -> Path:
     return root
 
 
-def tiny_module():
+def tiny_module(*overrides: str):
     L.seed_everything(0, verbose=False)
-    return vlm_lab.build_module(vlm_lab.load_config(TINY))
+    return vlm_lab.build_module(vlm_lab.load_config(TINY, overrides=list(overrides)))
 
 
 def suite_specs(data: Path) -> dict:
@@ -60,6 +60,9 @@ def suite_specs(data: Path) -> dict:
     }
 
 
+CAPTIONS = {"captions": {"name": "captioning", "data": {"name": "synthetic_shapes", "val_size": 7}, "batch_size": 2}}
+COCA = ("model.caption_weight=1.0", "model.caption_head.layers=1", "model.caption_head.heads=2",
+        "model.caption_head.image_queries=4", "model.generation.max_new_tokens=6")
 RETRIEVAL = {"shapes": {"name": "retrieval", "data": {"name": "synthetic_shapes", "val_size": 13}, "batch_size": 4}}
 
 
@@ -72,7 +75,8 @@ def write_data(root: Path) -> Path:
 def evaluate_all(data: Path) -> dict[str, float]:
     colour_metrics = run_evaluators(ColourModel(), build_evaluators(EvalSettings.from_config({"evaluators": suite_specs(data)})))
     retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config({"evaluators": RETRIEVAL})))
-    return {**colour_metrics, **retrieval}
+    captions = run_evaluators(tiny_module(*COCA), build_evaluators(EvalSettings.from_config({"evaluators": CAPTIONS})))
+    return {**colour_metrics, **retrieval, **captions}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +174,23 @@ def test_retrieval_evaluator_equals_the_modules_validation(tmp_path):
         assert metrics[f"eval/shapes/{key}"] == pytest.approx(validated[f"val/{key}"], abs=1e-4), key
         assert metrics[f"eval/shapes/chance_{key}"] == pytest.approx(validated[f"val/chance_{key}"], abs=1e-4)
     assert metrics["eval/shapes/images"] == 13
+
+
+@pytest.mark.slow
+def test_captioning_evaluator_equals_the_modules_validation():
+    cfg = vlm_lab.load_config(TINY, overrides=[*COCA, "data.val_size=10", "data.batch_size=4"])
+    L.seed_everything(0, verbose=False)
+    module = vlm_lab.build_module(cfg)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    validated = trainer.validate(module, datamodule=vlm_lab.build_datamodule(cfg, module), verbose=False)[0]
+    spec = {"name": "captioning", "data": {"name": "synthetic_shapes", "val_size": 10}, "batch_size": 3}
+    metrics = run_evaluators(module, {"shapes": vlm_lab.build("evaluator", spec)})
+    assert metrics["eval/shapes/images"] == 10
+    assert metrics["eval/shapes/bleu4"] == pytest.approx(validated["val/bleu4"], abs=1e-6)
+    assert metrics["eval/shapes/cider"] == pytest.approx(validated["val/cider"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"captioning: the model has no caption head"):
+        run_evaluators(tiny_module(), {"shapes": vlm_lab.build("evaluator", spec)})
 
 
 def test_retrieval_spec_is_checked_when_built():

@@ -4,7 +4,7 @@ Importing the package registers every built-in tower, head, loss and data module
 """
 
 from vlm_lab import callbacks, data, heads, interop, losses, towers, tracking  # noqa: F401  (registers the built-ins)
-from vlm_lab.eval import image_text_retrieval, probes, zeroshot  # noqa: F401  (registers the built-in evaluators)
+from vlm_lab.eval import captioning, image_text_retrieval, probes, zeroshot  # noqa: F401  (registers the built-in evaluators)
 from vlm_lab.api import (
     build_datamodule,
     build_module,

@@ -324,7 +324,7 @@ class EvalSettings(Section):
     where: ClassVar[str] = "eval"
 
     evaluators: dict[str, Any] = setting({}, "{<name>: {name: <evaluator>, <its data and settings>}}: zeroshot, "
-                                             "retrieval, linear_probe, fewshot (vlm-lab list --kind evaluator)",
+                                             "retrieval, linear_probe, fewshot, captioning (vlm-lab list --kind evaluator)",
                                          check=check_evaluators)
     every_n_epochs: int = setting(1, "during fit, after validation every N epochs (0: only with vlm-lab eval)")
 

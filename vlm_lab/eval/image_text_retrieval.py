@@ -45,21 +45,13 @@ class RetrievalEvaluator(Evaluator):
 
     def __init__(self, data: dict[str, Any], split: Literal["val", "test"] = "val", batch_size: int = 64,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, ks: list[int] = [1, 5, 10]) -> None:  # noqa: B006 (never mutated)
-        registry.spec_arguments("datamodule", data, provided={name: None for name in _PROVIDED})
+        check_data_spec(data)
         self.data, self.split, self.batch_size, self.chunk_size, self.ks = dict(data), split, batch_size, chunk_size, list(ks)
         self._chance: dict[str, float] = {}
 
     @torch.no_grad()
     def evaluate(self, module: Any) -> dict[str, float]:
-        datamodule = registry.build("datamodule", self.data, tokenizer=module.tokenizer,
-                                    image_config=module.image_config, max_length=module.max_length)
-        dataset = datamodule.dataset(self.split)
-        if not hasattr(dataset, "__getitem__"):
-            raise ConfigError(f"retrieval: the {self.split} split of data module {self.data['name']!r} is a stream; "
-                              f"the retrieval evaluator needs map-style data (coco, hf_dataset, imagefolder)")
-        collate = ImageTextCollate(module.tokenizer, module.max_length, train=False)
-        loader = DataLoader(Subset(dataset, list(shard_indices(len(dataset)))), batch_size=self.batch_size,
-                            collate_fn=collate, generator=torch.Generator())  # leaves the global RNG alone
+        loader = split_share_loader(module, self.data, self.split, self.batch_size, "retrieval")
         images, image_ids, texts, text_ids, text_ranks = [], [], [], [], []
         for batch in progress(loader, desc="retrieval", unit="batch"):
             images.append(module.encode_image(batch["pixel_values"].to(module.device)).float())
@@ -85,6 +77,28 @@ class RetrievalEvaluator(Evaluator):
 
     def chance(self) -> dict[str, float]:
         return dict(self._chance)
+
+
+def split_share_loader(module: Any, data: dict[str, Any], split: str, batch_size: int, kind: str,
+                       limit: int | None = None) -> DataLoader:
+    """Batches of this rank's share (``shard_indices``) of the first ``limit`` images (None: all) of
+    ``split`` of the data module ``data``, built with the module's tokenizer and preprocessing; every
+    caption of an image comes with it."""
+    datamodule = registry.build("datamodule", data, tokenizer=module.tokenizer,
+                                image_config=module.image_config, max_length=module.max_length)
+    dataset = datamodule.dataset(split)
+    if not hasattr(dataset, "__getitem__"):
+        raise ConfigError(f"{kind}: the {split} split of data module {data['name']!r} is a stream; the {kind} "
+                          f"evaluator needs map-style data (coco_captions, hf_dataset, synthetic_shapes)")
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    collate = ImageTextCollate(module.tokenizer, module.max_length, train=False)
+    return DataLoader(Subset(dataset, list(shard_indices(count))), batch_size=batch_size, collate_fn=collate,
+                      generator=torch.Generator())  # its own generator: the global RNG stays as it was
+
+
+def check_data_spec(data: dict[str, Any]) -> None:
+    """A data module spec an evaluator reads, checked now (the evaluator supplies the tokenizer and preprocessing)."""
+    registry.spec_arguments("datamodule", data, provided={name: None for name in _PROVIDED})
 
 
 def _ids(pieces: list[torch.Tensor], device: torch.device) -> torch.Tensor:
