@@ -133,8 +133,8 @@ def test_linear_probe_equals_clip_benchmark(module, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
     monkeypatch.setattr(torch.nn, "DataParallel", lambda model, device_ids=None: model)
     with torch.no_grad():
-        train_x, train_y = image_features(module, evaluator.train.samples, 64, 0)
-        test_x, test_y = image_features(module, evaluator.test.samples, 64, 0)
+        train_x, train_y = image_features(module, evaluator.train, 64, 0)
+        test_x, test_y = image_features(module, evaluator.test, 64, 0)
     order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
     val, fit = order[:60], order[60:]  # the evaluator holds out round(300 * 0.2) images, the first of this permutation
 

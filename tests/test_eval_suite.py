@@ -151,10 +151,44 @@ def test_probe_folders_must_match(tmp_path):
     data = write_data(tmp_path)
     (data / "test" / "purple").mkdir()
     Image.new("RGB", (8, 8)).save(data / "test" / "purple" / "0.png")
-    with pytest.raises(ConfigError, match=r"linear_probe: the class folders of root \(3\) and test_root \(4\) differ"):
+    with pytest.raises(ConfigError, match=r"linear_probe: the classes of the train \(3\) and test \(4\) images differ"):
         LinearProbeEvaluator(root=str(data / "train"), test_root=str(data / "test"))
     with pytest.raises(ConfigError, match=r"val_proportion=1.5 should be between 0 and 1"):
         LinearProbeEvaluator(root=str(data / "train"), test_root=str(data / "test"), val_proportion=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# A datasets dataset instead of image folders
+
+
+def colour_table(root: Path) -> Path:
+    """A saved ``datasets`` DatasetDict (train, test) of colour images with ClassLabel labels."""
+    import datasets
+
+    names = list(COLOURS)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    splits = {}
+    for split, count in (("train", 4), ("test", 2)):
+        rows = [(Image.new("RGB", (8, 8), COLOURS[name]), label) for label, name in enumerate(names) for _ in range(count)]
+        splits[split] = datasets.Dataset.from_dict({"img": [r[0] for r in rows], "label": [r[1] for r in rows]},
+                                                   features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return root
+
+
+def test_evaluators_read_a_datasets_dataset(tmp_path):
+    table = str(colour_table(tmp_path / "colours"))
+    zeroshot = vlm_lab.build("evaluator", {"name": "zeroshot", "dataset": table, "image_column": "img",
+                                           "templates": "simple", "max_per_class": 1})
+    assert zeroshot.folder.classnames == list(COLOURS)
+    metrics = run_evaluators(ColourModel(), {"z": zeroshot, "f": vlm_lab.build("evaluator", {
+        "name": "fewshot", "dataset": table, "image_column": "img", "shots": [1, 2], "seeds": 2})})
+    assert metrics["eval/z/top1"] == 100.0 and metrics["eval/z/images"] == 3
+    assert metrics["eval/f/2shot"] == 100.0
+    with pytest.raises(ConfigError, match=r"zeroshot: give either root .* or dataset"):
+        vlm_lab.build("evaluator", {"name": "zeroshot"})
+    with pytest.raises(ConfigError, match=r"zeroshot.label_column='class' is not a column"):
+        vlm_lab.build("evaluator", {"name": "zeroshot", "dataset": table, "image_column": "img", "label_column": "class"})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Labelled images for the classification evaluators: an image folder, its class names, and its features.
 
 An image folder is ``ROOT/<class>/<image files>``; classes are the sub-folders in sorted order, so
-label ``i`` is the ``i``-th folder. Class names (what zero-shot prompts say) come from, in order:
+label ``i`` is the ``i``-th folder. A ``datasets`` dataset with an image column and an integer label
+column works too (:func:`read_classification_table`). Class names (what zero-shot prompts say) come from, in order:
 
 * ``classnames``: a shipped list (``cifar10``, ``cifar100``, ``imagenet1k``) or a file with one name
   per line, in the sorted order of the folders;
@@ -42,10 +43,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """Class names and ``(image path, class index)`` samples of a ``<class>/<images>`` folder."""
+    """Class names and ``(image, class index)`` samples: of a ``<class>/<images>`` folder (an image is
+    its path), or of a ``datasets`` table (an image is its row, read from ``image_column``)."""
 
     classnames: list[str]
-    samples: list[tuple[Path, int]]
+    samples: list[tuple[Path | int, int]]
+    table: Any = None
+    image_column: str = "image"
 
 
 def read_image_folder(root: str | Path, classnames: str | None = None, max_per_class: int | None = None,
@@ -66,6 +70,53 @@ def read_image_folder(root: str | Path, classnames: str | None = None, max_per_c
             raise ConfigError(f"{where}.root: class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         samples += [(path, label) for path in images[:max_per_class]]
     return ImageFolder(names, samples)
+
+
+def read_labelled_images(root: str | None, dataset: str | None, split: str, image_column: str, label_column: str,
+                         classnames: str | None, max_per_class: int | None, where: str) -> ImageFolder:
+    """The labelled images of an image folder ``root`` or of split ``split`` of the ``datasets``
+    dataset ``dataset`` (a saved folder, Parquet/Arrow files, an imagefolder, or a hub id): exactly one."""
+    if (root is None) == (dataset is None):
+        raise ConfigError(f"{where}: give either root (an image folder) or dataset (a datasets dataset), "
+                          f"not {'both' if root else 'neither'}")
+    if root is not None:
+        return read_image_folder(root, classnames, max_per_class, where)
+    return read_classification_table(dataset, split, image_column, label_column, classnames, max_per_class, where)
+
+
+def read_classification_table(path: str, split: str, image_column: str, label_column: str, classnames: str | None,
+                              max_per_class: int | None, where: str) -> ImageFolder:
+    """Split ``split`` of a ``datasets`` dataset with an image column and an integer label column.
+    Class names: ``classnames``, else the label column's ``ClassLabel`` names."""
+    from datasets import ClassLabel
+
+    from vlm_lab.data.hf_datasets import HFSplits, check_image_column, undecoded
+
+    table = HFSplits(path).open(split, streaming=False)
+    check_image_column(table.features, image_column, f"{where}.dataset {path} ({split})")
+    if label_column not in table.features:
+        raise ConfigError(f"{where}.label_column={label_column!r} is not a column of {path} ({split}); "
+                          f"its columns: {', '.join(table.features)}")
+    labels = [int(label) for label in table[label_column]]
+    feature = table.features[label_column]
+    count = feature.num_classes if isinstance(feature, ClassLabel) else max(labels) + 1
+    if classnames is not None:
+        names = class_names([Path(str(i)) for i in range(count)], classnames, where)
+    elif isinstance(feature, ClassLabel):
+        names = [name.replace("_", " ") for name in feature.names]
+    else:
+        raise ConfigError(f"{where}: the label column {label_column!r} of {path} has no class names (not a "
+                          f"ClassLabel); give classnames (a file or {', '.join(SHIPPED_CLASSNAMES)})")
+    taken = [0] * count
+    samples: list[tuple[Path | int, int]] = []
+    for row, label in enumerate(labels):
+        if max_per_class is None or taken[label] < max_per_class:
+            samples.append((row, label))
+            taken[label] += 1
+    empty = [names[c] for c in range(count) if not taken[c]]
+    if empty:
+        raise ConfigError(f"{where}: {len(empty)} classes of {path} ({split}) have no images: {', '.join(empty[:5])}")
+    return ImageFolder(names, samples, undecoded(table, image_column), image_column)
 
 
 def class_names(folders: list[Path], classnames: str | None, where: str) -> list[str]:
@@ -101,36 +152,44 @@ def shipped_classnames(name: str) -> dict[str, str]:
 
 
 class LabelledImages(Dataset):
-    """``(pixels, label)`` of ``(path, label)`` samples; an unreadable image gives label -1 (a counted skip)."""
+    """``(pixels, label)`` of ``(image, label)`` samples (a path, or a row of ``table``); an unreadable
+    image gives label -1 (a counted skip)."""
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Callable[[Image.Image], torch.Tensor],
-                 min_size: tuple[int, int], pixel_shape: tuple[int, ...]) -> None:
+    def __init__(self, samples: list[tuple[Path | int, int]], transform: Callable[[Image.Image], torch.Tensor],
+                 min_size: tuple[int, int], pixel_shape: tuple[int, ...], table: Any = None,
+                 image_column: str = "image") -> None:
         self.samples, self.transform, self.min_size, self.pixel_shape = samples, transform, min_size, pixel_shape
+        self.table, self.image_column = table, image_column
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
+        from vlm_lab.data.hf_datasets import open_image_value
+
+        image, label = self.samples[index]
         try:
-            return self.transform(open_image(path, self.min_size)), label
+            if self.table is None:
+                return self.transform(open_image(image, self.min_size)), label
+            return self.transform(open_image_value(self.table[image][self.image_column], self.min_size)), label
         except (OSError, UnidentifiedImageError, ValueError) as error:
-            log.warning("skipping unreadable image %s: %s", path, error)
+            log.warning("skipping unreadable image %s: %s", image, error)
             return torch.zeros(self.pixel_shape), -1
 
 
 @torch.no_grad()
-def image_features(module: Any, samples: list[tuple[Path, int]], batch_size: int, num_workers: int,
+def image_features(module: Any, images: ImageFolder, batch_size: int, num_workers: int,
                    desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features [N, D] float32, labels [N])`` of every sample, in sample order, on every rank.
+    """``(features [N, D] float32, labels [N])`` of every sample of ``images``, in order, on every rank.
 
     Each rank encodes its :func:`shard_indices` share; the rows are gathered back with one
     fixed-size all-gather. Labels of unreadable images are -1.
     """
     config = module.image_config
+    samples = images.samples
     mine = [samples[i] for i in shard_indices(len(samples))]
     dataset = LabelledImages(mine, build_transform(config, augment=False), decode_size(config),
-                             (3, *config.size))
+                             (3, *config.size), images.table, images.image_column)
     # Its own generator: a loader draws a seed from the global RNG otherwise, and evaluating during a
     # fit must not change the training's random draws.
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())

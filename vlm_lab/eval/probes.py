@@ -1,6 +1,7 @@
 """Classifiers trained on frozen image features: the ``linear_probe`` and ``fewshot`` evaluators.
 
-Both read a train and a test image folder (``ROOT/<class>/<images>``, the same class folders), encode
+Both read a train and a test image folder (``ROOT/<class>/<images>``, the same class folders; or two
+splits of a ``datasets`` dataset), encode
 them once with the module's ``encode_image`` (L2-normalised features, each rank its share, gathered
 back in order: ``vlm_lab/eval/image_folder.py``) and fit a classifier on the train features. The
 classifier is fitted identically on every rank from the gathered features, so all ranks report the
@@ -22,6 +23,7 @@ same figures. Unreadable images are counted skips (``skipped``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.image_folder import ImageFolder, image_features, read_image_folder
+from vlm_lab.eval.image_folder import ImageFolder, image_features, read_labelled_images
 from vlm_lab.eval.suite import Evaluator
 from vlm_lab.eval.zeroshot import classification_metrics
 from vlm_lab.registry import register_evaluator
@@ -39,14 +41,31 @@ from vlm_lab.registry import register_evaluator
 BIAS_CONSTANT = 100.0
 
 
-def _train_and_test_folders(root: str, test_root: str, max_per_class: int | None,
-                            kind: str) -> tuple[ImageFolder, ImageFolder]:
-    train = read_image_folder(root, None, max_per_class, where=kind)
-    test = read_image_folder(test_root, None, None, where=f"{kind}.test")
-    if train.classnames != test.classnames:
-        raise ConfigError(f"{kind}: the class folders of root ({len(train.classnames)}) and test_root "
-                          f"({len(test.classnames)}) differ; both need the same <class> folders")
-    return train, test
+@dataclass(frozen=True)
+class LabelledData:
+    """Where a probe's train and test images are: two image folders, or two splits of a ``datasets``
+    dataset (``image_column``, integer ``label_column``)."""
+
+    root: str | None = None
+    test_root: str | None = None
+    dataset: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    image_column: str = "image"
+    label_column: str = "label"
+
+    def read(self, max_per_class: int | None, kind: str) -> tuple[ImageFolder, ImageFolder]:
+        if self.dataset is None and (self.root is None or self.test_root is None):
+            raise ConfigError(f"{kind}: give root and test_root (two image folders with the same classes) "
+                              f"or dataset (with train_split and test_split)")
+        train = read_labelled_images(self.root, self.dataset, self.train_split, self.image_column, self.label_column,
+                                     None, max_per_class, where=kind)
+        test = read_labelled_images(self.test_root, self.dataset, self.test_split, self.image_column,
+                                    self.label_column, None, None, where=f"{kind}.test")
+        if train.classnames != test.classnames:
+            raise ConfigError(f"{kind}: the classes of the train ({len(train.classnames)}) and test "
+                              f"({len(test.classnames)}) images differ; both need the same classes")
+        return train, test
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,8 +133,11 @@ class LinearProbeEvaluator(Evaluator):
     """Logistic regression on frozen image features, CLIP_benchmark's way.
 
     Args:
-        root: the train image folder.
+        root: the train image folder (or give dataset).
         test_root: the test image folder (the same class folders).
+        dataset: a ``datasets`` dataset with an image and an integer label column, instead of folders.
+        train_split, test_split: its splits.
+        image_column, label_column: its columns.
         val_proportion: the share of the train images held out to choose the weight decay.
         lr: AdamW's peak learning rate.
         epochs: passes over the train features per fit.
@@ -125,18 +147,21 @@ class LinearProbeEvaluator(Evaluator):
         num_workers: image loader worker processes.
     """
 
-    def __init__(self, root: str, test_root: str, val_proportion: float = 0.2, lr: float = 0.1, epochs: int = 10,
+    def __init__(self, root: str | None = None, test_root: str | None = None, dataset: str | None = None,
+                 train_split: str = "train", test_split: str = "test", image_column: str = "image",
+                 label_column: str = "label", val_proportion: float = 0.2, lr: float = 0.1, epochs: int = 10,
                  batch_size: int = 64, seed: int = 0, max_per_class: int | None = None, num_workers: int = 0) -> None:
         if not 0.0 < val_proportion < 1.0:
             raise ConfigError(f"linear_probe.val_proportion={val_proportion} should be between 0 and 1")
-        self.train, self.test = _train_and_test_folders(root, test_root, max_per_class, "linear_probe")
+        data = LabelledData(root, test_root, dataset, train_split, test_split, image_column, label_column)
+        self.train, self.test = data.read(max_per_class, "linear_probe")
         self.val_proportion, self.lr, self.epochs = val_proportion, lr, epochs
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     def evaluate(self, module: Any) -> dict[str, float]:
-        train_x, train_y = image_features(module, self.train.samples, self.batch_size, self.num_workers,
+        train_x, train_y = image_features(module, self.train, self.batch_size, self.num_workers,
                                           desc="probe train images")
-        test_x, test_y = image_features(module, self.test.samples, self.batch_size, self.num_workers,
+        test_x, test_y = image_features(module, self.test, self.batch_size, self.num_workers,
                                         desc="probe test images")
         skipped = int((train_y < 0).sum() + (test_y < 0).sum())
         train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
@@ -196,8 +221,11 @@ class FewShotEvaluator(Evaluator):
     """big_vision's few-shot linear classifier on frozen image features.
 
     Args:
-        root: the train image folder (the shots are drawn from it).
+        root: the train image folder (the shots are drawn from it; or give dataset).
         test_root: the test image folder (the same class folders).
+        dataset: a ``datasets`` dataset with an image and an integer label column, instead of folders.
+        train_split, test_split: its splits.
+        image_column, label_column: its columns.
         shots: train images per class, one result per count.
         seeds: draws per shot count (seeds 0..N-1); the mean and the standard deviation are reported.
         l2_reg: the ridge penalty (big_vision's configs use 2**10).
@@ -205,18 +233,21 @@ class FewShotEvaluator(Evaluator):
         num_workers: image loader worker processes.
     """
 
-    def __init__(self, root: str, test_root: str, shots: list[int] = [1, 5, 10, 25], seeds: int = 3,  # noqa: B006
+    def __init__(self, root: str | None = None, test_root: str | None = None, dataset: str | None = None,
+                 train_split: str = "train", test_split: str = "test", image_column: str = "image",
+                 label_column: str = "label", shots: list[int] = [1, 5, 10, 25], seeds: int = 3,  # noqa: B006
                  l2_reg: float = 1024.0, batch_size: int = 64, num_workers: int = 0) -> None:
         if not shots or any(k < 1 for k in shots) or seeds < 1 or l2_reg <= 0:
             raise ConfigError(f"fewshot: need shots >= 1 (got {shots}), seeds >= 1 (got {seeds}), l2_reg > 0 (got {l2_reg})")
-        self.train, self.test = _train_and_test_folders(root, test_root, None, "fewshot")
+        data = LabelledData(root, test_root, dataset, train_split, test_split, image_column, label_column)
+        self.train, self.test = data.read(None, "fewshot")
         self.shots, self.seeds, self.l2_reg = list(shots), seeds, l2_reg
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def evaluate(self, module: Any) -> dict[str, float]:
-        train_x, train_y = image_features(module, self.train.samples, self.batch_size, self.num_workers,
+        train_x, train_y = image_features(module, self.train, self.batch_size, self.num_workers,
                                           desc="few-shot train images")
-        test_x, test_y = image_features(module, self.test.samples, self.batch_size, self.num_workers,
+        test_x, test_y = image_features(module, self.test, self.batch_size, self.num_workers,
                                         desc="few-shot test images")
         skipped = int((train_y < 0).sum() + (test_y < 0).sum())
         test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]

@@ -1,4 +1,4 @@
-"""Zero-shot classification on an image folder, as CLIP evaluates it (the ``zeroshot`` evaluator).
+"""Zero-shot classification on an image folder or a ``datasets`` dataset, as CLIP evaluates it (the ``zeroshot`` evaluator).
 
 Each class gets a text embedding: every prompt template filled with its name, encoded,
 L2-normalised, averaged and normalised again (CLIP's prompt ensemble). An image is classified by the
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm_lab.distributed import gather_shards, shard_indices
-from vlm_lab.eval.image_folder import image_features, read_image_folder
+from vlm_lab.eval.image_folder import image_features, read_labelled_images
 from vlm_lab.eval.suite import Evaluator
 from vlm_lab.eval.templates import resolve_templates
 from vlm_lab.progress import progress
@@ -72,10 +72,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 @register_evaluator("zeroshot")
 class ZeroShotEvaluator(Evaluator):
-    """Zero-shot classification of the images of ``root`` (``ROOT/<class>/<images>``).
+    """Zero-shot classification of the images of ``root`` (``ROOT/<class>/<images>``) or of a ``datasets`` dataset.
 
     Args:
-        root: the image folder.
+        root: the image folder (or give dataset).
+        dataset: a ``datasets`` dataset with an image and an integer label column: a saved folder,
+            Parquet/Arrow files, an imagefolder, or a hub id.
+        split: the dataset's split.
+        image_column: the dataset's image column.
+        label_column: the dataset's label column (its ClassLabel names are the class names, unless
+            classnames is given).
         classnames: a shipped list (cifar10, cifar100, imagenet1k) or a file with one name per line in
             the sorted order of the folders (null: CLIP's ImageNet names for WordNet-id folders, else
             the folder names).
@@ -86,16 +92,19 @@ class ZeroShotEvaluator(Evaluator):
         num_workers: image loader worker processes.
     """
 
-    def __init__(self, root: str, classnames: str | None = None, templates: str | list[str] = "openai_imagenet",
-                 max_per_class: int | None = None, batch_size: int = 64, num_workers: int = 0) -> None:
-        self.folder = read_image_folder(root, classnames, max_per_class, where="zeroshot")
+    def __init__(self, root: str | None = None, dataset: str | None = None, split: str = "test",
+                 image_column: str = "image", label_column: str = "label", classnames: str | None = None,
+                 templates: str | list[str] = "openai_imagenet", max_per_class: int | None = None,
+                 batch_size: int = 64, num_workers: int = 0) -> None:
+        self.folder = read_labelled_images(root, dataset, split, image_column, label_column, classnames,
+                                           max_per_class, where="zeroshot")
         self.templates = resolve_templates(templates)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def evaluate(self, module: Any) -> dict[str, float]:
         classes = self.folder.classnames
         classifier = class_embeddings(module, classes, self.templates).to(module.device)
-        features, labels = image_features(module, self.folder.samples, self.batch_size, self.num_workers,
+        features, labels = image_features(module, self.folder, self.batch_size, self.num_workers,
                                           desc="zero-shot images")
         logits = features.to(module.device) @ classifier.T
         metrics = classification_metrics(logits.cpu(), labels, len(classes))
