@@ -68,6 +68,19 @@ class LabelledData:
         return train, test
 
 
+def readable_features(module: Any, train: ImageFolder, test: ImageFolder, batch_size: int, num_workers: int,
+                      what: str) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], int]:
+    """``((train features, labels), (test features, labels), skipped)``: the unreadable images left out
+    and counted."""
+    pairs, skipped = [], 0
+    for images, split in ((train, "train"), (test, "test")):
+        features, labels = image_features(module, images, batch_size, num_workers, desc=f"{what} {split} images")
+        readable = labels >= 0
+        skipped += int((~readable).sum())
+        pairs.append((features[readable], labels[readable]))
+    return pairs[0], pairs[1], skipped
+
+
 # --------------------------------------------------------------------------------------------------
 # Linear probe (CLIP_benchmark)
 
@@ -159,12 +172,8 @@ class LinearProbeEvaluator(Evaluator):
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
 
     def evaluate(self, module: Any) -> dict[str, float]:
-        train_x, train_y = image_features(module, self.train, self.batch_size, self.num_workers,
-                                          desc="probe train images")
-        test_x, test_y = image_features(module, self.test, self.batch_size, self.num_workers,
-                                        desc="probe test images")
-        skipped = int((train_y < 0).sum() + (test_y < 0).sum())
-        train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
+        (train_x, train_y), (test_x, test_y), skipped = readable_features(
+            module, self.train, self.test, self.batch_size, self.num_workers, "probe")
         num_classes = len(self.train.classnames)
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.seed))
         held_out = int(round(len(order) * self.val_proportion))
@@ -245,14 +254,10 @@ class FewShotEvaluator(Evaluator):
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def evaluate(self, module: Any) -> dict[str, float]:
-        train_x, train_y = image_features(module, self.train, self.batch_size, self.num_workers,
-                                          desc="few-shot train images")
-        test_x, test_y = image_features(module, self.test, self.batch_size, self.num_workers,
-                                        desc="few-shot test images")
-        skipped = int((train_y < 0).sum() + (test_y < 0).sum())
-        test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]
+        (train_x, train_y), (test_x, test_y), skipped = readable_features(
+            module, self.train, self.test, self.batch_size, self.num_workers, "few-shot")
         num_classes = len(self.train.classnames)
-        labels = train_y.numpy()  # -1 (unreadable) is in no class, so never drawn
+        labels = train_y.numpy()
         metrics: dict[str, float] = {"skipped": float(skipped)}
         for shots in self.shots:
             accuracies = []
