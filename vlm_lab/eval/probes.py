@@ -149,8 +149,10 @@ class LinearProbeEvaluator(Evaluator):
         root: the train image folder (or give dataset).
         test_root: the test image folder (the same class folders).
         dataset: a ``datasets`` dataset with an image and an integer label column, instead of folders.
-        train_split, test_split: its splits.
-        image_column, label_column: its columns.
+        train_split: its train split.
+        test_split: its test split.
+        image_column: its image column.
+        label_column: its integer label column.
         val_proportion: the share of the train images held out to choose the weight decay.
         lr: AdamW's peak learning rate.
         epochs: passes over the train features per fit.
@@ -233,8 +235,10 @@ class FewShotEvaluator(Evaluator):
         root: the train image folder (the shots are drawn from it; or give dataset).
         test_root: the test image folder (the same class folders).
         dataset: a ``datasets`` dataset with an image and an integer label column, instead of folders.
-        train_split, test_split: its splits.
-        image_column, label_column: its columns.
+        train_split: its train split.
+        test_split: its test split.
+        image_column: its image column.
+        label_column: its integer label column.
         shots: train images per class, one result per count.
         seeds: draws per shot count (seeds 0..N-1); the mean and the standard deviation are reported.
         l2_reg: the ridge penalty (big_vision's configs use 2**10).
