@@ -7,6 +7,7 @@ every figure must equal the one process's.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -249,6 +250,33 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
         assert set(results) == set(one)
         for key, value in one.items():
             assert results[key] == pytest.approx(value, abs=1e-6), (rank, key)
+
+
+@pytest.mark.slow
+def test_vlm_lab_eval_under_a_torchrun_launch(tmp_path):
+    """Two processes with torchrun's variables join one gloo group and report one process's figures."""
+    import socket
+    import subprocess
+
+    data = write_data(tmp_path / "data")
+    spec = f"eval.evaluators.colours={{name: zeroshot, root: {data / 'train'}, templates: simple, batch_size: 4}}"
+    command = [sys.executable, "-m", "vlm_lab.cli", "eval", str(TINY), spec]
+    single = subprocess.run([*command, "--run-dir", str(tmp_path / "one")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "PYTHONPATH": str(TESTS.parent)}
+    procs = [subprocess.Popen([*command, "--run-dir", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}) for rank in range(2)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert {k: v for k, v in two.items() if k.startswith("eval/")} == {k: v for k, v in one.items() if k.startswith("eval/")}
+    assert "colours/top1" in outputs[0] and "colours/top1" not in outputs[1]  # one table, from rank 0
 
 
 def _worker(init_file: str, out_file: str, rank: int) -> None:

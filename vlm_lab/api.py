@@ -29,7 +29,8 @@ from vlm_lab import checkpoint_format, config, registry
 from vlm_lab.callbacks import build_callbacks
 from vlm_lab.config import to_yaml
 from vlm_lab.data.collate import image_to_tensor
-from vlm_lab.distributed import inherited_run_dir, launch_run_id, launcher_layout, process_rank, share_run_dir
+from vlm_lab.distributed import (inherited_run_dir, launch_run_id, launched_process_group, launcher_layout,
+                                 process_rank, share_run_dir)
 from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.eval.suite import EvaluationSuite, build_evaluators, run_evaluators
@@ -177,9 +178,10 @@ def evaluate(cfg: DictConfig, ckpt_path: str | None = None, run_dir: str | Path 
     run_dir = _run_dir(cfg, run_dir, resume=False)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = _module_to_evaluate(cfg, ckpt_path)
-    if torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
-        module = module.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    metrics = run_evaluators(module, evaluators)
+    # One GPU per process, as torchrun numbers them; the processes of a torchrun launch split the data.
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    with launched_process_group(device):
+        metrics = run_evaluators(module.to(device), evaluators)
     if process_rank() == 0:
         _save_config(cfg, run_dir)
         (run_dir / "metrics.json").write_text(json.dumps({**read_metrics(run_dir), **metrics}, indent=2,

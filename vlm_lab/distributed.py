@@ -281,6 +281,22 @@ def launcher_layout() -> tuple[int, int] | None:
     return None
 
 
+@contextmanager
+def launched_process_group(device: torch.device) -> Iterator[None]:
+    """Join the processes a launcher started (torchrun: ``WORLD_SIZE`` > 1, ``MASTER_ADDR``) for the
+    duration, when no process group exists yet: gloo on the CPU, NCCL on CUDA. Code that runs without a
+    Trainer (``vlm-lab eval``) then splits its work as a fit's processes do. Elsewhere it does nothing."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "MASTER_ADDR" not in os.environ:
+        yield
+        return
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// reads the launcher's variables
+    try:
+        yield
+    finally:
+        dist.barrier()  # no process leaves while another still gathers
+        dist.destroy_process_group()
+
+
 def launch_run_id() -> str | None:
     """A name for this launch that every process of it computes alike, or None for a lone process.
 
