@@ -23,6 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -314,6 +315,31 @@ def test_one_process_sharded_fit(tmp_path, process_group_cleanup):
     assert "loss" not in seen.units  # its one parameter is a scalar: replicated (see vlm_lab/sharding.py)
     assert seen.dtensors
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow  # TorchInductor compiles the towers: a minute or more on a small CPU
+def test_compiled_towers_under_the_sharded_strategy_train_as_eager(tmp_path, process_group_cleanup):
+    """model.compile with trainer.strategy=fsdp2: configure_model shards first, then compiles the
+    sharded towers in place; two steps end with the weights of the eager sharded fit."""
+    import vlm_lab
+
+    weights = {}
+    for compiled in (False, True):
+        cfg = vlm_lab.load_config(TINY_CONFIG, overrides=[
+            "trainer.strategy=fsdp2", "data.train_size=32", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0", f"model.compile={str(compiled).lower()}"])
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # as vlm_lab.fit: the same weights and data
+        module = vlm_lab.build_module(cfg)
+        vlm_lab.build_trainer(cfg, tmp_path / str(compiled)).fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+        assert (module.vision._compiled_call_impl is not None) is compiled  # as tests/test_compile.py checks
+        assert hasattr(next(module.vision.parameters()), "to_local")  # and sharded
+        weights[compiled] = _weights(tmp_path / str(compiled) / "checkpoints" / "last.ckpt")
+        if torch.distributed.is_initialized():  # the next fit starts its own one-process group
+            torch.distributed.destroy_process_group()
+    assert weights[True].keys() == weights[False].keys()
+    assert not any("_orig_mod" in key for key in weights[True])  # compiled in place: the eager names
+    worst = max((weights[True][k] - v).abs().max().item() for k, v in weights[False].items() if v.is_floating_point())
+    assert worst < 1e-5
 
 
 @pytest.mark.slow
