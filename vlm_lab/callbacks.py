@@ -408,21 +408,26 @@ def early_stopping(monitor: str, mode: Literal["min", "max"] = "min", patience: 
                          check_finite=check_finite)
 
 
-def optuna_pruning(storage: str, study: str, trial: int, monitor: str) -> Callback:
+def optuna_pruning(storage: str, study: str, trial: int, monitor: str, n_startup_trials: int = 2,
+                   n_warmup_steps: int = 0) -> Callback:
     """Optuna's ``PyTorchLightningPruningCallback`` (optuna-integration) for trial number ``trial`` of
     the study ``study`` in ``storage``: reports ``monitor`` after every validation and stops the run
-    once Optuna's pruner says the trial is not promising. A sweep with ``sampler: tpe`` adds it to
-    every trial (vlm_lab/sweep.py); it needs the ``optuna`` extra.
+    once Optuna's ``MedianPruner`` says the trial is worse than the median of the earlier trials at
+    the same epoch (never before ``n_startup_trials`` trials finished, nor before epoch
+    ``n_warmup_steps``). A sweep with ``sampler: tpe`` adds it to every trial (vlm_lab/sweep.py); it
+    needs the ``optuna`` extra.
 
     The trial runs in its own ``vlm-lab fit`` process, so the callback reaches the study through its
-    shared storage (SQLite) rather than an in-memory ``Trial``.
+    shared storage (SQLite) rather than an in-memory ``Trial``; and because Optuna does not store a
+    study's pruner, the pruner is this callback's, here.
     """
     try:
         import optuna
         from optuna_integration import PyTorchLightningPruningCallback
     except ImportError:
         raise ConfigError("callback optuna_pruning needs Optuna: pip install \"vlm-lab[optuna]\"") from None
-    bound = optuna_trial(storage, study, trial)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    bound = optuna_trial(storage, study, trial, pruner)
 
     class StopWhenPruned(PyTorchLightningPruningCallback):
         # Optuna's callback raises TrialPruned out of trainer.fit. Here the trial is a separate process,
@@ -439,9 +444,10 @@ def optuna_pruning(storage: str, study: str, trial: int, monitor: str) -> Callba
     return StopWhenPruned(bound, monitor=monitor)
 
 
-def optuna_trial(storage: str, study: str, number: int) -> Any:
+def optuna_trial(storage: str, study: str, number: int, pruner: Any = None) -> Any:
     """Optuna's ``Trial`` for trial ``number`` of ``study``, asked for (``study.ask()``) in another
-    process: looked up through the storage's public API, so it reports to the same trial."""
+    process: looked up through the storage's public API, so it reports to the same trial;
+    ``pruner`` judges its ``should_prune()``."""
     import optuna
 
     storage_ = optuna.storages.get_storage(storage)
@@ -449,7 +455,7 @@ def optuna_trial(storage: str, study: str, number: int) -> Any:
         trial_id = storage_.get_trial_id_from_study_id_trial_number(storage_.get_study_id_from_name(study), number)
     except KeyError:
         raise ConfigError(f"optuna: no trial number {number} in study {study!r} of {storage}") from None
-    return optuna.trial.Trial(optuna.load_study(study_name=study, storage=storage_), trial_id)
+    return optuna.trial.Trial(optuna.load_study(study_name=study, storage=storage_, pruner=pruner), trial_id)
 
 
 registry.register_callback("lr_monitor", LearningRateMonitor)

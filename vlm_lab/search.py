@@ -31,7 +31,7 @@ from vlm_lab.errors import ConfigError, did_you_mean
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 SAMPLERS = ("random", "tpe")  # tpe: Optuna's Tree-structured Parzen Estimator (Bayesian)
 DIRECTIONS = ("maximize", "minimize")
-PRUNERS = ("median", "none")  # median: Optuna's MedianPruner, on the sweep's metric after every validation
+PRUNERS = ("median", "none")  # median: Optuna's MedianPruner on the sweep's metric (the optuna_pruning callback)
 OPTUNA_STUDY = "sweep"  # the study's name inside OUT/optuna.db (one study per sweep directory)
 
 
@@ -162,16 +162,16 @@ def optuna_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
 
 
-def open_study(out: Path, direction: str, seed: int, pruner: str) -> Any:
-    """The sweep directory's Optuna study (created, or loaded to continue)."""
+def open_study(out: Path, direction: str, seed: int) -> Any:
+    """The sweep directory's Optuna study (created, or loaded to continue), sampling with TPE.
+
+    No pruner here: each trial prunes itself in its own process (the ``optuna_pruning`` callback,
+    which holds the pruner); the sweep only asks and tells."""
     optuna = import_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own progress
-    return optuna.create_study(
-        study_name=OPTUNA_STUDY, storage=optuna_storage(out), load_if_exists=True, direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        # Never prune before two trials finished or before a trial's first validation was compared.
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2) if pruner == "median" else optuna.pruners.NopPruner(),
-    )
+    return optuna.create_study(study_name=OPTUNA_STUDY, storage=optuna_storage(out), load_if_exists=True,
+                               direction=direction, sampler=optuna.samplers.TPESampler(seed=seed),
+                               pruner=optuna.pruners.NopPruner())
 
 
 def load_study(out: Path) -> Any | None:

@@ -544,7 +544,7 @@ def _run_optuna(file: Path, out: Path, search: Search, dry_run: bool, slots: Seq
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(file.read_text())
-    study = search_spaces.open_study(out, search.direction, search.seed, search.pruner)
+    study = search_spaces.open_study(out, search.direction, search.seed)
     distributions = search_spaces.optuna_distributions(search.space)
     base, fixed = _base_and_fixed(_read_sweep(file), file)
     callbacks = OmegaConf.to_container(load_config(*base, overrides=fixed).callbacks, resolve=True)
