@@ -357,6 +357,7 @@ def test_tpe_sweep_trains_its_trials_with_the_pruning_callback(tmp_path):
     outcomes = sweep.run(file, tmp_path / "out")
     assert all(o.status in ("done", "pruned") for o in outcomes), [o.error for o in outcomes]
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
-    for trial in study.trials:  # the callback reported every validation of the run's process
-        assert set(trial.intermediate_values) == ({0, 1} if trial.state.name == "COMPLETE" else {0})
+    for trial in study.trials:  # the callback reported every validation of the run's process, up to a pruning
+        assert set(trial.intermediate_values) == set(range(trial.user_attrs.get("pruned_at_epoch", 1) + 1))
+        assert trial.state.name == ("PRUNED" if "pruned_at_epoch" in trial.user_attrs else "COMPLETE")
     assert (tmp_path / "out" / "plot_optim.lr.png").is_file()
