@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--max-parallel", type=int, default=1, help="local runs at a time")
     sub.add_argument("--gpus", help="GPUs for local runs: auto (every visible one), none, or ids such as 0,1,2,3; "
                                     "concurrent runs never share one (default: the sweep file's gpus, else auto)")
-    sub.add_argument("--devices-per-run", type=int, help="GPUs each local run gets (default: the sweep file's, else 1)")
+    sub.add_argument("--devices-per-run", type=int, help="GPUs each local run gets (default: the sweep file's, else the GPUs "
+                                                              "shared evenly between the --max-parallel runs)")
     sub.add_argument("--launcher", choices=("local", "slurm"), default="local")
     sub.add_argument("--slurm-cluster", help="submitit cluster (default: detected; 'local' for a dry run of SLURM)")
     _add_debug(sub)

@@ -378,7 +378,7 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     ``launcher="local"`` runs ``max_parallel`` processes at a time on this machine, each on its own
     ``devices_per_run`` GPUs out of ``gpus`` (``"auto"``: every visible GPU, none on a machine without;
     ``"none"``: no assignment; or ids such as ``"0,1,2,3"`` or ``[0, 1]``); both default to the sweep
-    file's keys, then ``"auto"`` and 1. ``"slurm"`` submits each run as a job through submitit's
+    file's keys, then ``"auto"`` and the GPUs shared evenly between the ``max_parallel`` runs. ``"slurm"`` submits each run as a job through submitit's
     ``AutoExecutor`` with the sweep file's ``slurm:`` parameters (``slurm_cluster="local"`` uses
     submitit's local executor: the same code path, without a cluster). ``runner`` runs one local run
     (default :func:`run_one`, a ``vlm-lab fit`` process); another one can wrap it (a container, a
@@ -391,7 +391,7 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     spec = _read_sweep(Path(file))
     search = read_search(file)
     gpus = spec.get("gpus", "auto") if gpus is None else gpus
-    devices_per_run = spec.get("devices_per_run", 1) if devices_per_run is None else devices_per_run
+    devices_per_run = spec.get("devices_per_run") if devices_per_run is None else devices_per_run
     if launcher == "slurm":
         if search.sampler == "tpe":
             raise ConfigError("sampler: tpe runs its trials with the local launcher (Optuna asks for one trial "
@@ -430,22 +430,27 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     return [outcomes[r.name] for r in runs]
 
 
-def device_slots(gpus: str | Sequence[int] | None, devices_per_run: int, max_parallel: int) -> list[dict[str, str]]:
+def device_slots(gpus: str | Sequence[int] | None, devices_per_run: int | None,
+                 max_parallel: int) -> list[dict[str, str]]:
     """The environment of each of ``max_parallel`` concurrent local runs: ``CUDA_VISIBLE_DEVICES`` set
     to a disjoint group of ``devices_per_run`` GPUs (so concurrent runs never share one), or nothing
     on a machine without GPUs or with ``gpus="none"``.
 
     ``gpus="auto"`` takes every GPU torch sees; where ``CUDA_VISIBLE_DEVICES`` is already set, its
     entries are the ids handed on (a sweep started inside a job's allocation stays inside it).
+    ``devices_per_run=None`` shares the GPUs evenly: one run at a time keeps all of them (as a
+    ``vlm-lab fit`` would), four runs on four GPUs get one each.
     """
-    if not isinstance(devices_per_run, int) or isinstance(devices_per_run, bool) or devices_per_run < 1:
+    if devices_per_run is not None and (not isinstance(devices_per_run, int) or isinstance(devices_per_run, bool)
+                                        or devices_per_run < 1):
         raise ConfigError(f"devices_per_run should be an integer of at least 1, got {devices_per_run!r}")
     ids = _gpu_ids(gpus)
     if not ids:
         return [{} for _ in range(max_parallel)]
-    groups = [ids[i:i + devices_per_run] for i in range(0, len(ids) - devices_per_run + 1, devices_per_run)]
+    per_run = devices_per_run or max(len(ids) // max_parallel, 1)
+    groups = [ids[i:i + per_run] for i in range(0, len(ids) - per_run + 1, per_run)]
     if len(groups) < max_parallel:
-        raise ConfigError(f"--max-parallel {max_parallel} needs {max_parallel} groups of {devices_per_run} GPU(s), "
+        raise ConfigError(f"--max-parallel {max_parallel} needs {max_parallel} groups of {per_run} GPU(s), "
                           f"and GPUs {','.join(ids)} make {len(groups)}: lower --max-parallel or --devices-per-run, "
                           f"or pass --gpus none to let runs share devices")
     return [{"CUDA_VISIBLE_DEVICES": ",".join(group)} for group in groups[:max_parallel]]
