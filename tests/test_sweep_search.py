@@ -145,6 +145,9 @@ def test_a_spec_argument_absent_from_the_config_can_be_searched(tmp_path):
     ("seeds: [1, 1]", "seeds should be a non-empty list of distinct integers"),
     ("repeats: 2\ngrid: {seed: [1, 2]}", "repeats/seeds set the training seed, and so does grid.seed"),
     ("repeats: 2\noverrides: [seed=3]", "repeats/seeds set the training seed, and so does overrides"),
+    ("repeats: 2\nruns: [[seed=3]]", "a 'runs' entry sets seed=, which repeats/seeds already sweep"),
+    ("gpus: [0]\nsearch: {optim.lr: {uniform: [0.1, 0.2]}}\nsampler: tpe\nmetric: val/i2t_R@1\ngrid: {seed: [1]}",
+     "sampler: tpe searches 'search' alone.*'grid' works with sampler: random"),
 ])
 def test_bad_search_specs_are_one_line_naming_the_place(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -364,3 +367,23 @@ def test_tpe_sweep_trains_its_trials_with_the_pruning_callback(tmp_path):
         assert set(trial.intermediate_values) == set(range(trial.user_attrs.get("pruned_at_epoch", 1) + 1))
         assert trial.state.name == ("PRUNED" if "pruned_at_epoch" in trial.user_attrs else "COMPLETE")
     assert (tmp_path / "out" / "plot_optim.lr.png").is_file()
+
+
+def test_a_pruned_fit_stops_cleanly_after_its_validation(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    import vlm_lab
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for _ in range(2):  # two trials no run can beat: R@1 is at most 100
+        trial = study.ask()
+        trial.report(100.0, step=0)
+        study.tell(trial, 100.0)
+    study.ask()
+    pruning = {"name": "optuna_pruning", "storage": storage, "study": "s", "trial": 2, "monitor": "val/i2t_R@1"}
+    cfg = vlm_lab.load_config(TINY, overrides=["trainer.max_epochs=3", "data.train_size=32",
+                                                f"callbacks={json.dumps([pruning])}"])
+    metrics = vlm_lab.fit(cfg, run_dir=tmp_path / "run")
+    assert metrics["epoch"] == 0 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    frozen = study.trials[2]
+    assert frozen.user_attrs == {"pruned_at_epoch": 0} and list(frozen.intermediate_values) == [0]

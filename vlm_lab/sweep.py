@@ -108,6 +108,8 @@ Runner = Callable[[Run, Path, Mapping[str, str]], "Outcome"]
 
 @dataclass
 class Outcome:
+    """How a run ended: ``pruned`` is an Optuna trial its pruner stopped early (``sampler: tpe``)."""
+
     name: str
     status: Literal["done", "failed", "skipped", "planned", "pruned"]
     seconds: float = 0.0
