@@ -155,12 +155,13 @@ def test_bad_search_specs_are_one_line_naming_the_place(tmp_path, text, message)
     assert "\n" not in str(error.value) and str(tmp_path / "sweep.yaml") in str(error.value)
 
 
-def test_random_search_dry_run_from_the_command_line(tmp_path, capsys):
-    file = write_sweep(tmp_path, SEARCH)
+def test_random_search_with_repeats_dry_run_from_the_command_line(tmp_path, capsys):
+    file = write_sweep(tmp_path, SEARCH + "repeats: 2\n")
     assert main(["sweep", str(file), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     first = sweep.expand(file)[0]
-    assert "trial=0  [to run]" in printed and f"optim.lr={first.swept['optim.lr']!r}" in printed
+    assert "trial=0,seed=0  [to run]" in printed and "trial=4,seed=1  [to run]" in printed
+    assert f"optim.lr={first.swept['optim.lr']!r}" in printed
     assert not (tmp_path / "out").exists()
 
 
@@ -360,8 +361,7 @@ def test_tpe_sweep_trains_its_trials_with_the_pruning_callback(tmp_path):
     file = write_sweep(tmp_path, "base: [TINY]\noverrides: [data.train_size=32, trainer.max_epochs=2]\n"
                                  "search: {optim.lr: {log_uniform: [1.0e-4, 1.0e-2]}}\ntrials: 3\nseed: 0\n"
                                  "sampler: tpe\nmetric: val/i2t_R@1\n")
-    outcomes = sweep.run(file, tmp_path / "out")
-    assert all(o.status in ("done", "pruned") for o in outcomes), [o.error for o in outcomes]
+    assert main(["sweep", str(file), "--out", str(tmp_path / "out")]) == 0  # no trial failed
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
     for trial in study.trials:  # the callback reported every validation of the run's process, up to a pruning
         assert set(trial.intermediate_values) == set(range(trial.user_attrs.get("pruned_at_epoch", 1) + 1))
