@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
@@ -418,11 +419,7 @@ def run(file: str | Path, out: str | Path, dry_run: bool = False, max_parallel: 
     (out / "sweep.yaml").write_text(Path(file).read_text())
     todo = [r for r in runs if not (out / r.name / DONE).is_file()]
     outcomes = {r.name: Outcome(r.name, "skipped") for r in runs if r not in todo}
-    with progress(total=len(todo), desc=f"sweep ({len(runs) - len(todo)} done before)", unit="run") as bar:
-        def finished(outcome: Outcome) -> None:  # runs done / left, and the latest one's result
-            bar.set_postfix_str(f"{outcome.name}: {outcome.status}", refresh=False)
-            bar.update(1)
-
+    with _counting(len(todo), f"sweep ({len(runs) - len(todo)} done before)", "run") as finished:
         if launcher == "slurm":
             done = _run_with_submitit(todo, out, slurm_parameters(file), slurm_cluster, finished)
         else:
@@ -596,15 +593,24 @@ def _run_optuna(file: Path, out: Path, search: Search, dry_run: bool, slots: Seq
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return outcome
 
-    with progress(total=len(interrupted) + left, desc=f"optuna sweep ({len(existing) - len(interrupted)} trials "
-                                                      f"before)", unit="trial") as bar:
+    before = [Outcome(f"{TRIAL}={t.number}", "skipped") for t in existing
+              if t.state != optuna.trial.TrialState.RUNNING]
+    with _counting(len(interrupted) + left, f"optuna sweep ({len(before)} trials before)", "trial") as finished:
+        outcomes = _run_locally(asked(), out, slots, runner, finished, told=tell)
+    report(out)
+    return before + sorted(outcomes, key=lambda o: int(o.name.split("=")[1]))
+
+
+@contextmanager
+def _counting(total: int, desc: str, unit: str) -> Iterator[Callable[[Outcome], None]]:
+    """A progress bar of the runs done and left; the function it yields counts one finished run and
+    shows its result."""
+    with progress(total=total, desc=desc, unit=unit) as bar:
         def finished(outcome: Outcome) -> None:
             bar.set_postfix_str(f"{outcome.name}: {outcome.status}", refresh=False)
             bar.update(1)
 
-        outcomes = _run_locally(asked(), out, slots, runner, finished, told=tell)
-    report(out)
-    return outcomes
+        yield finished
 
 
 def _run_with_submitit(runs: Sequence[Run], out: Path, parameters: dict[str, Any], cluster: str | None,
