@@ -207,14 +207,17 @@ def test_a_configuration_with_one_finished_run_shows_no_spread(tmp_path):
 def test_device_slots_are_disjoint_groups():
     assert sweep.device_slots("0,1,2,3", 2, 2) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     assert sweep.device_slots([4, 6], 1, 1) == [{"CUDA_VISIBLE_DEVICES": "4"}]
+    with pytest.raises(ConfigError, match=r"gpus: 2 is ambiguous; list GPU ids \(\[2\] or \"2\" for GPU 2"):
+        sweep.device_slots(2, None, 1)
     assert sweep.device_slots("none", 1, 3) == [{}, {}, {}]
     # by default the GPUs are shared evenly: one run keeps them all, as a plain `vlm-lab fit` would
     assert sweep.device_slots("0,1,2,3", None, 1) == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"}]
     assert sweep.device_slots("0,1,2,3,4", None, 2) == [{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
     with pytest.raises(ConfigError, match=r"--max-parallel 3 needs 3 groups of 2 GPU\(s\), and GPUs 0,1,2,3 make 2"):
         sweep.device_slots("0,1,2,3", 2, 3)
-    with pytest.raises(ConfigError, match="gpus should be auto, none or distinct GPU ids"):
-        sweep.device_slots("0,0", 1, 1)
+    for bad in ("0,0", "cuda:0", True, [0, None]):
+        with pytest.raises(ConfigError, match="gpus should be auto, none or distinct GPU ids"):
+            sweep.device_slots(bad, 1, 1)
     with pytest.raises(ConfigError, match="devices_per_run should be an integer of at least 1"):
         sweep.device_slots("0", 0, 1)
 

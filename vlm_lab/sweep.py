@@ -465,9 +465,12 @@ def _gpu_ids(gpus: str | Sequence[int] | None) -> list[str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(count)]
         return ids[:count]
-    listed = gpus.split(",") if isinstance(gpus, str) else list(gpus)
-    ids = [str(v).strip() for v in listed]
-    if not ids or not all(v.isdigit() for v in ids) or len(set(ids)) < len(ids):
+    if isinstance(gpus, int) and not isinstance(gpus, bool):  # a count or an id? say which way to write each
+        raise ConfigError(f"gpus: {gpus} is ambiguous; list GPU ids ([{gpus}] or \"{gpus}\" for GPU {gpus}, "
+                          f"[0, 1] for two), and give the GPUs of each run with devices_per_run")
+    listed = gpus.split(",") if isinstance(gpus, str) else list(gpus) if isinstance(gpus, (list, tuple)) else [gpus]
+    ids = [str(v).strip() for v in listed if not isinstance(v, bool)]
+    if not ids or len(ids) < len(listed) or not all(v.isdigit() for v in ids) or len(set(ids)) < len(ids):
         raise ConfigError(f"gpus should be auto, none or distinct GPU ids such as 0,1,2,3; got {gpus!r}")
     return ids
 
