@@ -320,8 +320,8 @@ def test_sharded_strategies_are_refused_and_batch_norm_warns():
     from lightning.pytorch.strategies import FSDPStrategy
 
     towers = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
-    with pytest.raises(ConfigError, match="optim.contrastive_chunks=4 works with one device or the DDP strategies, "
-                                          "not FSDPStrategy"):
+    with pytest.raises(ConfigError, match="optim.contrastive_chunks=4 works with one device, the DDP strategies or "
+                                          "trainer.strategy=fsdp2, not FSDPStrategy"):
         check_trainer(SimpleNamespace(accumulate_grad_batches=1, strategy=FSDPStrategy()), 4, True, towers)
     one_device = SimpleNamespace(accumulate_grad_batches=1, strategy=L.pytorch.strategies.SingleDeviceStrategy("cpu"))
     with pytest.warns(UserWarning, match=r"1 BatchNorm layers in training mode \(e.g. 1\) normalise over each chunk"):

@@ -23,6 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -48,6 +49,13 @@ CASES = {
                                             "model.caption_head.grad_checkpointing=true"], {}, False),
     "embedding_cache": (DEEPER + VISION_LOCKED, {}, True),
 }
+# The chunked contrastive step (optim.contrastive_chunks, vlm_lab/gradient_cache.py) under sharding: each
+# case is also compared with the unchunked DDP step of the case it chunks (CHUNKED_FROM).
+CHUNKS = ["optim.contrastive_chunks=3"]
+CHUNKED_FROM = {"clip_local_chunks": "clip_local", "siglip_chunks": "siglip_neighbour", "coca_chunks": "coca",
+                "vision_locked_chunks": "vision_locked_sharded", "grad_checkpointing_chunks": "grad_checkpointing",
+                "embedding_cache_chunks": "embedding_cache"}
+CASES.update({name: (CASES[base][0] + CHUNKS, *CASES[base][1:]) for name, base in CHUNKED_FROM.items()})
 LEARNING_RATE = 1e-2
 
 
@@ -139,7 +147,7 @@ def _worst(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> d
     return {name: (got[name] - value).abs().max().item() for name, value in expected.items()}
 
 
-@pytest.mark.slow  # two processes build and step 18 models: a few minutes on 2 loaded cores
+@pytest.mark.slow  # two processes build and step 30 models: a few minutes on 2 loaded cores
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_step_equals_ddp_and_one_process(two_process_results, case):
     expected = _step(_module(case), _case_batch(case))
@@ -309,16 +317,42 @@ def test_one_process_sharded_fit(tmp_path, process_group_cleanup):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_contrastive_chunks_under_the_sharded_strategy(tmp_path, process_group_cleanup):
-    """optim.contrastive_chunks (gradient caching, wip/gradcache) runs its second pass inside backward,
-    which FSDP2's gather hooks do not cover: it must be refused in one line, not train wrongly."""
+@pytest.mark.slow  # TorchInductor compiles the towers: a minute or more on a small CPU
+def test_compiled_towers_under_the_sharded_strategy_train_as_eager(tmp_path, process_group_cleanup):
+    """model.compile with trainer.strategy=fsdp2: configure_model shards first, then compiles the
+    sharded towers in place; two steps end with the weights of the eager sharded fit."""
     import vlm_lab
-    from vlm_lab.errors import ConfigError
 
-    cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["trainer.strategy=fsdp2", "optim.contrastive_chunks=2",
-                                                      "trainer.num_sanity_val_steps=0"])
-    with pytest.raises(ConfigError, match="contrastive_chunks"):
-        vlm_lab.fit(cfg, run_dir=tmp_path)
+    weights = {}
+    for compiled in (False, True):
+        cfg = vlm_lab.load_config(TINY_CONFIG, overrides=[
+            "trainer.strategy=fsdp2", "data.train_size=32", "trainer.max_steps=2", "trainer.limit_val_batches=0",
+            "trainer.num_sanity_val_steps=0", f"model.compile={str(compiled).lower()}"])
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # as vlm_lab.fit: the same weights and data
+        module = vlm_lab.build_module(cfg)
+        vlm_lab.build_trainer(cfg, tmp_path / str(compiled)).fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+        assert (module.vision._compiled_call_impl is not None) is compiled  # as tests/test_compile.py checks
+        assert hasattr(next(module.vision.parameters()), "to_local")  # and sharded
+        weights[compiled] = _weights(tmp_path / str(compiled) / "checkpoints" / "last.ckpt")
+        if torch.distributed.is_initialized():  # the next fit starts its own one-process group
+            torch.distributed.destroy_process_group()
+    assert weights[True].keys() == weights[False].keys()
+    assert not any("_orig_mod" in key for key in weights[True])  # compiled in place: the eager names
+    worst = max((weights[True][k] - v).abs().max().item() for k, v in weights[False].items() if v.is_floating_point())
+    assert worst < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CHUNKED_FROM))
+def test_chunked_sharded_step_equals_the_unchunked_ddp_step(two_process_results, case):
+    """optim.contrastive_chunks under FSDP2: the second pass backpropagates each chunk through FSDP2's
+    hooks (gathered weights, gradients reduce-scattered into the shards and added up over the chunks);
+    the step equals DDP's without chunks, so the chunks change memory and nothing else."""
+    got, expected = two_process_results[0][case, "sharded"], two_process_results[0][CHUNKED_FROM[case], "ddp"]
+    assert got["grads"].keys() == expected["grads"].keys()  # every weight got its gradient, through the shards
+    assert abs(got["loss"].item() - expected["loss"].item()) <= 1e-6 * max(1.0, expected["loss"].abs().item())
+    assert max(_worst(got["grads"], expected["grads"]).values()) <= 1e-5
+    assert max(_worst(got["params"], expected["params"]).values()) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,6 +371,8 @@ FITS = {
     # LiT with the embedding cache (filled before configure_model shards), locked tower replicated.
     "lit_cached": (["trainer.strategy={name: fsdp2, locked: replicate}", "trainer.max_epochs=1", *VISION_LOCKED],
                    None),
+    # Chunked contrastive steps through Lightning's automatic optimization, sharded.
+    "fsdp2_chunks": (["trainer.strategy=fsdp2", "trainer.max_epochs=2", "optim.contrastive_chunks=2"], None),
 }
 
 
@@ -402,6 +438,14 @@ def test_sharded_fit_trains_as_ddp_does(lightning_runs):
     # Four float32 steps apart: rounding differs (reduce-scatter vs all-reduce), nothing else.
     worst = max((sharded[k] - ddp[k]).abs().max().item() for k in ddp if ddp[k].is_floating_point())
     assert worst < 1e-4
+
+
+@pytest.mark.slow
+def test_sharded_fit_with_contrastive_chunks_trains_as_without(lightning_runs):
+    chunked, whole = (_weights(lightning_runs / name / "checkpoints" / "last.ckpt") for name in ("fsdp2_chunks", "fsdp2"))
+    assert chunked.keys() == whole.keys()
+    worst = max((chunked[k] - whole[k]).abs().max().item() for k in whole if whole[k].is_floating_point())
+    assert worst < 1e-4  # four float32 steps: the chunks' gradients are summed in another order
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def test_wandb_runs_are_finished_so_the_next_fit_gets_its_own(tmp_path, offline_
     ("loggers=[{name: tensorbord}]", "loggers[0]: unknown logger 'tensorbord'. Did you mean 'tensorboard'? "
                                      "Valid: csv, mlflow, tensorboard, wandb"),
     ("callbacks=[{name: emma}]", "callbacks[0]: unknown callback 'emma'. Did you mean 'ema'? "
-                                 "Valid: early_stopping, ema, grad_norm, lr_monitor, throughput"),
+                                 "Valid: early_stopping, ema, grad_norm, lr_monitor, optuna_pruning, throughput"),
     ("callbacks=[{name: ema}, {name: ema, decai: 0.9}]",
      "callbacks[1]: callback 'ema' has no argument 'decai'. Did you mean 'decay'? "
      "Valid arguments: decay, every_n_steps, start_step"),

@@ -17,6 +17,7 @@ built, like towers and losses. The built-in ones:
 ``throughput``      :class:`Throughput`: ``train/samples_per_sec``; FLOP/s and MFU where FLOPs are known
 ``ema``             :class:`EMA`: a moving average of the weights, validated and saved as the checkpoint
 ``early_stopping``  Lightning's ``EarlyStopping`` on a logged metric
+``optuna_pruning``  Optuna's Lightning pruning callback: a sweep's ``sampler: tpe`` adds it to each trial
 ==================  =====================================================================================
 
 A callback in ``callbacks`` that builds the same class as one in ``default_callbacks`` replaces
@@ -407,11 +408,62 @@ def early_stopping(monitor: str, mode: Literal["min", "max"] = "min", patience: 
                          check_finite=check_finite)
 
 
+def optuna_pruning(storage: str, study: str, trial: int, monitor: str, n_startup_trials: int = 2,
+                   n_warmup_steps: int = 0) -> Callback:
+    """Optuna's ``PyTorchLightningPruningCallback`` (optuna-integration) for trial number ``trial`` of
+    the study ``study`` in ``storage``: reports ``monitor`` after every validation and stops the run
+    once Optuna's ``MedianPruner`` says the trial is worse than the median of the earlier trials at
+    the same epoch (never before ``n_startup_trials`` trials finished, nor before epoch
+    ``n_warmup_steps``). A sweep with ``sampler: tpe`` adds it to every trial (vlm_lab/sweep.py); it
+    needs the ``optuna`` extra.
+
+    The trial runs in its own ``vlm-lab fit`` process, so the callback reaches the study through its
+    shared storage (SQLite) rather than an in-memory ``Trial``; and because Optuna does not store a
+    study's pruner, the pruner is this callback's, here.
+    """
+    try:
+        import optuna
+        from optuna_integration import PyTorchLightningPruningCallback
+    except ImportError:
+        raise ConfigError("callback optuna_pruning needs Optuna: pip install \"vlm-lab[optuna]\"") from None
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+    bound = optuna_trial(storage, study, trial, pruner)
+
+    class StopWhenPruned(PyTorchLightningPruningCallback):
+        # Optuna's callback raises TrialPruned out of trainer.fit. Here the trial is a separate process,
+        # where that exception would look like a crash (a traceback, exit status 1, no metrics.json);
+        # stopping the trainer instead ends the run cleanly (checkpoint and metrics written) and the
+        # sweep reads the "pruned_at_epoch" attribute to tell Optuna the trial was pruned.
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            try:
+                super().on_validation_end(trainer, pl_module)
+            except optuna.TrialPruned:
+                bound.set_user_attr("pruned_at_epoch", pl_module.current_epoch)
+                trainer.should_stop = True
+
+    return StopWhenPruned(bound, monitor=monitor)
+
+
+def optuna_trial(storage: str, study: str, number: int, pruner: Any = None) -> Any:
+    """Optuna's ``Trial`` for trial ``number`` of ``study``, asked for (``study.ask()``) in another
+    process: looked up through the storage's public API, so it reports to the same trial;
+    ``pruner`` judges its ``should_prune()``."""
+    import optuna
+
+    storage_ = optuna.storages.get_storage(storage)
+    try:
+        trial_id = storage_.get_trial_id_from_study_id_trial_number(storage_.get_study_id_from_name(study), number)
+    except KeyError:
+        raise ConfigError(f"optuna: no trial number {number} in study {study!r} of {storage}") from None
+    return optuna.trial.Trial(optuna.load_study(study_name=study, storage=storage_, pruner=pruner), trial_id)
+
+
 registry.register_callback("lr_monitor", LearningRateMonitor)
 registry.register_callback("grad_norm", GradientNorm)
 registry.register_callback("throughput", Throughput)
 registry.register_callback("ema", EMA)
 registry.register_callback("early_stopping", early_stopping)
+registry.register_callback("optuna_pruning", optuna_pruning)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@
     vlm-lab consolidate CKPT_DIR --out CKPT   (a sharded checkpoint of trainer.strategy=fsdp2 as one file)
     vlm-lab data convert (--ann FILE --images DIR | --hf PATH) --out DIR [--to shards|parquet|imagefolder|coco]
     vlm-lab data inspect CONFIG... [key=value ...] [--split SPLIT] [--grid PNG]
-    vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--launcher local|slurm]
+    vlm-lab sweep FILE --out DIR [--dry-run] [--max-parallel N] [--gpus auto|none|0,1,..] [--devices-per-run N]
+                                 [--launcher local|slurm]
     vlm-lab sweep-report DIR
 
 User errors print one line and exit with status 2; ``--debug`` shows the traceback instead.
@@ -100,10 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_list)
 
     sub = commands.add_parser("sweep", help="run every unfinished run of a sweep file")
-    sub.add_argument("file", help="sweep YAML (base, overrides, grid, runs)")
+    sub.add_argument("file", help="sweep YAML (base, overrides, grid, runs, search, repeats...)")
     sub.add_argument("--out", required=True, help="sweep directory: one sub-directory per run")
     sub.add_argument("--dry-run", action="store_true", help="list the runs and their commands only")
     sub.add_argument("--max-parallel", type=int, default=1, help="local runs at a time")
+    sub.add_argument("--gpus", help="GPUs for local runs: auto (every visible one), none, or ids such as 0,1,2,3; "
+                                    "concurrent runs never share one (default: the sweep file's gpus, else auto)")
+    sub.add_argument("--devices-per-run", type=int, help="GPUs each local run gets (default: the sweep file's, else the GPUs "
+                                                              "shared evenly between the --max-parallel runs)")
     sub.add_argument("--launcher", choices=("local", "slurm"), default="local")
     sub.add_argument("--slurm-cluster", help="submitit cluster (default: detected; 'local' for a dry run of SLURM)")
     _add_debug(sub)
@@ -111,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub = commands.add_parser("sweep-report", help="write results.csv, results.md and plots of a sweep")
     sub.add_argument("out", help="sweep directory")
-    sub.add_argument("--metric", help="metric to plot (default: every R@1)")
+    sub.add_argument("--metric", help="metric to plot (default: the sweep file's metric, else every R@1)")
     _add_debug(sub)
     sub.set_defaults(handler=_sweep_report)
 
@@ -283,13 +288,16 @@ def _sweep(args: argparse.Namespace) -> int:
     from vlm_lab import sweep
 
     outcomes = sweep.run(args.file, args.out, dry_run=args.dry_run, max_parallel=args.max_parallel,
-                         launcher=args.launcher, slurm_cluster=args.slurm_cluster)
+                         launcher=args.launcher, slurm_cluster=args.slurm_cluster, gpus=args.gpus,
+                         devices_per_run=args.devices_per_run)
     failed = [o for o in outcomes if o.status == "failed"]
+    pruned = sum(o.status == "pruned" for o in outcomes)
     if not args.dry_run:
         for o in outcomes:
             print(f"{o.status:>8}  {o.name}" + (f"  ({o.error})" if o.error else ""))
         print(f"{len(outcomes)} runs: {sum(o.status == 'done' for o in outcomes)} done, "
-              f"{sum(o.status == 'skipped' for o in outcomes)} skipped (finished before), {len(failed)} failed; "
+              f"{sum(o.status == 'skipped' for o in outcomes)} skipped (finished before), "
+              + (f"{pruned} pruned, " if pruned else "") + f"{len(failed)} failed; "
               f"results in {Path(args.out) / 'results.md'}")
     return min(len(failed), 100)  # the exit status counts the failed runs
 

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from vlm_lab.errors import ConfigError
 
@@ -101,15 +102,18 @@ def check_trainer(trainer: Any, chunks: int, contrastive: bool, towers: torch.nn
     * ``trainer.accumulate_grad_batches > 1`` with a contrastive loss: a warning, not an error. It
       is a legitimate choice (N independent small contrastive problems per optimizer step) but rarely
       what was meant, and it silently changes the loss: the warning says so and names the exact option.
-    * ``contrastive_chunks > 1`` under a strategy other than one device or DDP: ``ConfigError``. FSDP
-      and DeepSpeed gather and free sharded weights around each forward and backward by hooks of
-      their own, which the second pass (forward runs inside backward) would bypass; untested, so refused.
+    * ``contrastive_chunks > 1`` under a strategy other than one device, DDP or vlm-lab's FSDP2
+      (``trainer.strategy: fsdp2``, a ``ModelParallelStrategy``): ``ConfigError``. Under FSDP2 the
+      second pass backpropagates each chunk into the shards' ``.grad`` through FSDP2's own hooks
+      (``_ChunkedRun.second_pass``; tests/test_sharding.py checks it against DDP). Lightning's FSDP1
+      and DeepSpeed strategies gather and free weights by hooks of their own that are untested here,
+      so they are refused.
     * ``contrastive_chunks > 1`` with BatchNorm layers that train: a warning. They normalise over each
       chunk, not the batch, so the chunked step is no longer exactly the unchunked one (as with
       Lightning's accumulation, and open_clip's --accum-freq), and their running statistics are
       updated in both passes.
     """
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
     from lightning.pytorch.utilities import rank_zero_warn
 
     accumulate = int(getattr(trainer, "accumulate_grad_batches", 1))
@@ -121,9 +125,11 @@ def check_trainer(trainer: Any, chunks: int, contrastive: bool, towers: torch.nn
     if chunks == 1:
         return
     strategy = trainer.strategy
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-        raise ConfigError(f"optim.contrastive_chunks={chunks} works with one device or the DDP strategies, not "
-                          f"{type(strategy).__name__}; set optim.contrastive_chunks=1 or trainer.strategy=ddp")
+    supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+    if not isinstance(strategy, supported) or isinstance(strategy, DeepSpeedStrategy):
+        raise ConfigError(f"optim.contrastive_chunks={chunks} works with one device, the DDP strategies or "
+                          f"trainer.strategy=fsdp2, not {type(strategy).__name__}; set optim.contrastive_chunks=1 "
+                          f"or trainer.strategy=ddp|fsdp2")
     batch_norm = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
     batch_norms = [name for name, m in towers.named_modules() if isinstance(m, batch_norm) and m.training]
     if batch_norms:
@@ -188,6 +194,7 @@ class _ChunkedRun:
         """Every chunk again, with a graph, backpropagating its slice of the cached gradients;
         returns the weights' gradients summed over the chunks (None for a weight none of them used)."""
         outer = _RandomState.capture(self.device)
+        sharded = any(isinstance(p, DTensor) for p in self.parameters)
         try:
             with torch.enable_grad(), torch.autocast(**self.autocast), _GradientSums(self.parameters) as sums:
                 for chunk in self.chunks:
@@ -196,13 +203,19 @@ class _ChunkedRun:
                     pairs = [(outputs[key], gradient if key in self.summed else gradient[chunk.rows])
                              for key, gradient in zip(self.keys, gradients)
                              if gradient is not None and outputs[key].requires_grad]
-                    if pairs and self.parameters:
+                    if pairs and self.parameters and sharded:
+                        # FSDP2 (vlm_lab/sharding.py): the chunk's forward ran on the gathered weights,
+                        # which are not the DTensor parameters autograd.grad would be asked about; its
+                        # backward hooks reduce-scatter the gathered weights' gradients into the
+                        # shards' .grad, adding to what earlier chunks left there (FSDP2 accumulates).
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    elif pairs and self.parameters:
                         # autograd.grad rather than backward: nothing lands in .grad (DDP's hooks
                         # must see each weight once, when the outer backward receives the sums).
                         torch.autograd.grad([o for o, _ in pairs], self.parameters, [g for _, g in pairs],
                                             allow_unused=True)
                     del outputs, pairs  # this chunk's graph is gone before the next one is built
-                return sums.result()
+                return [None] * len(self.parameters) if sharded else sums.result()
         finally:
             outer.restore()  # the recomputation leaves the caller's random streams as it found them
 

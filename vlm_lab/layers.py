@@ -58,7 +58,9 @@ LAYERS: tuple[Layer, ...] = (
     Layer("module", ("vlm_lab.module", "vlm_lab.distillation")),  # the module and its distillation teacher
     Layer("interop", ("vlm_lab.interop",)),
     Layer("api", ("vlm_lab.api",)),
-    Layer("commands", ("vlm_lab.cli", "vlm_lab.sweep", "vlm_lab.data.commands", "vlm_lab.layers", PACKAGE)),
+    Layer("commands", ("vlm_lab.cli", "vlm_lab.sweep",
+                       "vlm_lab.search",  # a sweep's search spaces and its Optuna study
+                       "vlm_lab.data.commands", "vlm_lab.layers", PACKAGE)),
 )
 
 

@@ -79,7 +79,10 @@ class VisionLanguageModule(L.LightningModule):
         self.distill = settings.distill
         self.distill_loss = SimilarityDistillation() if self.distill.teacher is not None else None
         self._teacher: Teacher | None = None
-        self._compiled = False  # model.compile: done once, in configure_model()
+        # model.compile, read now from the section the module is built from: in configure_model the
+        # recipe as written (hparams) could name cards a checkpoint's reader does not have.
+        self.compile_settings = (settings.compile, settings.compile_mode)
+        self._compiled = False  # done once, in configure_model()
         # model.init_from: the module has the checkpoint's architecture (the config's model section
         # comes from it); vlm_lab.build_module loads its weights, as interop sits above the module.
         # Locking only flips requires_grad and train/eval modes, so it holds whatever is loaded later.
@@ -255,11 +258,11 @@ class VisionLanguageModule(L.LightningModule):
         state-dict keys stay as they are and checkpoints of compiled and eager runs are interchangeable.
         Compilation happens at the first forward pass (and again for each new input shape or grad mode).
         """
-        settings = ModelSettings.from_config(self.hparams.model)
-        if self._compiled or not settings.compile:
+        compile_, mode = self.compile_settings
+        if self._compiled or not compile_:
             return
         for tower in (self.vision, self.text):
-            tower.compile(mode=settings.compile_mode)
+            tower.compile(mode=mode)
         self._compiled = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -48,6 +48,7 @@ API_MODULES = [
     ("vlm_lab.distributed", "vlm_lab.distributed"),
     ("vlm_lab.seeding", "vlm_lab.seeding"),
     ("vlm_lab.sweep", "vlm_lab.sweep"),
+    ("vlm_lab.search", "vlm_lab.search"),
     ("vlm_lab.tracking", "vlm_lab.tracking"),
     ("vlm_lab.callbacks", "vlm_lab.callbacks"),
     ("vlm_lab.interop", "vlm_lab.interop"),
