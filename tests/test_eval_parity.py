@@ -110,6 +110,9 @@ def test_zeroshot_cifar10_equals_clip_benchmark(module, monkeypatch):
 
     recall = balanced_accuracy_score(target, logits.argmax(axis=1))
     assert templates == list(TEMPLATE_SETS["cifar10"])  # the same prompts on both sides
+    print(f"zero-shot CIFAR-10 top-1 {ours['eval/c10/top1']:.2f} vs CLIP_benchmark {100 * top1:.2f}, top-5 "
+          f"{ours['eval/c10/top5']:.2f} vs {100 * top5:.2f}, mean per-class recall "
+          f"{ours['eval/c10/mean_per_class_recall']:.2f} vs {100 * recall:.2f}")
     assert ours["eval/c10/top1"] == pytest.approx(100 * top1, abs=0.1)
     assert ours["eval/c10/top5"] == pytest.approx(100 * top5, abs=0.1)
     assert ours["eval/c10/mean_per_class_recall"] == pytest.approx(100 * recall, abs=0.1)
@@ -157,6 +160,8 @@ def test_linear_probe_equals_clip_benchmark(module, monkeypatch, tmp_path):
     logits, target = cb_linear_probe.infer(model, loader(test_x, test_y), False, "cpu")
     top1, = fixed_accuracy(logits.float(), target.float())
 
+    print(f"linear probe top-1 {ours['eval/probe/top1']:.2f} vs CLIP_benchmark {100 * top1:.2f}, weight decay "
+          f"{ours['eval/probe/weight_decay']:.3g} vs {wd_list[peak]:.3g}")
     assert ours["eval/probe/weight_decay"] == pytest.approx(wd_list[peak])
     assert ours["eval/probe/top1"] == pytest.approx(100 * top1, abs=0.1)
 
@@ -178,6 +183,9 @@ def test_retrieval_flickr8k_equals_clip_benchmark(module):
         theirs = cb_retrieval.evaluate(BenchmarkModel(module), loader, _Texts, "cpu", amp=False,
                                        recall_k_list=[1, 5, 10])
     assert ours["eval/flickr/images"] == 1000 and ours["eval/flickr/texts"] == 5000
+    print("retrieval (vlm-lab, CLIP_benchmark):", {
+        ours_key: (round(ours[f"eval/flickr/{ours_key}"], 2), round(100 * theirs[key], 2)) for k in (1, 5, 10)
+        for ours_key, key in ((f"t2i_R@{k}", f"image_retrieval_recall@{k}"), (f"i2t_R@{k}", f"text_retrieval_recall@{k}"))})
     for k in (1, 5, 10):
         assert ours[f"eval/flickr/t2i_R@{k}"] == pytest.approx(100 * theirs[f"image_retrieval_recall@{k}"], abs=0.1)
         assert ours[f"eval/flickr/i2t_R@{k}"] == pytest.approx(100 * theirs[f"text_retrieval_recall@{k}"], abs=0.1)
