@@ -104,8 +104,8 @@ def test_a_sweep_shows_runs_done_and_left(tmp_path, capsys, watched, monkeypatch
     (tmp_path / "sweep.yaml").write_text(f"base: [{TINY}]\ngrid: {{seed: [1, 2, 3]}}\n")
     (tmp_path / "out" / "seed=1").mkdir(parents=True)
     (tmp_path / "out" / "seed=1" / sweep.DONE).write_text("{}\n")  # finished before
-    monkeypatch.setattr(sweep, "run_one", lambda run, run_dir: sweep.Outcome(run.name, "done", 0.1))
-    outcomes = sweep.run(tmp_path / "sweep.yaml", tmp_path / "out")
+    outcomes = sweep.run(tmp_path / "sweep.yaml", tmp_path / "out",
+                         runner=lambda run, run_dir, env: sweep.Outcome(run.name, "done", 0.1))
     assert [o.status for o in outcomes] == ["skipped", "done", "done"]
     err = capsys.readouterr().err
     assert "sweep (1 done before): 100%" in err and "2/2" in err and "seed=" in err
