@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -35,6 +36,8 @@ from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
+from vlm_lab.preemption import Preemption, requeued_run, step_checkpoints
+from vlm_lab.schema import CheckpointSettings
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
 from vlm_lab.sharding import build_strategy
@@ -107,7 +110,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if zeroshot_settings.root is not None and zeroshot_settings.every_n_epochs > 0:
         callbacks.append(ZeroShotCallback(zeroshot_settings))
     if options.get("enable_checkpointing", True):
-        callbacks.append(checkpoints)
+        # Step checkpoints and preemption (vlm_lab/preemption.py): mid-epoch ones, which resume exactly.
+        settings = CheckpointSettings.from_config(_plain(cfg.get("checkpoint")))
+        callbacks += [checkpoints, *step_checkpoints(settings, run_dir / "checkpoints")]
+        if settings.on_signal:
+            callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
     if loggers:
         callbacks.append(ConfigHyperparameters(_plain(cfg)))
     # The config's callbacks (vlm_lab/callbacks.py): the default logging ones (lr, gradient norm, samples/s), the user's.
@@ -122,6 +129,8 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     ``resume=True`` continues from ``run_dir/checkpoints/last.ckpt`` (with no ``run_dir``: the most
     recent run of the same name).
     """
+    # A requeued SLURM job (vlm_lab/preemption.py) resumes by itself, in the run directory it had.
+    resume = resume or (requeued_run() and _run_dir(cfg, run_dir, False).joinpath("checkpoints", "last.ckpt").exists())
     run_dir = _run_dir(cfg, run_dir, resume)
     ckpt_path = None
     if resume:
@@ -134,7 +143,10 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir), finishing_runs(trainer):
+    with share_run_dir(run_dir), finishing_runs(trainer), warnings.catch_warnings():
+        # Lightning warns on a mid-epoch resume unless the loader object keeps a state; vlm-lab's data
+        # modules keep the position in theirs and skip exactly the batches trained (data/epochs.py).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return read_metrics(run_dir)
 
