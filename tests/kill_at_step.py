@@ -6,7 +6,8 @@ K + 1 starts (``trainer.global_step == K``): step K is done and any checkpoint i
 the next batch is fetched and nothing after is saved, exactly like a node that dies. With
 ``send: USR1`` (or ``TERM``, ``INT``) it sends itself that signal instead and carries on, as a
 cluster's preemption notice arrives while a run trains. Every process of a multi-process run does
-the same (SLURM signals every task).
+the same (SLURM signals every task). With ``during_save: true`` the SIGKILL comes instead while the
+first checkpoint of step K is being written: the file is open, the checkpoint half serialised.
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ from vlm_lab.cli import main
 class KillAtStep(Callback):
     """Sends this process signal ``send`` (SIGKILL by default) at the start of the step after step ``step``."""
 
-    def __init__(self, step: int, send: str = "KILL") -> None:
-        self.step, self.signum = step, signal.Signals[f"SIG{send}"]
+    def __init__(self, step: int, send: str = "KILL", during_save: bool = False) -> None:
+        self.step, self.signum, self.during_save = step, signal.Signals[f"SIG{send}"], during_save
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.during_save:
             self.step = -1  # once
             os.kill(os.getpid(), self.signum)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if trainer.global_step == self.step and self.during_save:
+            checkpoint["kill"] = KillWhenSaved()  # torch.save pickles it once the file is open
+
+
+class KillWhenSaved:
+    """SIGKILLs the process when pickled."""
+
+    def __reduce__(self) -> Any:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return (KillWhenSaved, ())
 
 
 if __name__ == "__main__":

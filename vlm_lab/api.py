@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
@@ -36,7 +37,7 @@ from vlm_lab.eval.zeroshot import ZeroShotCallback, ZeroShotSettings, zero_shot_
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
-from vlm_lab.preemption import Preemption, requeued_run, step_checkpoints
+from vlm_lab.preemption import AtomicCheckpointIO, Preemption, requeued_run, step_checkpoints
 from vlm_lab.schema import CheckpointSettings
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
@@ -85,6 +86,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
+    # Checkpoints are written to a sibling temporary file and renamed into place (vlm_lab/preemption.py).
+    plugins = options.get("plugins") or []
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        options["plugins"] = [*plugins, AtomicCheckpointIO()]
     # trainer.strategy: fsdp2 (or {name: fsdp2, ...}) becomes a strategy object (vlm_lab/sharding.py).
     options["strategy"] = build_strategy(options)
     # trainer.logger is Lightning's switch: false turns every logger off; else the `loggers` list.

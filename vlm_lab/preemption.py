@@ -9,8 +9,7 @@ time limit. Two things keep the work lost small (docs/how-to/resume.md):
   side: ``vlm_lab/data/epochs.py``; the random streams: ``vlm_lab/seeding.py``).
 - **Preemption** (:class:`Preemption`, ``checkpoint.on_signal``): SIGTERM and SIGINT (on SLURM:
   the requeue signal, SIGUSR1, and SIGTERM) are only *noted* when they arrive; at the end of the
-  step in progress every process writes ``last.ckpt`` (Lightning's writes are atomic: a temporary
-  file moved into place), on SLURM rank 0 requeues the job with ``scontrol requeue``, and the run
+  step in progress every process writes ``last.ckpt``, on SLURM rank 0 requeues the job with ``scontrol requeue``, and the run
   stops with exit status 75 (``EXIT_PREEMPTED``, sysexits' "temporary failure": a launcher, the
   sweep runner among them, tells it from a finished run and from a failure). The requeued job keeps its run directory (``slurm-<job id>``) and
   resumes from ``last.ckpt`` without ``--resume`` (:func:`requeued_run`).
@@ -19,7 +18,10 @@ Why not Lightning's own SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True
 writes ``hpc_ckpt_N.ckpt`` inside the signal handler, wherever the training step happens to be (after
 the optimizer step but before the loop's counters move, say), so a resume from it may train a batch
 twice or not at all. Here the handler only sets a flag; the checkpoint is taken at a step boundary,
-where the loop counters, the weights and the data position agree. A handler for the requeue signal
+where the loop counters, the weights and the data position agree.
+
+Every checkpoint is written atomically (:class:`AtomicCheckpointIO`): a second signal, or a kill,
+during a write leaves the previous checkpoint loadable. A handler for the requeue signal
 registered before Lightning's keeps Lightning from adding its own (Lightning adds one only where
 none exists); SIGTERM handlers Lightning chains after its own, which only notes the signal too.
 """
@@ -29,7 +31,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -37,9 +38,12 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from vlm_lab.distributed import slurm_job_id
 from vlm_lab.schema import CheckpointSettings
 
 log = logging.getLogger(__name__)
@@ -68,19 +72,39 @@ def step_checkpoints(settings: CheckpointSettings, dirpath: Path) -> list[ModelC
             for trigger in triggers]
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on every file system: a kill during a write leaves
+    the previous checkpoint under its name.
+
+    Lightning's own writer (``_atomic_save``) goes through an fsspec transaction, whose temporary
+    file lies in the system's temporary folder: when that is another file system than the run's
+    (a node's local /tmp, runs on a shared one, as on most clusters) the final move is a copy, and a
+    kill during the copy leaves a truncated checkpoint. Here the temporary file is a hidden sibling of
+    the checkpoint (``.NAME.partial-PID``), flushed to disk and then renamed over it with
+    ``os.replace``, which is atomic within a file system. Remote paths (``s3://...``) keep Lightning's
+    writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
 def on_slurm() -> bool:
     """Whether this process is a SLURM batch job's (Lightning's test: not an interactive ``srun bash``)."""
     return SLURMEnvironment.detect()
-
-
-def slurm_job_id() -> str:
-    """The id ``scontrol requeue`` takes: ``JOB`` or, in a job array, ``ARRAYJOB_TASK`` (as Lightning's
-    requeue uses)."""
-    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
-    if not re.fullmatch(r"[0-9_]+", job):
-        raise RuntimeError(f"SLURM job id {job!r} is not a job id")
-    return job
 
 
 def requeued_run() -> bool:
