@@ -118,19 +118,23 @@ def shard_files(folder: Path, shards: int = 2, count: int = 64) -> str:
     return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
 
 
-def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int) -> list[str]:
+def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, processes: int = 1) -> list[str]:
+    """Overrides for 8 training steps per epoch, batches of 8, on ``processes`` gloo processes."""
     common = [f"data.num_workers={workers}", "data.batch_size=8"]
+    if processes > 1:  # Lightning's own launcher: this process becomes rank 0 and starts the others
+        common += [f"trainer.devices={processes}", "trainer.strategy=ddp"]
     if layout == "synthetic_shapes":
         return ["data.train_size=64", *common]
     common += [f"data.worker_slots={slots}", "data.augment=true"]
     if layout == "coco_captions":
-        ann, images = coco_files(tmp_path / "data")
+        ann, images = coco_files(tmp_path / "data", 64 * processes)
         return ["data.name=coco_captions", f"data.train_ann={ann}", f"data.train_images={images}",
                 f"data.val_ann={ann}", f"data.val_images={images}", *common]
     if layout == "cc3m_table":
         table = table_file(tmp_path / "data")
         return ["data.name=cc3m", f"data.train_table={table}", f"data.val_table={table}", *common]
-    shards = shard_files(tmp_path / "data")
+    # Shards spread over ranks x workers: two per reader with 2 processes x 2 workers.
+    shards = shard_files(tmp_path / "data", shards=2 * processes * processes, count=64 * processes)
     return ["data.name=cc3m", f"data.train_shards={shards}", f"data.val_shards={shards}", "data.shuffle_buffer=8",
             *common]
 
@@ -153,6 +157,13 @@ def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
 ])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots):
     kill_and_resume(tmp_path, data_overrides(tmp_path, layout, workers, slots))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions"])
+def test_sigkill_mid_epoch_then_resume_is_exact_on_two_processes(tmp_path, layout):
+    # Two gloo processes x two loader workers; map-style data goes through Lightning's DistributedSampler.
+    kill_and_resume(tmp_path, data_overrides(tmp_path, layout, 2, 4, processes=2))
 
 
 # --------------------------------------------------------------------------------------------------

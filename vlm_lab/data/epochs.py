@@ -97,11 +97,12 @@ class EpochLoader(SlotLoader):
                  pin_memory: bool = False, drop_last: bool = False, persistent_workers: bool = False,
                  slots: WorkerSlots | None = None, skip: Callable[[], int] | None = None) -> None:
         generator = torch.Generator()
+        if not isinstance(dataset, (IterableDataset, SampleSeeding)):
+            # Also when Lightning rebuilds the loader under DDP: it passes the dataset given first.
+            dataset = SampleSeeding(dataset, seed)
         if batch_size is not None and batch_sampler is None and not isinstance(dataset, IterableDataset):
             # Map-style and batched by the loader: our batch sampler, which can skip (the arguments
             # DataLoader would have turned into a BatchSampler go into it instead).
-            if not isinstance(dataset, SampleSeeding):
-                dataset = SampleSeeding(dataset, seed)
             if sampler is None:
                 sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
             batch_sampler = ResumableBatchSampler(sampler, batch_size, drop_last)
@@ -119,6 +120,11 @@ class EpochLoader(SlotLoader):
         already). Here: the sample seeds and the batch sampler's skip, which leaves nothing to drop."""
         if isinstance(self.dataset, SampleSeeding):
             self.dataset.epoch = epoch
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            # Lightning's DistributedSampler under DDP. Lightning sets its epoch when an epoch starts,
+            # but a resumed run's first pass starts earlier, before Lightning restores its epoch.
+            sampler.set_epoch(epoch)
         if isinstance(self.batch_sampler, ResumableBatchSampler):
             self.batch_sampler.skip = skip
         elif skip:
