@@ -9,6 +9,7 @@ down its arguments.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from test_resume_mid_epoch import STEPS, TINY, assert_same_run, child_env, data_overrides, finish, start
-from vlm_lab.preemption import EXIT_PREEMPTED
+from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 
 HERE = Path(__file__).parent
 
@@ -100,3 +101,28 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     assert global_step(checkpoints / "last.ckpt") == 16
+
+
+def test_a_sweep_job_forwards_slurms_warning_signal_to_its_fit(tmp_path):
+    # A sweep's SLURM job runs `vlm-lab fit` as a child (vlm_lab/sweep.py, run_one): submitit's SIGUSR2
+    # (or SIGUSR1) reaches the child as SIGUSR1, the signal vlm-lab checkpoints and requeues on.
+    got = tmp_path / "got"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, signal, sys, time\n"
+        "got = pathlib.Path(sys.argv[1])\n"
+        "signal.signal(signal.SIGUSR1, lambda s, f: got.write_text(signal.Signals(s).name))\n"
+        "got.with_suffix('.ready').touch()\n"
+        "while not got.exists(): time.sleep(0.01)\n"), str(got)])
+    try:
+        while not got.with_suffix(".ready").exists():
+            assert child.poll() is None
+        before = signal.getsignal(signal.SIGUSR2)
+        with forwarded_signals(child):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert child.wait(timeout=60) == 0
+        assert got.read_text() == "SIGUSR1"
+        assert signal.getsignal(signal.SIGUSR2) is before  # handlers put back
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

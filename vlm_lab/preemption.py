@@ -33,9 +33,11 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -174,3 +176,31 @@ class Preemption(Callback):
         else:
             log.error("scontrol requeue %s failed (exit status %d); resume by hand with --resume",
                       job, result.returncode)
+
+
+# What a process that runs `vlm-lab fit` as a child (a sweep's SLURM job) passes on, and as what:
+# SLURM's warning signal, whichever the job asked for (submitit's `--signal=USR2@...` by default,
+# or USR1), becomes the requeue signal; SIGTERM stays SIGTERM.
+FORWARDED = {signal.SIGUSR1: REQUEUE_SIGNAL, signal.SIGUSR2: REQUEUE_SIGNAL, signal.SIGTERM: signal.SIGTERM}
+
+
+@contextmanager
+def forwarded_signals(child: subprocess.Popen) -> Iterator[None]:
+    """While in the block, SLURM's preemption signals to this process go to ``child`` (``FORWARDED``).
+
+    Only the main thread can take signals; elsewhere (a local sweep's worker threads) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if child.poll() is None:
+            child.send_signal(FORWARDED[signal.Signals(signum)])
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
