@@ -243,6 +243,7 @@ class ShardStream(IterableDataset):
         # batches each reader leaves out at the start of it (a resumed pass, see resume_point).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._skip = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._position = _Position(0, 0)  # a training reader's place in its pass (set by __iter__)
         # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
         self.embeddings: EmbeddingCache | None = None
 
