@@ -16,11 +16,13 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, UnidentifiedImageError
@@ -37,7 +39,8 @@ from vlm_lab.eval.suite import EvaluationSuite, build_evaluators, run_evaluators
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
-from vlm_lab.schema import EvalSettings
+from vlm_lab.preemption import AtomicCheckpointIO, Preemption, requeued_run, step_checkpoints
+from vlm_lab.schema import CheckpointSettings, EvalSettings
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
 from vlm_lab.sharding import build_strategy
@@ -85,6 +88,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
         # devices and num_nodes repeat it, so the YAML need not (and the laptop YAML runs unchanged).
         options.setdefault("devices", layout[0])
         options.setdefault("num_nodes", layout[1])
+    # Checkpoints are written to a sibling temporary file and renamed into place (vlm_lab/preemption.py).
+    plugins = options.get("plugins") or []
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        options["plugins"] = [*plugins, AtomicCheckpointIO()]
     # trainer.strategy: fsdp2 (or {name: fsdp2, ...}) becomes a strategy object (vlm_lab/sharding.py).
     options["strategy"] = build_strategy(options)
     # trainer.logger is Lightning's switch: false turns every logger off; else the `loggers` list.
@@ -110,7 +118,11 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if eval_settings.evaluators and eval_settings.every_n_epochs > 0:  # built now: a missing folder fails before training
         callbacks.append(EvaluationSuite(build_evaluators(eval_settings), eval_settings.every_n_epochs))
     if options.get("enable_checkpointing", True):
-        callbacks.append(checkpoints)
+        # Step checkpoints and preemption (vlm_lab/preemption.py): mid-epoch ones, which resume exactly.
+        settings = CheckpointSettings.from_config(_plain(cfg.get("checkpoint")))
+        callbacks += [checkpoints, *step_checkpoints(settings, run_dir / "checkpoints")]
+        if settings.on_signal:
+            callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
     if loggers:
         callbacks.append(ConfigHyperparameters(_plain(cfg)))
     # The config's callbacks (vlm_lab/callbacks.py): the default logging ones (lr, gradient norm, samples/s), the user's.
@@ -125,6 +137,8 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     ``resume=True`` continues from ``run_dir/checkpoints/last.ckpt`` (with no ``run_dir``: the most
     recent run of the same name).
     """
+    # A requeued SLURM job (vlm_lab/preemption.py) resumes by itself, in the run directory it had.
+    resume = resume or (requeued_run() and _run_dir(cfg, run_dir, False).joinpath("checkpoints", "last.ckpt").exists())
     run_dir = _run_dir(cfg, run_dir, resume)
     ckpt_path = None
     if resume:
@@ -137,7 +151,10 @@ def fit(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False
     datamodule = build_datamodule(cfg, module)
     trainer = build_trainer(cfg, run_dir)
     _save_config(cfg, run_dir)
-    with share_run_dir(run_dir), finishing_runs(trainer):
+    with share_run_dir(run_dir), finishing_runs(trainer), warnings.catch_warnings():
+        # Lightning warns on a mid-epoch resume unless the loader object keeps a state; vlm-lab's data
+        # modules keep the position in theirs and skip exactly the batches trained (data/epochs.py).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return read_metrics(run_dir)
 

@@ -137,6 +137,9 @@ class Throughput(Callback):
         self._batches = self._samples = 0
 
     # The clock runs during training epochs and stops for validation.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start()  # a run resumed mid-epoch gets no on_train_epoch_start for its first epoch
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start()
 

@@ -292,12 +292,14 @@ def _sweep(args: argparse.Namespace) -> int:
                          devices_per_run=args.devices_per_run)
     failed = [o for o in outcomes if o.status == "failed"]
     pruned = sum(o.status == "pruned" for o in outcomes)
+    preempted = sum(o.status == "preempted" for o in outcomes)  # a SLURM requeue finishes them
     if not args.dry_run:
         for o in outcomes:
             print(f"{o.status:>8}  {o.name}" + (f"  ({o.error})" if o.error else ""))
         print(f"{len(outcomes)} runs: {sum(o.status == 'done' for o in outcomes)} done, "
               f"{sum(o.status == 'skipped' for o in outcomes)} skipped (finished before), "
-              + (f"{pruned} pruned, " if pruned else "") + f"{len(failed)} failed; "
+              + (f"{pruned} pruned, " if pruned else "") + (f"{preempted} preempted, " if preempted else "")
+              + f"{len(failed)} failed; "
               f"results in {Path(args.out) / 'results.md'}")
     return min(len(failed), 100)  # the exit status counts the failed runs
 

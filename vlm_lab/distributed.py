@@ -23,6 +23,7 @@ second part (its backward sums over ranks); the losses are written so that the f
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -297,6 +298,15 @@ def launched_process_group(device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def slurm_job_id() -> str:
+    """This SLURM job's id: ``JOB``, or ``ARRAYJOB_TASK`` in a job array (what ``scontrol requeue`` takes)."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+    if not re.fullmatch(r"[0-9_]+", job):
+        raise ConfigError(f"SLURM job id {job!r} (SLURM_JOB_ID / SLURM_ARRAY_*) is not a job id")
+    return job
+
+
 def launch_run_id() -> str | None:
     """A name for this launch that every process of it computes alike, or None for a lone process.
 
@@ -309,8 +319,8 @@ def launch_run_id() -> str | None:
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if SLURMEnvironment.detect():  # one task too: a requeued job finds its run (vlm_lab/preemption.py)
+        return f"slurm-{slurm_job_id()}"
     if TorchElasticEnvironment.detect() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         if run_id == "none":

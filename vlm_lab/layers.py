@@ -50,6 +50,7 @@ LAYERS: tuple[Layer, ...] = (
                     "vlm_lab.contracts",
                     "vlm_lab.checkpoint_format",  # a checkpoint's rebuild spec: towers and tokenizer files
                     "vlm_lab.tracking", "vlm_lab.callbacks",  # loggers and callbacks by name
+                    "vlm_lab.preemption",  # step checkpoints, stopping on a signal, SLURM requeue
                     "vlm_lab.gradient_cache",  # the chunked contrastive step's autograd function
                     "vlm_lab.sharding")),  # FSDP2: sharding the parts, Lightning's strategy for it
     Layer("heads", ("vlm_lab.heads",)),

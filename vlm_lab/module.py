@@ -281,6 +281,10 @@ class VisionLanguageModule(L.LightningModule):
         # bypassing train(); re-apply the locks at every epoch so no path leaves them in train mode.
         self._keep_locked_parts_in_eval()
 
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch gets no on_train_epoch_start for that epoch (Lightning skips it).
+        self._keep_locked_parts_in_eval()
+
     def _keep_locked_parts_in_eval(self) -> None:
         # train() also runs while __init__ is still building the towers, before anything is locked.
         for parts in (getattr(self, "vision_locked", None), getattr(self, "text_locked", None)):

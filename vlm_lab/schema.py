@@ -353,6 +353,32 @@ class CacheSettings(Section):
         return Path(self.dir) if self.dir is not None else cache_root() / "embeddings"
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings(Section):
+    """``checkpoint``: step checkpoints and preemption (``vlm_lab/preemption.py``; docs/how-to/resume.md).
+
+    Epoch checkpoints (``epochNNN.ckpt`` and ``last.ckpt``) are always written. Step checkpoints are
+    ``stepNNNNNNN.ckpt`` (the global step) and refresh ``last.ckpt``, so ``--resume`` continues from
+    the newest of either, mid-epoch included.
+    """
+
+    where: ClassVar[str] = "checkpoint"
+
+    every_n_steps: int = setting(0, "also write a checkpoint every N optimizer steps (0: only at epoch ends)")
+    every_n_minutes: float = setting(0.0, "also write a checkpoint every T minutes of training (0: never)")
+    keep: int = setting(2, "step checkpoints kept (the newest; per trigger when both are set; -1: all)")
+    on_signal: bool = setting(True, "SIGTERM and SIGINT (on SLURM: SIGUSR1 and SIGTERM) write a checkpoint at the "
+                                    "end of the current step and stop the run; on SLURM the job requeues itself")
+
+    def check(self, where: str) -> None:
+        if self.every_n_steps < 0 or self.every_n_minutes < 0:
+            raise ConfigError(f"{where}: every_n_steps={self.every_n_steps} and every_n_minutes={self.every_n_minutes} "
+                              f"should be 0 (off) or more")
+        if self.keep == 0 or self.keep < -1:
+            raise ConfigError(f"{where}.keep={self.keep} should be the number of step checkpoints to keep (1 or "
+                              f"more), or -1 for all")
+
+
 def check_trainer_arguments(trainer: Any, where: str) -> None:
     """``trainer`` holds ``lightning.Trainer`` arguments only, and a precision Lightning accepts."""
     import lightning as L
@@ -408,6 +434,7 @@ class ExperimentConfig(Section):
     optim: OptimSettings = subsection(OptimSettings, "the optimizer and schedule")
     eval: EvalSettings = subsection(EvalSettings, "the evaluation suite: zero-shot, retrieval, probes")
     embedding_cache: CacheSettings = subsection(CacheSettings, "the locked-tower embedding cache")
+    checkpoint: CheckpointSettings = subsection(CheckpointSettings, "step checkpoints and preemption (resume mid-epoch)")
     trainer: dict[str, Any] = setting({}, "lightning.Trainer arguments (max_epochs, precision, devices...)",
                                       check=check_trainer_arguments)
     # Tracking (vlm_lab/tracking.py, vlm_lab/callbacks.py; docs/how-to/tracking.md).

@@ -49,6 +49,7 @@ from vlm_lab import search as search_spaces
 from vlm_lab import shipped
 from vlm_lab.api import load_config
 from vlm_lab.errors import ConfigError, did_you_mean
+from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 from vlm_lab.progress import progress
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs",
@@ -112,7 +113,7 @@ class Outcome:
     """How a run ended: ``pruned`` is an Optuna trial its pruner stopped early (``sampler: tpe``)."""
 
     name: str
-    status: Literal["done", "failed", "skipped", "planned", "pruned"]
+    status: Literal["done", "failed", "skipped", "planned", "pruned", "preempted"]
     seconds: float = 0.0
     error: str = ""
 
@@ -519,12 +520,16 @@ def run_one(run_: Run, run_dir: Path, env: Mapping[str, str] | None = None) -> O
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resuming' if resume else 'starting'} {run_.name}"
                   f"{where}\n")
         log.flush()
-        code = subprocess.call(run_.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, **env})
+        child = subprocess.Popen(run_.command(run_dir, resume), stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, **env})
+        with forwarded_signals(child):  # a SLURM job's preemption notice reaches the fit (vlm_lab/preemption.py)
+            code = child.wait()
     seconds = time.monotonic() - start
     if code == 0:
         (run_dir / DONE).write_text(json.dumps({"seconds": seconds, "overrides": list(run_.overrides)}) + "\n")
         return Outcome(run_.name, "done", seconds)
+    if code == EXIT_PREEMPTED:  # checkpointed and stopped by a signal; running the sweep again resumes it
+        return Outcome(run_.name, "preempted", seconds)
     tail = "".join((run_dir / LOG).read_text(errors="replace").splitlines(keepends=True)[-LOG_TAIL_LINES:])
     error = next((line for line in reversed(tail.splitlines()) if "error" in line.lower()), f"exit code {code}")
     (run_dir / FAILED).write_text(f"exit code: {code}\nerror: {error}\n--- last lines of {LOG} ---\n{tail}")

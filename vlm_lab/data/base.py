@@ -109,7 +109,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.epochs.set_epoch(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for."""
+        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for, and
+        the batches of it trained already (``epochs.TrainingEpochs``)."""
         return self.epochs.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -141,10 +142,12 @@ class CaptionDataModule(L.LightningDataModule):
         pin_memory = pins_memory(self.trainer)
         if isinstance(dataset, ShardStream):
             loader: DataLoader = StreamLoader(dataset, self.seed, epoch, num_workers=self.num_workers,
-                                              pin_memory=pin_memory, slots=self.slots(split))
+                                              pin_memory=pin_memory, slots=self.slots(split),
+                                              skip=self.epochs.skip if training else None)
         else:
             loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
-                                    self.num_workers, self.collate(split), self.seed, epoch, pin_memory)
+                                    self.num_workers, self.collate(split), self.seed, epoch, pin_memory,
+                                    skip=self.epochs.skip if training else None)
         if training:
             self.epochs.loader = loader
         return loader

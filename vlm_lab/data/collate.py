@@ -85,12 +85,14 @@ class ImageTextCollate:
 
 def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_workers: int,
                    collate_fn: ImageTextCollate, seed: int = 0,
-                   epoch: Callable[[], int] | None = None, pin_memory: bool = False) -> SlotLoader:
+                   epoch: Callable[[], int] | None = None, pin_memory: bool = False,
+                   skip: Callable[[], int] | None = None) -> SlotLoader:
     """The DataLoader of a map-style image-caption dataset: the one policy every data module uses.
 
     Training shuffles and drops the last partial batch (contrastive batches must keep their size,
     and one sample carries no signal), each pass seeded by (``seed``, ``epoch()``) (an
-    :class:`~vlm_lab.data.epochs.EpochLoader`; ``epoch`` is required in training). Evaluation keeps
+    :class:`~vlm_lab.data.epochs.EpochLoader`; ``epoch`` is required in training; ``skip``: the batches
+    of the pass to leave out, for a resumed run). Evaluation keeps
     every sample, in order. The loader receives the pixels ``collate_fn.slots`` hands over, and pins
     its batches with ``pin_memory`` (``handoff.pins_memory``: when training on CUDA).
     """
@@ -99,7 +101,7 @@ def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_worker
             raise ValueError("a training loader needs the epoch of each pass (epoch=...)")
         return EpochLoader(dataset, seed, epoch, batch_size=batch_size, shuffle=True, drop_last=True,
                            num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
-                           slots=collate_fn.slots)
+                           slots=collate_fn.slots, skip=skip)
     return SlotLoader(
         dataset,
         batch_size=batch_size,

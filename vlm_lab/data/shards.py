@@ -239,8 +239,11 @@ class ShardStream(IterableDataset):
             need = f"at least batch_size={batch_size} per rank in training" if self.train else "at least one"
             raise ConfigError(f"{split}: {total} sample(s) in {len(self.shards)} shard(s) leave rank {rank} of "
                               f"{world_size} nothing to read; it needs {need}")
-        # Shared memory: the workers read the epoch the main process sets before each pass.
+        # Shared memory: the workers read the epoch the main process sets before each pass, and the
+        # batches each reader leaves out at the start of it (a resumed pass, see resume_point).
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._skip = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._position = _Position(0, 0)  # a training reader's place in its pass (set by __iter__)
         # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
         self.embeddings: EmbeddingCache | None = None
 
@@ -280,8 +283,26 @@ class ShardStream(IterableDataset):
         """Batches per epoch on this rank (the same on every rank)."""
         return sum(math.ceil(q / self.batch_size) for q in self.quotas)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch of the next pass, and the batches every reader leaves out at its start."""
         self._epoch[0] = epoch
+        self._skip[0] = skip_batches
+
+    def resume_point(self, batches_done: int) -> tuple[int, int]:
+        """Where a pass resumed after ``batches_done`` batches starts: ``(rounds, drop)``.
+
+        A DataLoader hands out its workers' batches round robin, worker 0 first (a worker that runs
+        out is passed over), and a new iterator starts at worker 0 again. So each reader leaves out
+        its first ``rounds`` batches (the batches of the round the resumed pass starts in come first),
+        and the loader drops the first ``drop`` batches of the new iterator: those of that round
+        trained already.
+        """
+        batches = [math.ceil(q / self.batch_size) for q in self.quotas]
+        order = [(r, w) for r in range(max(batches, default=0)) for w in range(self.num_workers) if r < batches[w]]
+        if batches_done >= len(order):
+            return 0, 0
+        rounds = order[batches_done][0]
+        return rounds, sum(1 for r, _ in order[:batches_done] if r == rounds)
 
     @property
     def epoch(self) -> int:
@@ -299,12 +320,16 @@ class ShardStream(IterableDataset):
         slot, quota = self.slot(self.rank, worker), self.quotas[worker]
         rng = self._rng(slot)
         if info is not None and self.train:
-            # A persistent worker carries its random state over epochs; the random crops and caption
-            # draws it makes must depend on the epoch only (vlm_lab/seeding.py).
+            # A persistent worker carries its random state over epochs; what it draws must depend on
+            # the epoch only (vlm_lab/seeding.py). Each sample reseeds again (_decode).
             seed_process(epoch_seed(self.seed, self.epoch, slot))
+        # Samples decoded so far in this pass, and how many of the first ones a resumed pass leaves out.
+        self._position = _Position(slot, int(self._skip[0]) * self.batch_size if self.train else 0)
         samples = self._resampled(slot, rng) if self.resampled else self._passes(slot, rng)
         batch: list[dict[str, Any]] = []
         for sample in itertools.islice(samples, quota):
+            if sample is SKIPPED:
+                continue
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self.collate(batch)
@@ -420,13 +445,29 @@ class ShardStream(IterableDataset):
             if outputs is None:  # unusable when the cache was filled: counted as an uncached epoch would
                 sample = "undecodable image"
             else:
+                if self.train and not self._take_place():
+                    return SKIPPED
                 return {**outputs, "captions": sample["captions"], "image_id": sample["image_id"]}
         if isinstance(sample, str):
             if count_bad:
                 self.bad.record(sample, where(raw))
             return None
+        if self.train and not self._take_place():
+            return SKIPPED
         return {"pixel_values": self.transform(sample["image"]), "captions": sample["captions"],
                 "image_id": sample["image_id"]}
+
+    def _take_place(self) -> bool:
+        """Count a usable training sample in the reader's pass; False when a resumed pass leaves it out
+        (trained before the checkpoint: its place counts, its pixels are not needed). Else reseed the
+        process for it: its crops, and the caption draw the collate makes after a batch's last sample,
+        come from its place in the pass, not from what the worker drew before (vlm_lab/seeding.py)."""
+        position = self._position
+        number, position.decoded = position.decoded, position.decoded + 1
+        if number < position.skip:
+            return False
+        seed_process(epoch_seed(self.seed, self.epoch, position.slot, number, purpose="sample"))
+        return True
 
     # ---------------------------------------------------------------------------------------------
     # The embedding cache's interface for streams (vlm_lab/embedding_cache.py, CacheableStream)
@@ -446,6 +487,20 @@ class ShardStream(IterableDataset):
 
     def keyed_images(self) -> "KeyedImages":
         return KeyedImages(self.sources, self.transform, self.decode_size)
+
+
+@dataclass
+class _Position:
+    """A training reader's place in its pass: samples decoded so far, and how many of the first ones a
+    resumed pass leaves out (decoded, so bad samples are found as before, but not transformed)."""
+
+    slot: int
+    skip: int
+    decoded: int = 0
+
+
+# What _decode gives for a sample a resumed pass leaves out (ShardStream.__iter__ drops it).
+SKIPPED: dict[str, Any] = {"skipped": True}
 
 
 class KeyedImages(IterableDataset):
@@ -476,15 +531,20 @@ class StreamLoader(EpochLoader):
 
     The epoch is set in the main process just before the workers start a pass, so persistent and
     fresh workers alike shuffle for the right epoch; the stream seeds each worker from it too, so its
-    workers can stay alive between epochs. ``progress`` (see ``EpochLoader``) says whether a checkpoint
+    workers can stay alive between epochs. A resumed pass starts where the checkpoint left off
+    (``ShardStream.resume_point``): its readers read their trained samples again without transforming
+    them, and the loader drops the few batches of the round it starts in that were trained already. ``progress`` (see ``EpochLoader``) says whether a checkpoint
     was taken after the pass ended (see ``epochs.TrainingEpochs``). ``slots``: the ones the stream's
     collate stacks pixels into; ``pin_memory``: see ``handoff.SlotLoader``.
     """
 
     def __init__(self, stream: ShardStream, seed: int, epoch: Callable[[], int], num_workers: int,
-                 pin_memory: bool = False, slots: WorkerSlots | None = None) -> None:
+                 pin_memory: bool = False, slots: WorkerSlots | None = None,
+                 skip: Callable[[], int] | None = None) -> None:
         super().__init__(stream, seed, epoch, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                         persistent_workers=num_workers > 0, slots=slots)
+                         persistent_workers=num_workers > 0, slots=slots, skip=skip)
 
-    def start_pass(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+    def start_pass(self, epoch: int, skip: int) -> int:
+        rounds, drop = self.dataset.resume_point(skip) if skip else (0, 0)
+        self.dataset.set_epoch(epoch, rounds)
+        return drop

@@ -279,13 +279,15 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         dataset = self._datasets[split] = self.dataset(split)
         loader = caption_loader(dataset, training, self.batch_size, self.num_workers,
                                 ImageTextCollate(self.tokenizer, self.max_length, training), self.seed,
-                                lambda: self.epochs.next(self.trainer), pins_memory(self.trainer))
+                                lambda: self.epochs.next(self.trainer), pins_memory(self.trainer),
+                                skip=self.epochs.skip if training else None)
         if training:
             self.epochs.loader = loader
         return loader
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for."""
+        """What a checkpoint keeps of the data: the epoch a resumed run's first training pass is for, and
+        the batches of it trained already (``epochs.TrainingEpochs``)."""
         return self.epochs.state_dict(self.trainer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1,0 +1,128 @@
+"""Preemption: a signal makes ``vlm-lab fit`` checkpoint at the end of the step and stop; on SLURM the job
+requeues itself and the requeued run resumes exactly, without ``--resume``; a kill during a checkpoint
+write leaves the previous checkpoint loadable (vlm_lab/preemption.py, docs/how-to/resume.md).
+
+SLURM is imitated: its variables in the child's environment and an ``scontrol`` on ``PATH`` that writes
+down its arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_resume_mid_epoch import STEPS, TINY, assert_same_run, child_env, data_overrides, finish, start
+from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
+
+HERE = Path(__file__).parent
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """SLURM's variables for a one-task batch job 4242, and a stub scontrol that logs its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    variables = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
+                 "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    env = child_env(**variables, **extra)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.mark.slow
+def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes_exactly(tmp_path):
+    overrides = data_overrides(tmp_path, "synthetic_shapes", 0, 0)
+    uninterrupted = start(tmp_path / "uninterrupted", overrides)
+    try:
+        # The job runs in tmp_path without --run-dir: its run directory is named after the job.
+        run_dir = tmp_path / "work" / "runs" / "tiny" / "slurm-4242"
+        (tmp_path / "work").mkdir()
+        signalled = _start_in(tmp_path / "work", overrides, "callbacks=[{name: kill_at_step, step: 13, send: USR1}]",
+                              env=slurm_env(tmp_path))
+        code, err = finish(signalled)
+        assert code == EXIT_PREEMPTED, err[-3000:]
+        # The signal came as step 14 started: its checkpoint is the end of step 14.
+        assert global_step(run_dir / "checkpoints" / "last.ckpt") == 14
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # exactly once
+        requeued = _start_in(tmp_path / "work", overrides, env=slurm_env(tmp_path, SLURM_RESTART_COUNT="1"))
+        code, err = finish(requeued)
+        assert code == 0, err[-3000:]
+        code, err = finish(uninterrupted)
+        assert code == 0, err[-3000:]
+    finally:
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert_same_run(run_dir, tmp_path / "uninterrupted")
+
+
+def _start_in(cwd: Path, overrides: list[str], *extra: str, env: dict[str, str]) -> subprocess.Popen:
+    """``vlm-lab fit`` in ``cwd`` with no ``--run-dir``, as a SLURM job script runs it."""
+    return subprocess.Popen([sys.executable, str(HERE / "kill_at_step.py"), "fit", str(TINY), *STEPS, *overrides,
+                             *extra], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("send", ["TERM", "INT"])
+def test_sigterm_or_sigint_outside_slurm_checkpoint_the_step_and_stop(tmp_path, send):
+    overrides = data_overrides(tmp_path, "synthetic_shapes", 0, 0)
+    child = start(tmp_path / "run", overrides, f"callbacks=[{{name: kill_at_step, step: 5, send: {send}}}]")
+    code, err = finish(child)
+    assert code == EXIT_PREEMPTED, err[-3000:]
+    assert "Traceback" not in err
+    assert global_step(tmp_path / "run" / "checkpoints" / "last.ckpt") == 6
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
+    overrides = data_overrides(tmp_path, "synthetic_shapes", 0, 0)
+    killed = start(tmp_path / "run", overrides, "callbacks=[{name: kill_at_step, step: 12, during_save: true}]")
+    code, err = finish(killed)
+    assert code == -9, err[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert global_step(checkpoints / "last.ckpt") == 9  # the previous step checkpoint, whole
+    assert not (checkpoints / "step0000012.ckpt").exists()
+    resumed = start(tmp_path / "run", overrides, "--resume")
+    code, err = finish(resumed)
+    assert code == 0, err[-3000:]
+    assert global_step(checkpoints / "last.ckpt") == 16
+
+
+def test_a_sweep_job_forwards_slurms_warning_signal_to_its_fit(tmp_path):
+    # A sweep's SLURM job runs `vlm-lab fit` as a child (vlm_lab/sweep.py, run_one): submitit's SIGUSR2
+    # (or SIGUSR1) reaches the child as SIGUSR1, the signal vlm-lab checkpoints and requeues on.
+    got = tmp_path / "got"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, signal, sys, time\n"
+        "got = pathlib.Path(sys.argv[1])\n"
+        "signal.signal(signal.SIGUSR1, lambda s, f: got.write_text(signal.Signals(s).name))\n"
+        "got.with_suffix('.ready').touch()\n"
+        "while not got.exists(): time.sleep(0.01)\n"), str(got)])
+    try:
+        while not got.with_suffix(".ready").exists():
+            assert child.poll() is None
+        before = signal.getsignal(signal.SIGUSR2)
+        with forwarded_signals(child):
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert child.wait(timeout=60) == 0
+        assert got.read_text() == "SIGUSR1"
+        assert signal.getsignal(signal.SIGUSR2) is before  # handlers put back
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -1,0 +1,209 @@
+"""A run killed in the middle of an epoch resumes from its latest step checkpoint exactly.
+
+For each data module: ``vlm-lab fit`` with step checkpoints, SIGKILLed one step after a step
+checkpoint in its second epoch (``tests/kill_at_step.py``), then ``--resume``: the final weights
+equal the uninterrupted run's (<= 1e-6) and so does ``metrics.json``. Also: the step-checkpoint
+settings, keep-N, a kill during a checkpoint write, and the loaders' own skip (no training).
+See docs/explanation/resume.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets_on_disk import TINY_IMAGES, jpeg_bytes, write_shard
+from vlm_lab import registry
+from vlm_lab.errors import ConfigError
+from vlm_lab.tokenizer import load_tokenizer
+
+HERE = Path(__file__).parent
+TINY = HERE / "configs" / "tiny.yaml"
+KILL_AT_STEP = HERE / "kill_at_step.py"
+TIMEOUT = 900  # seconds; a fit takes a few on an idle machine, minutes on one busy with other training
+
+# Two epochs of 8 steps; a step checkpoint every 3 steps; the kill comes when step 14 starts, so step
+# 13 (the fifth of epoch 1) is lost and the resumed run starts from the checkpoint of step 12.
+STEPS = ["trainer.max_epochs=2", "optim.lr=0.002", "checkpoint.every_n_steps=3", "checkpoint.keep=2"]
+KILL = "callbacks=[{name: kill_at_step, step: 13}]"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
+
+def start(run_dir: Path, overrides: list[str], *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``vlm-lab fit`` (through the helper that knows kill_at_step) as a child process."""
+    return subprocess.Popen([sys.executable, str(KILL_AT_STEP), "fit", str(TINY), "--run-dir", str(run_dir),
+                             *STEPS, *overrides, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env or child_env())
+
+
+def finish(child: subprocess.Popen) -> tuple[int, str]:
+    _, err = child.communicate(timeout=TIMEOUT)
+    return child.returncode, err
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    a, b = final_weights(resumed), final_weights(uninterrupted)
+    assert a.keys() == b.keys()
+    worst = max((x.double() - b[k].double()).abs().max().item() for k, x in a.items() if x.is_floating_point())
+    assert worst <= 1e-6, worst
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics == json.loads((uninterrupted / "metrics.json").read_text())
+    assert (metrics["epoch"], metrics["step"]) == (1, 16)
+
+
+def kill_and_resume(tmp_path: Path, overrides: list[str]) -> None:
+    """The uninterrupted run beside the killed one; then the resume; then the comparison."""
+    uninterrupted = start(tmp_path / "uninterrupted", overrides)
+    killed = start(tmp_path / "killed", overrides, KILL)
+    try:
+        code, err = finish(killed)
+        assert code == -signal.SIGKILL, err[-3000:]
+        checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+        assert checkpoints == ["epoch000.ckpt", "last.ckpt", "step0000009.ckpt", "step0000012.ckpt"], checkpoints
+        resumed = start(tmp_path / "killed", overrides, "--resume")
+        code, err = finish(resumed)
+        assert code == 0, err[-3000:]
+        code, err = finish(uninterrupted)
+        assert code == 0, err[-3000:]
+    finally:
+        for child in (uninterrupted, killed):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data on disk: 64 small JPEGs with 4 captions each, as COCO annotations, a caption table and shards
+
+
+def coco_files(folder: Path, count: int = 64) -> tuple[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(count)]
+    for i in range(count):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)))
+    annotations = [{"image_id": i, "caption": f"image {i} caption {c}"} for i in range(count) for c in range(4)]
+    (folder / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return str(folder / "captions.json"), str(folder)
+
+
+def table_file(folder: Path, count: int = 64) -> str:
+    coco_files(folder, count)
+    (folder / "captions.tsv").write_text("".join(f"{i}.jpg\timage {i} caption\n" for i in range(count)))
+    return str(folder / "captions.tsv")
+
+
+def shard_files(folder: Path, shards: int = 2, count: int = 64) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    per = count // shards
+    for s in range(shards):
+        write_shard(folder / f"{s:05d}.tar", [
+            {"__key__": f"{i:09d}", "jpg": jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)), "txt": f"image {i}",
+             "json": json.dumps({"captions": [f"image {i} caption {c}" for c in range(4)]})}
+            for i in range(s * per, (s + 1) * per)])
+    return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, processes: int = 1) -> list[str]:
+    """Overrides for 8 training steps per epoch, batches of 8, on ``processes`` gloo processes."""
+    common = [f"data.num_workers={workers}", "data.batch_size=8"]
+    if processes > 1:  # Lightning's own launcher: this process becomes rank 0 and starts the others
+        common += [f"trainer.devices={processes}", "trainer.strategy=ddp"]
+    if layout == "synthetic_shapes":
+        return ["data.train_size=64", *common]
+    common += [f"data.worker_slots={slots}", "data.augment=true"]
+    if layout == "coco_captions":
+        ann, images = coco_files(tmp_path / "data", 64 * processes)
+        return ["data.name=coco_captions", f"data.train_ann={ann}", f"data.train_images={images}",
+                f"data.val_ann={ann}", f"data.val_images={images}", *common]
+    if layout == "cc3m_table":
+        table = table_file(tmp_path / "data")
+        return ["data.name=cc3m", f"data.train_table={table}", f"data.val_table={table}", *common]
+    # Shards spread over ranks x workers: two per reader with 2 processes x 2 workers.
+    shards = shard_files(tmp_path / "data", shards=2 * processes * processes, count=64 * processes)
+    return ["data.name=cc3m", f"data.train_shards={shards}", f"data.val_shards={shards}", "data.shuffle_buffer=8",
+            *common]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
+    kill_and_resume(tmp_path, data_overrides(tmp_path, "synthetic_shapes", 0, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, workers, slots", [
+    ("synthetic_shapes", 2, 0),
+    ("coco_captions", 0, 0),
+    ("coco_captions", 2, 4),  # loader workers hand pixels over in shared-memory slots
+    ("coco_captions", 2, 0),  # ... or as PyTorch does
+    ("cc3m_table", 2, 4),
+    ("cc3m_shards", 0, 0),
+    ("cc3m_shards", 2, 4),
+    ("cc3m_shards", 2, 0),
+])
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots):
+    kill_and_resume(tmp_path, data_overrides(tmp_path, layout, workers, slots))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions"])
+def test_sigkill_mid_epoch_then_resume_is_exact_on_two_processes(tmp_path, layout):
+    # Two gloo processes x two loader workers; map-style data goes through Lightning's DistributedSampler.
+    kill_and_resume(tmp_path, data_overrides(tmp_path, layout, 2, 4, processes=2))
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaders' skip, without training: a pass resumed after k batches gives the uninterrupted pass's
+# batches from k on, with the same pixels (crops) and captions.
+
+
+def batches(loader) -> list[tuple]:
+    return [(b["image_ids"].tolist(), b["captions"], b["pixel_values"]) for b in loader]
+
+
+@pytest.mark.parametrize("layout, workers", [("coco_captions", 0), ("coco_captions", 2), ("cc3m_shards", 0),
+                                             ("cc3m_shards", 2), ("cc3m_shards", 3)])
+@pytest.mark.parametrize("done", [1, 3, 5])
+def test_a_resumed_pass_gives_the_rest_of_the_uninterrupted_one(tmp_path, layout, workers, done):
+    if layout == "coco_captions":
+        ann, images = coco_files(tmp_path / "data", 40)
+        spec = {"name": layout, "train_ann": ann, "train_images": images}
+    else:  # three shards: with 2 or 3 workers the readers' batch counts differ
+        spec = {"name": "cc3m", "train_shards": shard_files(tmp_path / "data", shards=3, count=42), "shuffle_buffer": 4}
+    tokenizer = load_tokenizer(None)
+
+    def datamodule():
+        return registry.build("datamodule", {**spec, "batch_size": 4, "num_workers": workers, "augment": True},
+                              tokenizer=tokenizer, image_config=TINY_IMAGES, max_length=32)
+
+    whole = batches(datamodule().train_dataloader())
+    resumed = datamodule()
+    resumed.load_state_dict({"next_epoch": 0, "batches_done": done})
+    rest = batches(resumed.train_dataloader())
+    assert len(rest) == len(whole) - done
+    for (ids, captions, pixels), (ids_again, captions_again, pixels_again) in zip(whole[done:], rest, strict=True):
+        assert ids == ids_again and captions == captions_again
+        assert torch.equal(pixels, pixels_again)
+
+
+def test_checkpoint_settings_are_checked():
+    import vlm_lab
+
+    for override, message in (("checkpoint.every_n_steps=-1", "every_n_steps=-1"), ("checkpoint.keep=0", "keep=0"),
+                              ("checkpoint.every_n_step=5", "every_n_steps")):
+        with pytest.raises(ConfigError, match=message):
+            vlm_lab.load_config(TINY, overrides=[override])
