@@ -41,7 +41,7 @@ RECIPES = {
     "quickstart": [REPOSITORY / "experiments" / "quickstart.yaml"],
     "lit": [REPOSITORY / "experiments" / "lit" / "flickr8k_lit.yaml"],
 }
-ONE_STEP = ["data={name: synthetic_shapes, train_size: 16, val_size: 8, batch_size: 8}", "zeroshot.root=null",
+ONE_STEP = ["data={name: synthetic_shapes, train_size: 16, val_size: 8, batch_size: 8}", "eval.every_n_epochs=0",
             "embedding_cache.storage=memory", "trainer.max_steps=1", "trainer.max_epochs=1",
             "trainer.accelerator=cpu", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.logger=false"]

@@ -98,7 +98,7 @@ def main() -> None:
         common = [f"data.train_ann={subset_captions(args.images, tmp)}", f"trainer.max_epochs={args.epochs}",
                   "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.logger=false",
                   "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-                  "zeroshot.root=null", "embedding_cache.storage=memory",
+                  "eval.every_n_epochs=0", "embedding_cache.storage=memory",
                   # One process does all the work, so its CPU time is the cost (other jobs on the
                   # machine inflate wall-clock time, much less CPU time).
                   "data.num_workers=0", "embedding_cache.num_workers=0",

@@ -117,7 +117,7 @@ def overrides(limit_batches: int | None, extra: list[str] = (), shards: Path | N
            "model.embed_dim=256", *data,
            "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
            "trainer.logger=false", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", "zeroshot.root=null"]
+           "trainer.enable_model_summary=false", "eval.every_n_epochs=0"]
     if limit_batches is not None:
         run.append(f"trainer.limit_train_batches={limit_batches}")
     return run + list(extra)

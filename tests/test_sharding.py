@@ -282,13 +282,19 @@ def test_tied_caption_embedding_is_refused_in_one_line():
 
 @pytest.fixture
 def process_group_cleanup():
-    """A one-process fit under the strategy starts a gloo group in this process; end it afterwards,
-    so that later tests that start their own group find none."""
+    """A one-process fit under the strategy starts a gloo group in this process and Lightning writes
+    its address (MASTER_ADDR, MASTER_PORT, ...) into os.environ; end the group and restore those
+    variables afterwards, so that later tests, and the processes they start, find neither."""
     import torch.distributed as dist
+    from test_distributed_launch import _is_launcher_variable
 
+    before = {k: v for k, v in os.environ.items() if _is_launcher_variable(k)}
     yield
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key in [k for k in os.environ if _is_launcher_variable(k)]:
+        del os.environ[key]
+    os.environ.update(before)
 
 
 def test_one_process_sharded_fit(tmp_path, process_group_cleanup):

@@ -19,7 +19,7 @@ import inspect
 import io
 import math
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Callable, Sequence
 
 import lightning as L
 import torch
@@ -448,8 +448,11 @@ class VisionLanguageModule(L.LightningModule):
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
             fused=_fused_adamw([p for params in groups.values() for p in params]),
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = cosine_with_warmup(cfg.warmup_steps, total, cfg.min_lr_ratio)
+        # The schedule's length is asked for when a step first needs it, not now: estimating it reads the
+        # training loader, and under a strategy that restores its checkpoint after setup (fsdp2) reading
+        # it now would start the first pass before the data module gets its checkpointed position back.
+        schedule = cosine_with_warmup(cfg.warmup_steps, lambda: max(1, int(self.trainer.estimated_stepping_batches)),
+                                      cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
@@ -530,13 +533,21 @@ class VisionLanguageModule(L.LightningModule):
         log_caption_examples(self, stage, rows[:self.generation_settings.log_examples])
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier: linear warm-up to 1, then a cosine decay to ``min_ratio`` at ``total_steps``."""
+def cosine_with_warmup(warmup_steps: int, total_steps: int | Callable[[], int], min_ratio: float):
+    """LR multiplier: linear warm-up to 1, then a cosine decay to ``min_ratio`` at ``total_steps``.
+
+    ``total_steps`` may be a function, called once, at the first step past the warm-up that needs it.
+    """
+    total: list[int] = [] if callable(total_steps) else [total_steps]
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if step == warmup_steps:
+            return 1.0  # the cosine's start, whatever the total
+        if not total:
+            total.append(total_steps())
+        progress = min(1.0, (step - warmup_steps) / max(1, total[0] - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier
