@@ -448,11 +448,16 @@ class VisionLanguageModule(L.LightningModule):
             lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
             fused=_fused_adamw([p for params in groups.values() for p in params]),
         )
-        # The schedule's length is asked for when a step first needs it, not now: estimating it reads the
-        # training loader, and under a strategy that restores its checkpoint after setup (fsdp2) reading
-        # it now would start the first pass before the data module gets its checkpointed position back.
-        schedule = cosine_with_warmup(cfg.warmup_steps, lambda: max(1, int(self.trainer.estimated_stepping_batches)),
-                                      cfg.min_lr_ratio)
+        # The schedule's length: estimating it reads the training loader (which also surfaces a bad training
+        # file before the sanity check). Under a strategy that restores its checkpoint after setup (fsdp2)
+        # reading it now would start the first pass before the data module gets its checkpointed position
+        # back, so there it is asked for when a step first needs it.
+        def length() -> int:
+            return max(1, int(self.trainer.estimated_stepping_batches))
+
+        restores_after_setup = getattr(getattr(self.trainer, "strategy", None), "restore_checkpoint_after_setup", False)
+        total = length if restores_after_setup else length()
+        schedule = cosine_with_warmup(cfg.warmup_steps, total, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
