@@ -35,6 +35,7 @@ the step holds one set of gradients, as an unchunked step does.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -195,8 +196,10 @@ class _ChunkedRun:
         returns the weights' gradients summed over the chunks (None for a weight none of them used)."""
         outer = _RandomState.capture(self.device)
         sharded = any(isinstance(p, DTensor) for p in self.parameters)
+        # Sharded, the gradients land in the shards' .grad (FSDP2's hooks): nothing to add up here.
+        sums = None if sharded else _GradientSums(self.parameters)
         try:
-            with torch.enable_grad(), torch.autocast(**self.autocast), _GradientSums(self.parameters) as sums:
+            with torch.enable_grad(), torch.autocast(**self.autocast), sums or contextlib.nullcontext():
                 for chunk in self.chunks:
                     chunk.random_state.restore()
                     outputs = self.encode(chunk.inputs, chunk.frozen)
@@ -215,7 +218,7 @@ class _ChunkedRun:
                         torch.autograd.grad([o for o, _ in pairs], self.parameters, [g for _, g in pairs],
                                             allow_unused=True)
                     del outputs, pairs  # this chunk's graph is gone before the next one is built
-                return [None] * len(self.parameters) if sharded else sums.result()
+                return [None] * len(self.parameters) if sums is None else sums.result()
         finally:
             outer.restore()  # the recomputation leaves the caller's random streams as it found them
 
