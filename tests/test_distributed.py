@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 TESTS = Path(__file__).resolve().parent
 TINY_CONFIG = TESTS / "configs" / "tiny.yaml"
@@ -197,6 +198,7 @@ def test_weight_decay_groups_survive_fsdp_flattening(tiny_module):
 
     class FakeTrainer:
         estimated_stepping_batches = 10
+        strategy = SingleDeviceStrategy("cpu")  # restores a checkpoint before setup
 
     tiny_module.trainer = FakeTrainer()
 

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import vlm_lab
 from vlm_lab.data.collate import ImageTextCollate, image_to_tensor
@@ -66,8 +67,9 @@ def test_resume_continues_from_last_checkpoint(tiny_config, tmp_path):
 def test_weight_decay_spares_biases_norms_and_temperature(tiny_module):
     class FakeTrainer:
         estimated_stepping_batches = 10
+        strategy = SingleDeviceStrategy("cpu")  # restores a checkpoint before setup
 
-    tiny_module.trainer = FakeTrainer()  # only the step count is read
+    tiny_module.trainer = FakeTrainer()  # only the step count and the strategy are read
     optimizer = tiny_module.configure_optimizers()["optimizer"]
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     names = {id(p): n for n, p in tiny_module.named_parameters()}
@@ -80,6 +82,7 @@ def test_weight_decay_spares_biases_norms_and_temperature(tiny_module):
 def test_lr_scale_sets_each_towers_learning_rate(tiny_config):
     class FakeTrainer:
         estimated_stepping_batches = 10
+        strategy = SingleDeviceStrategy("cpu")  # restores a checkpoint before setup
 
     cfg = vlm_lab.load_config(TINY_CONFIG, overrides=["optim.lr=1e-3", "optim.lr_scale.text=0.1"])
     module = vlm_lab.build_module(cfg)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from timm.data import create_transform
 
 import vlm_lab
@@ -80,6 +81,7 @@ def test_timm_vits_take_patch_drop_rate_through_model_args():
 
 class FakeTrainer:
     estimated_stepping_batches = 10
+    strategy = SingleDeviceStrategy("cpu")  # restores a checkpoint before setup
 
 
 def lr_of_each_parameter(module) -> dict[str, tuple[float, float]]:

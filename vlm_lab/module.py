@@ -455,8 +455,7 @@ class VisionLanguageModule(L.LightningModule):
         def length() -> int:
             return max(1, int(self.trainer.estimated_stepping_batches))
 
-        restores_after_setup = getattr(getattr(self.trainer, "strategy", None), "restore_checkpoint_after_setup", False)
-        total = length if restores_after_setup else length()
+        total = length if self.trainer.strategy.restore_checkpoint_after_setup else length()
         schedule = cosine_with_warmup(cfg.warmup_steps, total, cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
