@@ -28,12 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lightning as L  # noqa: E402
 
-import vlm_lab  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).parent))
 # Batch end to batch end. Lightning runs checkpoint callbacks after the others, so a checkpoint
 # written at a step's end falls in the next interval.
-from tracking_overhead import WARMUP, StepTimer  # noqa: E402
+from tracking_overhead import WARMUP, StepTimer, timed_fit  # noqa: E402
 
 
 class SaveTimer:
@@ -58,15 +56,10 @@ def one_fit(config: str, steps: int, batch_size: int, every: int) -> tuple[StepT
                  "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.logger=false",
                  "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                  "trainer.accelerator=cpu", f"checkpoint.every_n_steps={every}"]
-    cfg = vlm_lab.load_config(config, overrides=overrides)
-    L.seed_everything(0, verbose=False)
-    module = vlm_lab.build_module(cfg)
-    timer = StepTimer()
+    timers: list[SaveTimer] = []
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = vlm_lab.build_trainer(cfg, run_dir)
-        trainer.callbacks.append(timer)
-        saves = SaveTimer(trainer)
-        trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+        timer = timed_fit(config, overrides, run_dir, prepare=lambda trainer: timers.append(SaveTimer(trainer)))
+        saves = timers[0]
         written = sorted(Path(run_dir, "checkpoints").glob("step*.ckpt"))
         size = written[-1].stat().st_size if written else None
     timer.wall, timer.cpu = timer.wall[WARMUP:], timer.cpu[WARMUP:]

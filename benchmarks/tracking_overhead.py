@@ -17,6 +17,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,21 +45,30 @@ class StepTimer(L.Callback):
         self._last = now
 
 
+def timed_fit(config: str, overrides: list[str], run_dir: str,
+              prepare: Callable[[L.Trainer], None] | None = None) -> StepTimer:
+    """One fit of ``config`` with ``overrides`` in ``run_dir``, seeded, timed step by step; ``prepare``
+    gets the trainer before it fits (benchmarks/step_checkpoint_cost.py times its saves there)."""
+    cfg = vlm_lab.load_config(config, overrides=overrides)
+    L.seed_everything(0, verbose=False)
+    module = vlm_lab.build_module(cfg)
+    timer = StepTimer()
+    trainer = vlm_lab.build_trainer(cfg, run_dir)
+    trainer.callbacks.append(timer)
+    if prepare is not None:
+        prepare(trainer)
+    trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+    return timer
+
+
 def one_fit(config: str, steps: int, batch_size: int, defaults: bool) -> StepTimer:
     overrides = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", f"data.batch_size={batch_size}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
                  "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu"]
     if not defaults:
         overrides.append("default_callbacks=[]")
-    cfg = vlm_lab.load_config(config, overrides=overrides)
-    L.seed_everything(0, verbose=False)
-    module = vlm_lab.build_module(cfg)
-    timer = StepTimer()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = vlm_lab.build_trainer(cfg, run_dir)
-        trainer.callbacks.append(timer)
-        trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
-    return timer
+        return timed_fit(config, overrides, run_dir)
 
 
 def main() -> None:
