@@ -126,6 +126,8 @@ def test_a_spec_argument_absent_from_the_config_can_be_searched(tmp_path):
     ("search: {optim.lr: {uniform: [0.1, 0.1]}}", r"search.optim.lr: uniform needs low < high, got \[0.1, 0.1\]"),
     ("search: {optim.lr: {log_uniform: [0.0, 0.1]}}", r"search.optim.lr: log_uniform needs positive bounds"),
     ("search: {optim.lr: {uniform: [0.1]}}", r"uniform should be \[low, high\], two numbers"),
+    ("search: {optim.lr: {log_uniform: [1e-5, 1.0e-3]}}",  # YAML 1.1: an exponent without a dot is text
+     r"two numbers, got \['1e-5', 0.001\] \(YAML reads 1e-5 as text: write it with a dot, e.g. 1.0e-5\)"),
     ("search: {model.vision.layers: {int_uniform: [1, 2.5]}}", r"int_uniform should be \[low, high\], two integers"),
     ("search: {optim.lr: {choice: []}}", "choice should be a non-empty list"),
     ("search: {optim.lrr: {uniform: [0.1, 0.2]}}", r"search.optim.lrr: 'optim.lrr' is not a key of the sweep's "
