@@ -138,3 +138,15 @@ def test_config_reference_command(capsys):
     assert capsys.readouterr().out.strip() == reference_markdown().strip()
     assert main(["config-reference", "optm"]) == 2
     assert "no section 'optm'. Did you mean 'optim'" in capsys.readouterr().err
+
+
+def test_exponents_without_a_dot_are_numbers_as_on_the_command_line(tmp_path):
+    # PyYAML (YAML 1.1) would read 1e-3 as the string "1e-3"; vlm_lab/yaml_text.py reads it as YAML 1.2,
+    # OmegaConf's overrides and Python do. Quoted, it stays text, and the schema refuses it.
+    file = write(tmp_path / "lr.yaml", "optim: {lr: 1e-3, weight_decay: 5E-2, eps: -.5e-8}\n")
+    cfg = load_config(file)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps) == (1e-3, 5e-2, -5e-9)
+    assert cfg.optim.lr == load_config(overrides=["optim.lr=1e-3"]).optim.lr
+    quoted = write(tmp_path / "quoted.yaml", "optim: {lr: '1e-3'}\n")
+    with pytest.raises(ConfigError, match=r"optim.lr='1e-3' should be a number"):
+        load_config(quoted)

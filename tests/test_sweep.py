@@ -39,6 +39,15 @@ grid:
     assert all(r.base == (str(Path(TINY).resolve()),) for r in runs)
 
 
+def test_grid_values_written_without_a_dot_are_numbers(tmp_path):
+    # 1e-3 is a number in a sweep file as in a config file (vlm_lab/yaml_text.py), so the run is named
+    # and overridden exactly like one written 1.0e-3
+    dotless = sweep.expand(write_sweep(tmp_path, "base: [TINY]\ngrid: {optim.lr: [1e-3, 3e-4]}\n", "a.yaml"))
+    dotted = sweep.expand(write_sweep(tmp_path, "base: [TINY]\ngrid: {optim.lr: [1.0e-3, 3.0e-4]}\n", "b.yaml"))
+    assert [r.swept for r in dotless] == [r.swept for r in dotted] == [{"optim.lr": 1e-3}, {"optim.lr": 3e-4}]
+    assert [r.name for r in dotless] == [r.name for r in dotted] == ["lr=0.001", "lr=0.0003"]
+
+
 def test_explicit_runs_cross_the_grid_and_names_stay_unique(tmp_path):
     file = write_sweep(tmp_path, """
 base: [TINY]

@@ -29,6 +29,7 @@ from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.shipped import config_source
 from vlm_lab.schema import ExperimentConfig, declarations, defaults, from_section, spec_fields, spec_list_fields
 from vlm_lab.typecheck import type_name
+from vlm_lab.yaml_text import load_yaml
 
 # Where the registry specs sit in a config, and their kinds (from the schema).
 SPECS: dict[tuple[str, ...], str] = {path: field.metadata["spec"] for path, field in spec_fields().items()}
@@ -131,7 +132,7 @@ def _dotted_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
 def _read_yaml(file: str | Path) -> dict[str, Any]:
     source = config_source(file)  # a file, or a packaged experiment's name ("quickstart")
     try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8"))  # safe_load: a config never constructs Python objects
+        data = load_yaml(source.read_text(encoding="utf-8"))  # safe: a config never constructs Python objects
     except yaml.YAMLError as e:
         raise ConfigError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:
@@ -207,7 +208,9 @@ def reference_markdown() -> str:
     out = ["# Configuration reference", "",
            "Generated from the schema (`vlm_lab/schema.py`) by `vlm_lab.config.reference_markdown()`; "
            "`vlm-lab config-reference` prints the same. A config is YAML files merged left to right, then "
-           "`key=value` overrides; `${...}` interpolations are resolved before the values are checked.", ""]
+           "`key=value` overrides; `${...}` interpolations are resolved before the values are checked. "
+           "Numbers read the same in a file and an override: `1e-3` is the float 0.001 in both (YAML 1.2's "
+           "rule; plain PyYAML would read it as text), and a quoted `'1e-3'` is text.", ""]
     for title, introduction, rows in reference_tables():
         header = ("argument", "type", "default") if title.startswith("data: ") else \
             ("name", "what", "") if title.endswith(" names") else ("key", "type", "default")

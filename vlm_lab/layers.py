@@ -43,7 +43,7 @@ class Layer:
 
 LAYERS: tuple[Layer, ...] = (
     Layer("foundation", ("vlm_lab.errors", "vlm_lab.paths", "vlm_lab.shipped", "vlm_lab.progress",
-                         "vlm_lab.seeding", "vlm_lab.typecheck", "vlm_lab.registry", "vlm_lab.distributed",
+                         "vlm_lab.seeding", "vlm_lab.typecheck", "vlm_lab.yaml_text", "vlm_lab.registry", "vlm_lab.distributed",
                          "vlm_lab.eval.templates")),  # prompt lists only, importable from any layer
     Layer("config", ("vlm_lab.schema", "vlm_lab.config")),
     Layer("parts", ("vlm_lab.towers", "vlm_lab.losses", "vlm_lab.tokenizer", "vlm_lab.locking",

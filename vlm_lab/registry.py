@@ -34,6 +34,7 @@ import yaml
 from vlm_lab import shipped
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.typecheck import type_problem
+from vlm_lab.yaml_text import load_yaml
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; annotations only
     from importlib.resources.abc import Traversable
@@ -265,7 +266,7 @@ def _read_catalog(folder: CatalogFolder) -> list[Card]:
 
 def _read_card(path: Path | Traversable, kind: str, folder: CatalogFolder) -> Card:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"card {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict) or "builds" not in data or set(data) - {"builds", "args", "description"}:

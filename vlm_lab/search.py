@@ -98,8 +98,7 @@ def _parameter(key: Any, spec: Any, where: str, config: Mapping[str, Any]) -> Pa
     if not isinstance(values, list) or len(values) != 2 or not all(
             isinstance(v, number) and not isinstance(v, bool) for v in values):
         kinds = "integers" if kind == "int_uniform" else "numbers"
-        raise ConfigError(f"{place}: {kind} should be [low, high], two {kinds}, got {values!r}"
-                          + _yaml_exponent_hint(values))
+        raise ConfigError(f"{place}: {kind} should be [low, high], two {kinds}, got {values!r}")
     low, high = values
     if low >= high:
         raise ConfigError(f"{place}: {kind} needs low < high, got [{low}, {high}]")
@@ -107,19 +106,6 @@ def _parameter(key: Any, spec: Any, where: str, config: Mapping[str, Any]) -> Pa
         raise ConfigError(f"{place}: log_uniform needs positive bounds, got [{low}, {high}]; "
                           f"use uniform for a range that includes 0")
     return Parameter(key, kind, (low, high))
-
-
-def _yaml_exponent_hint(values: Any) -> str:
-    """Why ``1e-5`` arrived as a string: YAML 1.1 (PyYAML) reads an exponent without a dot as text."""
-    def looks_numeric(value: Any) -> bool:
-        try:
-            float(value)
-        except (TypeError, ValueError):
-            return False
-        return isinstance(value, str)
-
-    text = [v for v in values if looks_numeric(v)] if isinstance(values, list) else []
-    return f" (YAML reads {text[0]} as text: write it with a dot, e.g. 1.0e-5)" if text else ""
 
 
 def sample_trials(space: Sequence[Parameter], trials: int, seed: int) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ from vlm_lab.api import load_config
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 from vlm_lab.progress import progress
+from vlm_lab.yaml_text import load_yaml
 
 SWEEP_KEYS = ("base", "overrides", "grid", "runs",
               "search", "trials", "seed", "sampler", "metric", "direction", "pruner",  # search spaces
@@ -289,7 +290,7 @@ def _read_sweep(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(spec, dict):
