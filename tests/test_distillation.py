@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 import vlm_lab
 from interop_helpers import perturb, save_checkpoint
 from vlm_lab.cli import main
-from vlm_lab.distillation import teacher_pixels
+from vlm_lab.distillation import TeacherCache, teacher_pixels
 from vlm_lab.errors import ConfigError
 from vlm_lab.interop import export, load_teacher
 from vlm_lab.losses import SimilarityDistillation
@@ -213,3 +214,60 @@ def test_distillation_from_the_command_line(teacher_checkpoint, capsys, tmp_path
     assert main(["check", TINY, "model.distill.teacher=/no/such.ckpt", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint file or CLIP folder at /no/such.ckpt" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher cache (model.distill.cache)
+
+
+class TeacherCalls(L.Callback):
+    """Teacher forward calls (vision and text towers) per training epoch, and what the batches held."""
+
+    def __init__(self, teacher) -> None:
+        self.per_epoch, self.batch_keys, self.epoch = [], set(), None
+        for tower in (teacher.module.vision, teacher.module.text):
+            tower.register_forward_hook(self.count)
+
+    def count(self, *args) -> None:
+        if self.epoch is not None:
+            self.per_epoch[self.epoch] += 1
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch = len(self.per_epoch)
+        self.per_epoch.append(0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_keys |= set(batch)
+
+
+def distil(teacher_checkpoint: str, run_dir: Path, *overrides: str):
+    """Fit the tiny student for two epochs with the teacher; return its weights, the teacher's calls per
+    epoch, the batches' keys and the teacher cache's report."""
+    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}", "trainer.max_epochs=2",
+                                               "trainer.enable_checkpointing=false", *overrides])
+    L.seed_everything(0)
+    module = vlm_lab.build_module(cfg)
+    trainer = vlm_lab.api.build_trainer(cfg, run_dir)
+    calls = TeacherCalls(module.teacher)
+    trainer.callbacks.append(calls)
+    trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+    cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
+    return module.state_dict(), calls, cache.report if cache else None
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_gives_the_same_weights_and_no_teacher_calls_after_filling(teacher_checkpoint, tmp_path):
+    plain, plain_calls, plain_report = distil(teacher_checkpoint, tmp_path / "plain", "model.distill.cache=false")
+    cached, cached_calls, report = distil(teacher_checkpoint, tmp_path / "cached")
+
+    assert plain.keys() == cached.keys()
+    assert all(torch.equal(plain[key], cached[key]) for key in plain), "the cache changed the training"
+    assert plain_calls.per_epoch == [8, 8] and plain_report == {}  # 4 batches x (vision + text) per epoch
+    assert cached_calls.per_epoch == [0, 0]  # filled in setup, before the first epoch
+    # 64 images; synthetic captions come with their paraphrase, some shared between images
+    assert report["train"]["images"] == 64 and report["train"]["encoded_images"] == 64
+    assert 64 < report["train"]["captions"] == report["train"]["encoded_captions"] <= 128
+    assert "teacher_image_pooled" in cached_calls.batch_keys and "pixel_values" in cached_calls.batch_keys
