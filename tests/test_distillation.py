@@ -156,8 +156,8 @@ def test_a_fit_distils_and_its_checkpoints_hold_only_the_student(teacher_checkpo
     assert all(torch.equal(value, teacher_weights[key]) for key, value in student._teacher.module.state_dict().items())
 
 
-def test_a_locked_student_tower_reads_pixels_when_a_teacher_needs_them(teacher_checkpoint, tmp_path):
-    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}",
+def test_a_locked_student_tower_reads_pixels_when_an_uncached_teacher_needs_them(teacher_checkpoint, tmp_path):
+    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false",
                                                "model.vision_lock.lock=true", "trainer.max_steps=2"])
     module = vlm_lab.build_module(cfg)
     assert module.vision_locked.fully_locked and not module.vision_outputs_cacheable
@@ -271,3 +271,60 @@ def test_the_teacher_cache_gives_the_same_weights_and_no_teacher_calls_after_fil
     assert report["train"]["images"] == 64 and report["train"]["encoded_images"] == 64
     assert 64 < report["train"]["captions"] == report["train"]["encoded_captions"] <= 128
     assert "teacher_image_pooled" in cached_calls.batch_keys and "pixel_values" in cached_calls.batch_keys
+
+
+@pytest.mark.slow
+def test_with_a_locked_student_tower_both_caches_stand_in_for_the_pixels(teacher_checkpoint, tmp_path):
+    locked = "model.vision_lock.lock=true"
+    plain, plain_calls, _ = distil(teacher_checkpoint, tmp_path / "plain", locked, "model.distill.cache=false",
+                                   "embedding_cache.enabled=false")
+    cached, calls, report = distil(teacher_checkpoint, tmp_path / "cached", locked)
+    assert all(torch.equal(plain[key], cached[key]) for key in plain)
+    assert {"teacher_image_pooled", "vision_pooled"} <= calls.batch_keys and "pixel_values" not in calls.batch_keys
+    assert plain_calls.per_epoch == [8, 8] and calls.per_epoch == [0, 0]
+    assert report["train"]["encoded_images"] == 64
+
+
+def stream_data(tmp_path: Path, workers: int, augment: bool = False) -> str:
+    """cc3m-style shards (44 samples, one truncated JPEG and one empty caption among them)."""
+    from test_embedding_cache_streams import write_source
+
+    shards = write_source(tmp_path / "shards", 1, [24, 20], spoilt=True)
+    return (f"data={{name: cc3m, train_shards: '{shards}', val_shards: '{shards}', batch_size: 8, shuffle_buffer: 16, "
+            f"num_workers: {workers}, augment: {str(augment).lower()}}}")
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_of_a_stream_reaches_the_loader_workers_and_changes_nothing(teacher_checkpoint, tmp_path):
+    data = stream_data(tmp_path, workers=2)
+    plain, plain_calls, _ = distil(teacher_checkpoint, tmp_path / "plain", data, "model.distill.cache=false")
+    cached, calls, report = distil(teacher_checkpoint, tmp_path / "cached", data)
+    assert all(torch.equal(plain[key], cached[key]) for key in plain)
+    assert plain_calls.per_epoch == [12, 12] and calls.per_epoch == [0, 0]  # 6 batches an epoch
+    # 44 samples: the empty caption's is left out, the truncated JPEG's row is unusable (the stream skips it)
+    assert report["train"]["images"] == 44 and report["train"]["encoded_images"] == 42
+    assert report["train"]["captions"] == 43  # all but the empty one (the truncated JPEG's caption reads as text)
+
+
+def test_augmented_images_leave_the_teacher_running_with_one_line_saying_so(teacher_checkpoint, tmp_path, caplog):
+    data = stream_data(tmp_path, workers=0, augment=True)
+    with caplog.at_level("INFO", logger="vlm_lab.distillation"):
+        _, calls, report = distil(teacher_checkpoint, tmp_path / "run", data, "trainer.max_epochs=1")
+    assert report == {} and calls.per_epoch[0] == 12
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlm_lab.distillation"]
+    assert lines == ["distillation: the train images are not cacheable (augmented, or a stream whose sample counts "
+                     "are unknown); the teacher runs every step"]
+
+
+def test_the_teacher_cache_setting_from_yaml_the_command_line_and_python(teacher_checkpoint, tmp_path, capsys):
+    assert vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}"]).model.distill.cache
+    yaml = tmp_path / "no_cache.yaml"
+    yaml.write_text(f"model:\n  distill: {{teacher: {teacher_checkpoint}, cache: false}}\n")
+    assert vlm_lab.load_config(TINY, yaml).model.distill.cache is False
+    assert build(f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false").distill.cache is False
+    assert main(["check", TINY, f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false",
+                 "--run-dir", str(tmp_path)]) == 0
+    assert main(["check", TINY, f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=maybe",
+                 "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.distill.cache" in err and err.count("\n") == 1
