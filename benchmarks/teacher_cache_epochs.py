@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -31,10 +30,9 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 import vlm_lab  # noqa: E402
-from vlm_lab.api import build_trainer  # noqa: E402
 from vlm_lab.distillation import TeacherCache  # noqa: E402
 
-from lit_cache_epochs import EpochTimer  # noqa: E402
+from lit_cache_epochs import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
@@ -55,21 +53,6 @@ def save_teacher(width: int, path: Path) -> None:
     trainer.save_checkpoint(path)
 
 
-def fit(overrides: list[str], run_dir: Path) -> tuple[list[tuple[float, float]], float, dict]:
-    cfg = vlm_lab.load_config(QUICKSTART, overrides=overrides)
-    L.seed_everything(cfg.seed, verbose=False)
-    module = vlm_lab.build_module(cfg)
-    datamodule = vlm_lab.build_datamodule(cfg, module)
-    trainer = build_trainer(cfg, run_dir)
-    timer = EpochTimer()
-    trainer.callbacks.append(timer)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    total = time.perf_counter() - start
-    cache = next(c for c in trainer.callbacks if isinstance(c, TeacherCache))
-    return timer.seconds, total, cache.report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -84,8 +67,10 @@ def main() -> None:
                   "trainer.logger=false", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
                   "trainer.accelerator=cpu", "eval.every_n_epochs=0", "data.num_workers=0",
                   "embedding_cache.storage=memory", "embedding_cache.num_workers=0"]
-        uncached, uncached_total, _ = fit([*common, "model.distill.cache=false"], tmp / "a")
-        cached, cached_total, report = fit([*common, "model.distill.cache=true"], tmp / "b")
+        _, _, uncached, uncached_total, _ = fit(QUICKSTART, [*common, "model.distill.cache=false"], tmp / "a",
+                                                TeacherCache)
+        _, _, cached, cached_total, report = fit(QUICKSTART, [*common, "model.distill.cache=true"], tmp / "b",
+                                                 TeacherCache)
 
     def pairs(values):
         return ", ".join(f"{wall:.1f} ({cpu:.1f})" for wall, cpu in values)
