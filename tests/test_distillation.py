@@ -328,3 +328,14 @@ def test_the_teacher_cache_setting_from_yaml_the_command_line_and_python(teacher
                  "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "model.distill.cache" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_disk_teacher_cache_is_filled_once_and_reused_by_the_next_run(teacher_checkpoint, tmp_path):
+    disk = ["embedding_cache.storage=disk", f"embedding_cache.dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
+    first, _, report = distil(teacher_checkpoint, tmp_path / "first", *disk)
+    assert report["train"]["encoded_images"] == 64 and report["train"]["encoded_captions"] > 64
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2  # images, and captions (keyed)
+    second, calls, report = distil(teacher_checkpoint, tmp_path / "second", *disk)
+    assert report["train"]["encoded_images"] == 0 and report["train"]["encoded_captions"] == 0
+    assert calls.per_epoch == [0] and all(torch.equal(first[key], second[key]) for key in first)
