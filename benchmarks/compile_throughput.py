@@ -3,6 +3,7 @@
     python benchmarks/compile_throughput.py                    # batch 32, 2 warm-up + 6 measured steps each
     python benchmarks/compile_throughput.py --batch-size 64 --steps 10
     python benchmarks/compile_throughput.py --threads 1                   # steadier CPU seconds on a shared machine
+    python benchmarks/compile_throughput.py --threads 1 --modes max-autotune-no-cudagraphs   # one more row
 
 The small CLIP of ``vs_open_clip_throughput.py`` (ViT 64 px / patch 8, text 32 tokens, both width 256
 with 4 layers; open_clip's 49,408-token vocabulary; the same weights on both sides), fp32 on the
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="steps of each row left out (compilation happens here)")
     parser.add_argument("--steps", type=int, default=6, help="measured steps of each row")
+    parser.add_argument("--modes", nargs="*", default=[], metavar="MODE",
+                        help="also rows of model.compile in these model.compile_mode values (e.g. "
+                             "max-autotune-no-cudagraphs: TorchInductor's C++ GEMM templates, tuned at the first step)")
     add_threads_option(parser)
     args = parser.parse_args()
     use_threads(args.threads)
@@ -52,13 +56,18 @@ def main() -> None:
     batch = small_clip_batch(module, args.batch_size)
     rows["vlm-lab eager"] = Stepper(module, vlm_lab_loss, batch, True)
 
-    compiled, _ = small_clip_pair()
-    compiled.hparams.model["compile"] = True  # model.compile: true
-    compiled.compile_towers()
+    # Built with model.compile: true: the module reads the setting when it is built, so setting
+    # hparams afterwards (as this script did until 2026-12-05) compiles nothing.
+    compiled, _ = small_clip_pair(overrides=["model.compile=true"])
+    compiled.compile_towers()  # what configure_model does in a fit
     rows["vlm-lab, model.compile (towers)"] = Stepper(compiled, vlm_lab_loss, batch, True)
 
-    everything, _ = small_clip_pair()
-    everything.hparams.model["compile"] = True
+    for mode in args.modes:
+        tuned, _ = small_clip_pair(overrides=["model.compile=true", f"model.compile_mode={mode}"])
+        tuned.compile_towers()
+        rows[f"vlm-lab, model.compile (towers), mode {mode}"] = Stepper(tuned, vlm_lab_loss, batch, True)
+
+    everything, _ = small_clip_pair(overrides=["model.compile=true"])
     everything.compile_towers()
     for part in (everything.vision_head, everything.text_head, everything.loss):
         part.compile()

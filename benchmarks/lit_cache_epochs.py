@@ -60,7 +60,9 @@ def subset_captions(images: int, folder: Path) -> Path:
     return path
 
 
-def fit(config: str, overrides: list[str], run_dir: Path):
+def fit(config: str, overrides: list[str], run_dir: Path, cache_callback: type = LockedTowerCache):
+    """One timed fit: the module, data module, (wall, CPU) seconds per epoch, total wall seconds, and the
+    report of the run's ``cache_callback`` (``LockedTowerCache``, or distillation's ``TeacherCache``)."""
     cfg = vlm_lab.load_config(config, overrides=overrides)
     L.seed_everything(cfg.seed, verbose=False)
     module = vlm_lab.build_module(cfg)
@@ -71,7 +73,7 @@ def fit(config: str, overrides: list[str], run_dir: Path):
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     total = time.perf_counter() - start
-    cache = next((c for c in trainer.callbacks if isinstance(c, LockedTowerCache)), None)
+    cache = next((c for c in trainer.callbacks if isinstance(c, cache_callback)), None)
     return module, datamodule, timer.seconds, total, cache.report if cache else {}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from omegaconf import OmegaConf
 import vlm_lab
 from interop_helpers import perturb, save_checkpoint
 from vlm_lab.cli import main
-from vlm_lab.distillation import teacher_pixels
+from vlm_lab.distillation import TeacherCache, teacher_pixels
 from vlm_lab.errors import ConfigError
 from vlm_lab.interop import export, load_teacher
 from vlm_lab.losses import SimilarityDistillation
@@ -155,8 +156,8 @@ def test_a_fit_distils_and_its_checkpoints_hold_only_the_student(teacher_checkpo
     assert all(torch.equal(value, teacher_weights[key]) for key, value in student._teacher.module.state_dict().items())
 
 
-def test_a_locked_student_tower_reads_pixels_when_a_teacher_needs_them(teacher_checkpoint, tmp_path):
-    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}",
+def test_a_locked_student_tower_reads_pixels_when_an_uncached_teacher_needs_them(teacher_checkpoint, tmp_path):
+    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false",
                                                "model.vision_lock.lock=true", "trainer.max_steps=2"])
     module = vlm_lab.build_module(cfg)
     assert module.vision_locked.fully_locked and not module.vision_outputs_cacheable
@@ -213,3 +214,128 @@ def test_distillation_from_the_command_line(teacher_checkpoint, capsys, tmp_path
     assert main(["check", TINY, "model.distill.teacher=/no/such.ckpt", "--run-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint file or CLIP folder at /no/such.ckpt" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher cache (model.distill.cache)
+
+
+class TeacherCalls(L.Callback):
+    """Teacher forward calls (vision and text towers) per training epoch, and what the batches held."""
+
+    def __init__(self, teacher) -> None:
+        self.per_epoch, self.batch_keys, self.epoch = [], set(), None
+        for tower in (teacher.module.vision, teacher.module.text):
+            tower.register_forward_hook(self.count)
+
+    def count(self, *args) -> None:
+        if self.epoch is not None:
+            self.per_epoch[self.epoch] += 1
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch = len(self.per_epoch)
+        self.per_epoch.append(0)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.epoch = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_keys |= set(batch)
+
+
+def distil(teacher_checkpoint: str, run_dir: Path, *overrides: str):
+    """Fit the tiny student for two epochs with the teacher; return its weights, the teacher's calls per
+    epoch, the batches' keys and the teacher cache's report."""
+    cfg = vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}", "trainer.max_epochs=2",
+                                               "trainer.enable_checkpointing=false", *overrides])
+    L.seed_everything(0)
+    module = vlm_lab.build_module(cfg)
+    trainer = vlm_lab.api.build_trainer(cfg, run_dir)
+    calls = TeacherCalls(module.teacher)
+    trainer.callbacks.append(calls)
+    trainer.fit(module, datamodule=vlm_lab.build_datamodule(cfg, module))
+    cache = next((c for c in trainer.callbacks if isinstance(c, TeacherCache)), None)
+    return module.state_dict(), calls, cache.report if cache else None
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_gives_the_same_weights_and_no_teacher_calls_after_filling(teacher_checkpoint, tmp_path):
+    plain, plain_calls, plain_report = distil(teacher_checkpoint, tmp_path / "plain", "model.distill.cache=false")
+    cached, cached_calls, report = distil(teacher_checkpoint, tmp_path / "cached")
+
+    assert plain.keys() == cached.keys()
+    assert all(torch.equal(plain[key], cached[key]) for key in plain), "the cache changed the training"
+    assert plain_calls.per_epoch == [8, 8] and plain_report == {}  # 4 batches x (vision + text) per epoch
+    assert cached_calls.per_epoch == [0, 0]  # filled in setup, before the first epoch
+    # 64 images; synthetic captions come with their paraphrase, some shared between images
+    assert report["train"]["images"] == 64 and report["train"]["encoded_images"] == 64
+    assert 64 < report["train"]["captions"] == report["train"]["encoded_captions"] <= 128
+    assert "teacher_image_pooled" in cached_calls.batch_keys and "pixel_values" in cached_calls.batch_keys
+
+
+@pytest.mark.slow
+def test_with_a_locked_student_tower_both_caches_stand_in_for_the_pixels(teacher_checkpoint, tmp_path):
+    locked = "model.vision_lock.lock=true"
+    plain, plain_calls, _ = distil(teacher_checkpoint, tmp_path / "plain", locked, "model.distill.cache=false",
+                                   "embedding_cache.enabled=false")
+    cached, calls, report = distil(teacher_checkpoint, tmp_path / "cached", locked)
+    assert all(torch.equal(plain[key], cached[key]) for key in plain)
+    assert {"teacher_image_pooled", "vision_pooled"} <= calls.batch_keys and "pixel_values" not in calls.batch_keys
+    assert plain_calls.per_epoch == [8, 8] and calls.per_epoch == [0, 0]
+    assert report["train"]["encoded_images"] == 64
+
+
+def stream_data(tmp_path: Path, workers: int, augment: bool = False) -> str:
+    """cc3m-style shards (44 samples, one truncated JPEG and one empty caption among them)."""
+    from test_embedding_cache_streams import write_source
+
+    shards = write_source(tmp_path / "shards", 1, [24, 20], spoilt=True)
+    return (f"data={{name: cc3m, train_shards: '{shards}', val_shards: '{shards}', batch_size: 8, shuffle_buffer: 16, "
+            f"num_workers: {workers}, augment: {str(augment).lower()}}}")
+
+
+@pytest.mark.slow
+def test_the_teacher_cache_of_a_stream_reaches_the_loader_workers_and_changes_nothing(teacher_checkpoint, tmp_path):
+    data = stream_data(tmp_path, workers=2)
+    plain, plain_calls, _ = distil(teacher_checkpoint, tmp_path / "plain", data, "model.distill.cache=false")
+    cached, calls, report = distil(teacher_checkpoint, tmp_path / "cached", data)
+    assert all(torch.equal(plain[key], cached[key]) for key in plain)
+    assert plain_calls.per_epoch == [12, 12] and calls.per_epoch == [0, 0]  # 6 batches an epoch
+    # 44 samples: the empty caption's is left out, the truncated JPEG's row is unusable (the stream skips it)
+    assert report["train"]["images"] == 44 and report["train"]["encoded_images"] == 42
+    assert report["train"]["captions"] == 43  # all but the empty one (the truncated JPEG's caption reads as text)
+
+
+def test_augmented_images_leave_the_teacher_running_with_one_line_saying_so(teacher_checkpoint, tmp_path, caplog):
+    data = stream_data(tmp_path, workers=0, augment=True)
+    with caplog.at_level("INFO", logger="vlm_lab.distillation"):
+        _, calls, report = distil(teacher_checkpoint, tmp_path / "run", data, "trainer.max_epochs=1")
+    assert report == {} and calls.per_epoch[0] == 12
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlm_lab.distillation"]
+    assert lines == ["distillation: the train images are not cacheable (augmented, or a stream whose sample counts "
+                     "are unknown); the teacher runs every step"]
+
+
+def test_the_teacher_cache_setting_from_yaml_the_command_line_and_python(teacher_checkpoint, tmp_path, capsys):
+    assert vlm_lab.load_config(TINY, overrides=[f"model.distill.teacher={teacher_checkpoint}"]).model.distill.cache
+    yaml = tmp_path / "no_cache.yaml"
+    yaml.write_text(f"model:\n  distill: {{teacher: {teacher_checkpoint}, cache: false}}\n")
+    assert vlm_lab.load_config(TINY, yaml).model.distill.cache is False
+    assert build(f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false").distill.cache is False
+    assert main(["check", TINY, f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=false",
+                 "--run-dir", str(tmp_path)]) == 0
+    assert main(["check", TINY, f"model.distill.teacher={teacher_checkpoint}", "model.distill.cache=maybe",
+                 "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.distill.cache" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_disk_teacher_cache_is_filled_once_and_reused_by_the_next_run(teacher_checkpoint, tmp_path):
+    disk = ["embedding_cache.storage=disk", f"embedding_cache.dir={tmp_path / 'cache'}", "trainer.max_epochs=1"]
+    first, _, report = distil(teacher_checkpoint, tmp_path / "first", *disk)
+    assert report["train"]["encoded_images"] == 64 and report["train"]["encoded_captions"] > 64
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2  # images, and captions (keyed)
+    second, calls, report = distil(teacher_checkpoint, tmp_path / "second", *disk)
+    assert report["train"]["encoded_images"] == 0 and report["train"]["encoded_captions"] == 0
+    assert calls.per_epoch == [0] and all(torch.equal(first[key], second[key]) for key in first)

@@ -31,6 +31,7 @@ from vlm_lab import checkpoint_format, config, registry
 from vlm_lab.callbacks import build_callbacks
 from vlm_lab.config import to_yaml
 from vlm_lab.data.collate import image_to_tensor
+from vlm_lab.distillation import TeacherCache
 from vlm_lab.distributed import (inherited_run_dir, launch_run_id, launched_process_group, launcher_layout,
                                  process_rank, share_run_dir)
 from vlm_lab.embedding_cache import CacheSettings, LockedTowerCache
@@ -112,6 +113,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     cache_settings = CacheSettings.from_config(_plain(cfg.get("embedding_cache")))
     if cfg.model.get("caption_weight", 0) > 0:  # CoCa's poolers read the image tokens: the cache keeps them too
         cache_settings = dataclasses.replace(cache_settings, tokens=True)
+    if (_plain(cfg.model).get("distill") or {}).get("teacher") is not None:
+        callbacks.append(TeacherCache(cache_settings))  # before LockedTowerCache: a teacher cache may enable it
     if cache_settings.enabled:
         callbacks.append(LockedTowerCache(cache_settings))  # acts only when the vision tower is fully locked
     eval_settings = EvalSettings.from_config(_plain(cfg.get("eval")))

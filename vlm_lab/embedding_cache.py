@@ -177,14 +177,15 @@ class EmbeddingCache:
         for array in self._maps.values():
             array.flush()
 
-    def lookup(self, row: int) -> dict[str, torch.Tensor] | None:
-        """A row's stored outputs as sample entries (``vision_pooled``...), or None if unusable."""
+    def lookup(self, row: int, prefix: str = "vision") -> dict[str, torch.Tensor] | None:
+        """A row's stored outputs as sample entries (``vision_pooled``..., or under another ``prefix``:
+        distillation's teacher rows are ``teacher_image_pooled``), or None if unusable."""
         arrays = self.arrays
         if int(arrays["state"][row]) != FILLED:
             return None
-        sample = {"vision_pooled": arrays["pooled"][row].clone()}
+        sample = {f"{prefix}_pooled": arrays["pooled"][row].clone()}
         if "tokens" in arrays:
-            sample["vision_tokens"] = arrays["tokens"][row].clone()
+            sample[f"{prefix}_tokens"] = arrays["tokens"][row].clone()
         return sample
 
     # Keyed caches (CacheableStream): rows found by sample key.
@@ -226,8 +227,9 @@ class EmbeddingCache:
             self._index = (sorted_keys, rows[order])
         return self._index
 
-    def lookup_key(self, key: int) -> dict[str, torch.Tensor] | None:
-        """The stored outputs of the image with sample key ``key``, or None if it was unusable.
+    def lookup_key(self, key: int, prefix: str = "vision") -> dict[str, torch.Tensor] | None:
+        """The stored outputs of the image with sample key ``key`` (entries named as in :meth:`lookup`),
+        or None if it was unusable.
 
         Raises ``KeyError`` for a key the cache has never seen (its stream changed since it was filled).
         """
@@ -235,7 +237,20 @@ class EmbeddingCache:
         at = int(np.searchsorted(sorted_keys, key))
         if at == len(sorted_keys) or int(sorted_keys[at]) != key:
             raise KeyError(f"sample key {key} is not in embedding cache {self.key}")
-        return self.lookup(int(rows[at]))
+        return self.lookup(int(rows[at]), prefix)
+
+    def pooled_by_keys(self, keys: list[int]) -> torch.Tensor | None:
+        """The stored pooled rows of ``keys``, stacked in their order; None when one of them was never
+        stored or was unusable (the caller computes that batch instead)."""
+        sorted_keys, rows = self.key_index()
+        wanted = np.asarray(keys, dtype=np.int64)
+        at = np.minimum(np.searchsorted(sorted_keys, wanted), max(len(sorted_keys) - 1, 0))
+        if len(sorted_keys) == 0 or not np.array_equal(sorted_keys[at], wanted):
+            return None
+        found = torch.from_numpy(rows[at])
+        if not bool((self.arrays["state"][found] == FILLED).all()):
+            return None
+        return self.arrays["pooled"][found].clone()
 
     @property
     def complete(self) -> bool:
@@ -247,6 +262,30 @@ class EmbeddingCache:
         if self.folder is not None:
             self.flush()
             (self.folder / "complete").write_text("every image of the stream is stored\n")
+
+
+# Distillation's teacher cache (vlm_lab/distillation.py) is served beside the images, under this prefix.
+TEACHER_IMAGE = "teacher_image"
+
+
+def teacher_image_entries(cache: "EmbeddingCache | None", row: int | None = None,
+                          key: int | None = None) -> dict[str, torch.Tensor]:
+    """What a sample carries of distillation's teacher cache: ``{"teacher_image_pooled": features}``
+    of its image (by ``row``, or by sample ``key`` in a stream's cache), or ``{}`` without that cache.
+
+    The sample's image is usable now; a row that was unusable when the cache was filled (or a key the
+    cache never saw) means the data changed since, and the cache must be filled again.
+    """
+    if cache is None:
+        return {}
+    try:
+        entries = cache.lookup(row, TEACHER_IMAGE) if key is None else cache.lookup_key(key, TEACHER_IMAGE)
+    except KeyError:
+        entries = None
+    if entries is None:
+        raise RuntimeError(f"distillation's teacher cache has no features for image {row if key is None else key}: "
+                           f"the data changed since it was filled; delete {cache.folder or 'the cache'} and run again")
+    return entries
 
 
 def tower_fingerprint(tower: torch.nn.Module) -> str:
@@ -337,9 +376,10 @@ def fill_keyed(cache: EmbeddingCache, images: CacheableStream, encode: Callable[
     return encoded
 
 
-def open_cache(images: CacheableImages | CacheableStream, tower: torch.nn.Module, output: TowerOutput,
+def open_cache(images: CacheableImages | CacheableStream, tower: torch.nn.Module | None, output: TowerOutput,
                settings: CacheSettings, tower_hash: str | None = None) -> EmbeddingCache:
-    """The cache for ``images`` through ``tower`` (``output`` is one sample output, for the shapes)."""
+    """The cache for ``images`` through ``tower`` (``output`` is one sample output, for the shapes;
+    ``tower_hash``, when given, stands for the tower's fingerprint)."""
     key = cache_key(images.image_identity(), tower_hash or tower_fingerprint(tower), settings.tokens)
     folder = settings.directory() / key if settings.storage == "disk" else None
     tokens_shape = tuple(output.tokens.shape[1:]) if settings.tokens else None
@@ -414,27 +454,39 @@ class LockedTowerCache(Callback):
         was_training = pl_module.vision.training
         pl_module.vision.eval()
         # The strategy moves the module to its device only after setup; the tower goes there now.
-        device = trainer.strategy.root_device
-        pl_module.vision.to(device)
+        pl_module.vision.to(trainer.strategy.root_device)
         try:
-            probe = encode(_first_usable_pixels(images)[None].to(device))
-            cache = open_cache(images, pl_module.vision, probe, self.settings, tower_hash)
-            settings = self.settings
-            filler = fill_keyed if cache.keyed else fill
-            if cache.folder is None:
-                return cache, filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
-            encoded = 0
-            if trainer.is_global_zero:
-                with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
-                    if not cache.complete:
-                        cache.create_files()
-                    encoded = filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
-                    cache.flush()
-            trainer.strategy.barrier("embedding_cache")
-            cache.reopen()  # every rank maps the files rank 0 wrote
-            return cache, encoded
+            return prepare_cache(trainer, images, encode, tower_hash, self.settings, desc)
         finally:
             pl_module.vision.train(was_training)
+
+
+def prepare_cache(trainer: L.Trainer, images: CacheableImages | CacheableStream,
+                  encode: Callable[[torch.Tensor], TowerOutput], tower_hash: str, settings: CacheSettings,
+                  desc: str) -> tuple[EmbeddingCache, int]:
+    """Open the cache of ``images`` through ``encode`` (a frozen network whose weights hash to
+    ``tower_hash``) and fill its missing rows; return it and how many images were encoded now.
+
+    In memory each rank fills its own; on disk rank 0 fills the files (under a lock: concurrent runs
+    fill once) and every rank then maps them. Used by :class:`LockedTowerCache` and by distillation's
+    teacher cache (``vlm_lab/distillation.py``).
+    """
+    device = trainer.strategy.root_device
+    probe = encode(_first_usable_pixels(images)[None].to(device))
+    cache = open_cache(images, None, probe, settings, tower_hash)
+    filler = fill_keyed if cache.keyed else fill
+    if cache.folder is None:
+        return cache, filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
+    encoded = 0
+    if trainer.is_global_zero:
+        with _file_lock(cache.folder.parent / f"{cache.key}.lock"):  # concurrent runs: one fills
+            if not cache.complete:
+                cache.create_files()
+            encoded = filler(cache, images, encode, device, settings.batch_size, settings.num_workers, desc)
+            cache.flush()
+    trainer.strategy.barrier("embedding_cache")
+    cache.reopen()  # every rank maps the files rank 0 wrote
+    return cache, encoded
 
 
 def _first_usable_pixels(images: CacheableImages | CacheableStream) -> torch.Tensor:

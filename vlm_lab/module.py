@@ -184,8 +184,10 @@ class VisionLanguageModule(L.LightningModule):
     @property
     def vision_outputs_cacheable(self) -> bool:
         """Whether training may read the vision tower's cached outputs instead of pixels
-        (vlm_lab/embedding_cache.py): the tower is fully locked and no distillation teacher needs the pixels."""
-        return self.vision_locked.fully_locked and self.distill_loss is None
+        (vlm_lab/embedding_cache.py): the tower is fully locked and no distillation teacher needs the pixels
+        (there is none, or its cache serves its image features: vlm_lab/distillation.py)."""
+        teacher_reads_pixels = self.distill_loss is not None and not (self._teacher is not None and self._teacher.images_cached)
+        return self.vision_locked.fully_locked and not teacher_reads_pixels
 
     @property
     def needs_vision_tokens(self) -> bool:
@@ -385,6 +387,11 @@ class VisionLanguageModule(L.LightningModule):
         if self.distill_loss is None:
             raise ConfigError("set_teacher: this module was built without model.distill.teacher")
         self._teacher = Teacher(teacher, self.distill.teacher or "the teacher")
+
+    @property
+    def teacher(self) -> Teacher | None:
+        """The attached distillation teacher (``set_teacher``), or None."""
+        return self._teacher
 
     def _distillation(self, batch: dict[str, Any], image_features: torch.Tensor,
                       text_features: torch.Tensor) -> torch.Tensor:

@@ -198,6 +198,9 @@ class DistillSettings(Section):
                                         "folder (null: no distillation)")
     weight: float = setting(1.0, "weight of the distillation loss (KL between the teacher's and the student's "
                                  "image-text similarities)")
+    cache: bool = setting(True, "compute the teacher's image and caption features once, when the fit starts, where "
+                                "the training images are deterministic (no augmentation; storage as the "
+                                "embedding_cache section says), instead of every step")
 
     def check(self, where: str) -> None:
         if self.weight <= 0:

@@ -50,6 +50,7 @@ class CaptionDataModule(L.LightningDataModule):
         # The locked-tower embedding cache (vlm_lab/embedding_cache.py): caches by split, and the
         # dataset or stream each split's loader serves (Lightning builds the training loader early).
         self.embedding_caches: dict[str, EmbeddingCache] = {}
+        self.teacher_caches: dict[str, EmbeddingCache] = {}  # distillation's teacher cache (vlm_lab/distillation.py)
         self._served: dict[str, CaptionedImages | ShardStream] = {}
 
     # ---------------------------------------------------------------------------------------------
@@ -132,10 +133,18 @@ class CaptionDataModule(L.LightningDataModule):
         if split in self._served:
             self._served[split].embeddings = cache
 
+    def use_teacher_cache(self, split: str, cache: EmbeddingCache) -> None:
+        """As :meth:`use_embedding_cache`, for distillation's teacher cache: samples carry the teacher's
+        image features beside their pixels (vlm_lab/distillation.py)."""
+        self.teacher_caches[split] = cache
+        if split in self._served:
+            self._served[split].teacher_embeddings = cache
+
     def _loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)
         if isinstance(dataset, (CaptionedImages, ShardStream)):
             dataset.embeddings = self.embedding_caches.get(split)
+            dataset.teacher_embeddings = self.teacher_caches.get(split)
             self._served[split] = dataset
         training = split == "train"
         epoch = self._next_epoch if training else lambda: 0

@@ -10,7 +10,8 @@ A sample is ``{"pixel_values": Tensor[3, H, W], "captions": list[str], "image_id
     image_ids          [B]      dataset-wide image ids (to de-duplicate across ranks)
 
 A data set serving the locked-tower embedding cache (``vlm_lab/embedding_cache.py``) gives
-``vision_pooled [B, D]`` (and ``vision_tokens [B, S, D]``) in place of ``pixel_values``.
+``vision_pooled [B, D]`` (and ``vision_tokens [B, S, D]``) in place of ``pixel_values``, and one
+serving a distillation teacher's cache (``vlm_lab/distillation.py``) adds ``teacher_image_pooled [B, D]``.
 
 Training batches carry one caption per image (T == B, drawn at random), so the contrastive targets
 are the diagonal. Evaluation batches carry every caption, for multi-caption retrieval.
@@ -44,8 +45,9 @@ def image_to_tensor(image: Image.Image, config: ImageConfig) -> torch.Tensor:
     return (array - mean) / std
 
 
-# What a sample may carry for its image: pixels, or a locked tower's cached outputs.
-IMAGE_KEYS = ("pixel_values", "vision_pooled", "vision_tokens")
+# What a sample may carry for its image: pixels, or a locked tower's cached outputs; and a
+# distillation teacher's cached image features (vlm_lab/distillation.py).
+IMAGE_KEYS = ("pixel_values", "vision_pooled", "vision_tokens", "teacher_image_pooled")
 
 
 class ImageTextCollate:

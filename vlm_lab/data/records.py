@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.transforms import open_image
-from vlm_lab.embedding_cache import EmbeddingCache
+from vlm_lab.embedding_cache import EmbeddingCache, teacher_image_entries
 from vlm_lab.errors import ConfigError
 
 
@@ -80,8 +80,10 @@ class CaptionedImages(Dataset):
             [(r, c) for r, record in enumerate(records) for c in range(max(1, len(record.captions)))]
             if per_caption else [(r, None) for r in range(len(records))]
         )
-        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
+        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py),
+        # and when a distillation teacher's image features are (vlm_lab/distillation.py).
         self.embeddings: EmbeddingCache | None = None
+        self.teacher_embeddings: EmbeddingCache | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -111,7 +113,8 @@ class CaptionedImages(Dataset):
         elif self.embeddings is not None:  # the locked tower's cached outputs stand in for the image
             cached = self.embeddings.lookup(record_index)
             if cached is not None:
-                return {**cached, "captions": captions, "image_id": record.image_id}
+                return {**cached, **teacher_image_entries(self.teacher_embeddings, record_index),
+                        "captions": captions, "image_id": record.image_id}
             # The image was unusable when the cache was filled: count it as an uncached epoch would.
             problem = "missing image" if self.image_missing(record_index) else "undecodable image"
             where = record.path
@@ -127,7 +130,8 @@ class CaptionedImages(Dataset):
                 where = where if problem == "undecodable image" else f"{record.path} (id {record.image_id})"
                 self.bad.record(problem, where)
             return None
-        return {"pixel_values": self.transform(image), "captions": captions, "image_id": record.image_id}
+        return {"pixel_values": self.transform(image), **teacher_image_entries(self.teacher_embeddings, record_index),
+                "captions": captions, "image_id": record.image_id}
 
     # Where the images are: files named by the records. Datasets that keep them elsewhere (a
     # ``datasets`` table: hf_datasets.py) override these two.
@@ -155,6 +159,12 @@ class CaptionedImages(Dataset):
             return self.transform(self.open_record_image(row))
         except Exception:  # missing or broken: _load counts it each epoch, as without the cache
             return None
+
+    def caption_texts(self) -> list[str]:
+        """Every caption a training batch may draw (those of usable records); distillation's teacher
+        cache encodes them once."""
+        return [c for record in self.records if not record.duplicate for c in record.captions
+                if caption_problem(c) is None]
 
 
 def raw_samples(records: list[Record]) -> Iterator[RawSample]:

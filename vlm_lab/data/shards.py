@@ -55,7 +55,7 @@ from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.mixtures import interleave, mixture_weights, weighted_draws
 from vlm_lab.data.records import RawSample
-from vlm_lab.embedding_cache import EmbeddingCache
+from vlm_lab.embedding_cache import EmbeddingCache, teacher_image_entries
 from vlm_lab.errors import ConfigError
 from vlm_lab.seeding import epoch_seed, seed_process
 
@@ -244,8 +244,10 @@ class ShardStream(IterableDataset):
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._skip = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._position = _Position(0, 0)  # a training reader's place in its pass (set by __iter__)
-        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py).
+        # Set by the data module when a locked tower's outputs are cached (vlm_lab/embedding_cache.py),
+        # and when a distillation teacher's image features are (vlm_lab/distillation.py).
         self.embeddings: EmbeddingCache | None = None
+        self.teacher_embeddings: EmbeddingCache | None = None
 
     def _counts(self) -> list[int]:
         counts: list[int] = []
@@ -447,15 +449,21 @@ class ShardStream(IterableDataset):
             else:
                 if self.train and not self._take_place():
                     return SKIPPED
-                return {**outputs, "captions": sample["captions"], "image_id": sample["image_id"]}
+                return {**outputs, **self._teacher_entries(source, sample), "captions": sample["captions"],
+                        "image_id": sample["image_id"]}
         if isinstance(sample, str):
             if count_bad:
                 self.bad.record(sample, where(raw))
             return None
         if self.train and not self._take_place():
             return SKIPPED
-        return {"pixel_values": self.transform(sample["image"]), "captions": sample["captions"],
-                "image_id": sample["image_id"]}
+        return {"pixel_values": self.transform(sample["image"]), **self._teacher_entries(source, sample),
+                "captions": sample["captions"], "image_id": sample["image_id"]}
+
+    def _teacher_entries(self, source: StreamSource, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.teacher_embeddings is None:
+            return {}
+        return teacher_image_entries(self.teacher_embeddings, key=sample_key(source.name, sample["key"]))
 
     def _take_place(self) -> bool:
         """Count a usable training sample in the reader's pass; False when a resumed pass leaves it out
@@ -487,6 +495,18 @@ class ShardStream(IterableDataset):
 
     def keyed_images(self) -> "KeyedImages":
         return KeyedImages(self.sources, self.transform, self.decode_size)
+
+    def caption_texts(self) -> list[str]:
+        """Every caption a training batch may draw (read from the shards once, images not decoded);
+        distillation's teacher cache encodes them once."""
+        texts: list[str] = []
+        for source in self.sources:
+            for shard in range(source.num_shards):
+                for raw in source.read(shard, lambda error: True):  # the stream counts what is unreadable
+                    sample = source.decode(raw, None, with_image=False)
+                    if not isinstance(sample, str):
+                        texts += sample["captions"]
+        return texts
 
 
 @dataclass

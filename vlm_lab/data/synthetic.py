@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlm_lab.data.collate import ImageTextCollate, caption_loader, image_to_tensor
 from vlm_lab.data.epochs import TrainingEpochs
 from vlm_lab.data.handoff import pins_memory
-from vlm_lab.embedding_cache import EmbeddingCache
+from vlm_lab.embedding_cache import EmbeddingCache, teacher_image_entries
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
 
@@ -199,16 +199,18 @@ class _Transformed(Dataset):
     def __init__(self, dataset: SyntheticShapes, image_config: ImageConfig) -> None:
         self.dataset, self.image_config = dataset, image_config
         self.embeddings: EmbeddingCache | None = None
+        self.teacher_embeddings: EmbeddingCache | None = None  # distillation's teacher cache
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        teacher = teacher_image_entries(self.teacher_embeddings, index)
         if self.embeddings is not None:
             cached = self.embeddings.lookup(index)
             if cached is not None:
-                return {**cached, **self.dataset.text(index)}
-        return {"pixel_values": self.image_row_pixels(index), **self.dataset.text(index)}
+                return {**cached, **teacher, **self.dataset.text(index)}
+        return {"pixel_values": self.image_row_pixels(index), **teacher, **self.dataset.text(index)}
 
     def image_rows(self) -> int:
         return len(self.dataset)
@@ -220,6 +222,10 @@ class _Transformed(Dataset):
 
     def image_row_pixels(self, row: int) -> torch.Tensor:
         return image_to_tensor(self.dataset.image(row), self.image_config)
+
+    def caption_texts(self) -> list[str]:
+        """Every caption a training batch may draw; distillation's teacher cache encodes them once."""
+        return [caption for index in range(len(self.dataset)) for caption in self.dataset.text(index)["captions"]]
 
 
 @register_datamodule("synthetic_shapes")
@@ -250,6 +256,7 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.holdout_fraction, self.paraphrases = holdout_fraction, paraphrases
         self.embedding_caches: dict[str, EmbeddingCache] = {}
+        self.teacher_caches: dict[str, EmbeddingCache] = {}
         self._datasets: dict[str, _Transformed] = {}
         self.epochs = TrainingEpochs()
 
@@ -264,6 +271,13 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         if split in self._datasets:
             self._datasets[split].embeddings = cache
 
+    def use_teacher_cache(self, split: str, cache: EmbeddingCache) -> None:
+        """As :meth:`use_embedding_cache`, for distillation's teacher cache: samples carry the teacher's
+        image features beside their pixels (vlm_lab/distillation.py)."""
+        self.teacher_caches[split] = cache
+        if split in self._datasets:
+            self._datasets[split].teacher_embeddings = cache
+
     def dataset(self, split: str) -> _Transformed:
         height, width = self.image_config.size
         if height != width:
@@ -272,6 +286,7 @@ class SyntheticShapesDataModule(L.LightningDataModule):
                               self.holdout_fraction, self.paraphrases)
         dataset = _Transformed(raw, self.image_config)
         dataset.embeddings = self.embedding_caches.get(split)
+        dataset.teacher_embeddings = self.teacher_caches.get(split)
         return dataset
 
     def _loader(self, split: str) -> DataLoader:
