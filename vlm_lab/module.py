@@ -321,7 +321,9 @@ class VisionLanguageModule(L.LightningModule):
             encoded = self.encode_pairs(batch)
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
-            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"])
+            # model.loss.multi_positive: captions of one image in the batch are each other's positives.
+            ids = {"image_ids": batch["image_ids"]} if getattr(self.loss, "multi_positive", False) else {}
+            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"], **ids)
             if self.distill_loss is not None:  # on the whole batch's features, also with chunks
                 terms["distill_loss"] = self._distillation(batch, encoded["image_features"], encoded["text_features"])
         if self.caption_head is not None:
