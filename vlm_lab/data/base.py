@@ -51,6 +51,8 @@ class CaptionDataModule(L.LightningDataModule):
         # dataset or stream each split's loader serves (Lightning builds the training loader early).
         self.embedding_caches: dict[str, EmbeddingCache] = {}
         self._served: dict[str, CaptionedImages | ShardStream] = {}
+        # data.unique_images_per_batch (data/unique_images.py): set by the modules that offer it.
+        self.unique_images_per_batch = False
 
     # ---------------------------------------------------------------------------------------------
     # For subclasses
@@ -145,9 +147,10 @@ class CaptionDataModule(L.LightningDataModule):
                                               pin_memory=pin_memory, slots=self.slots(split),
                                               skip=self.epochs.skip if training else None)
         else:
+            images = dataset.entry_images() if training and self.unique_images_per_batch else None
             loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
                                     self.num_workers, self.collate(split), self.seed, epoch, pin_memory,
-                                    skip=self.epochs.skip if training else None)
+                                    skip=self.epochs.skip if training else None, entry_images=images)
         if training:
             self.epochs.loader = loader
         return loader

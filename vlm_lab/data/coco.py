@@ -94,6 +94,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
         train_ann, val_ann, test_ann: captions JSON files (override ``root`` for their split).
         train_images, val_images, test_images: the image folders of those files.
         train_sampling: ``image`` (one random caption per image per epoch) or ``caption``.
+        unique_images_per_batch: training batches never hold one image twice (with ``train_sampling:
+            caption``: every caption still once per epoch; ``vlm_lab/data/unique_images.py``).
         batch_size: training images per batch.
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
         num_workers: data loader worker processes.
@@ -110,13 +112,13 @@ class CocoCaptionsDataModule(CaptionDataModule):
                  train_ann: str | None = None, train_images: str | None = None,
                  val_ann: str | None = None, val_images: str | None = None,
                  test_ann: str | None = None, test_images: str | None = None,
-                 train_sampling: Literal["image", "caption"] = "image",
+                 train_sampling: Literal["image", "caption"] = "image", unique_images_per_batch: bool = False,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4,
                  augment: bool | dict[str, Any] = False, seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
-        self.train_sampling = train_sampling
+        self.train_sampling, self.unique_images_per_batch = train_sampling, unique_images_per_batch
         given = {"train": (train_ann, train_images), "val": (val_ann, val_images), "test": (test_ann, test_images)}
         self.sources = {split: _resolve(split, root, ann, images) for split, (ann, images) in given.items()}
         if not any(self.sources.values()):
