@@ -25,7 +25,7 @@ from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "dev")  # dev: carved from train where a data module offers it (dev_split.py)
 
 
 class CaptionDataModule(L.LightningDataModule):

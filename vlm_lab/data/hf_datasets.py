@@ -473,6 +473,9 @@ class HFDatasetDataModule(CaptionDataModule):
     def opened(self, split: str) -> Any:
         """The ``datasets`` object of one of our splits (train/val/test), opened once, columns checked."""
         if split not in self._opened:
+            if split not in self.split_names:  # dev: carved from train by coco_captions only (data/dev_split.py)
+                raise ConfigError(f"hf_dataset has no {split} split: data.dev_split is a coco_captions setting; "
+                                  f"name a split of the dataset as data.val_split instead")
             name = self.split_names[split]
             if name is None:
                 raise ConfigError(f"hf_dataset has no {split} split: set data.{split}_split to one of "
