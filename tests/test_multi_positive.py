@@ -132,6 +132,21 @@ def test_all_pairs_of_one_image_is_a_uniform_target_over_the_batch():
     assert loss(features, features, image_ids=torch.zeros(4, dtype=torch.long)).item() == pytest.approx(math.log(4))
 
 
+def test_identical_image_features_make_the_softmax_losses_agree_but_not_siglip():
+    # Two captions of one image with the same image features (a locked tower, no augmentation): the two
+    # equal rows' one-positive cross-entropies sum to their multi-positive ones, in both directions.
+    gen = torch.Generator().manual_seed(5)
+    images = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
+    images[2] = images[0]
+    texts = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
+    ids = torch.tensor([10, 11, 10, 13, 14, 15])
+    for cls in (ClipLoss, AlignLoss):
+        assert cls(multi_positive=True).double()(images, texts, image_ids=ids).item() == pytest.approx(
+            cls().double()(images, texts).item(), abs=1e-12)
+    assert SigLipLoss(multi_positive=True).double()(images, texts, image_ids=ids).item() != pytest.approx(
+        SigLipLoss().double()(images, texts).item(), abs=1e-3)
+
+
 @pytest.mark.parametrize("ids, message", [(None, "got none"), (torch.tensor([1, 2]), "got shape (2,)")])
 def test_missing_image_ids_say_so(ids, message):
     images, texts, _ = _tensors()
