@@ -214,3 +214,10 @@ def test_yaml_and_cli_set_the_option(tmp_path, capsys):
     assert main(["fit", tiny, *data, "data.unique_images_per_batch=yes please", "--run-dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "unique_images_per_batch" in err and err.count("\n") == 1
+
+
+def test_a_resumed_data_module_continues_the_epoch(tmp_path):
+    whole = [b["captions"] for b in _epoch(_datamodule(tmp_path, unique_images_per_batch=True), 1)]
+    resumed = _datamodule(tmp_path / "resumed", unique_images_per_batch=True)
+    resumed.load_state_dict({"next_epoch": 1, "batches_done": 4})  # what a mid-epoch checkpoint holds
+    assert [b["captions"] for b in resumed.train_dataloader()] == whole[4:]
