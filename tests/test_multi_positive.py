@@ -191,8 +191,9 @@ def test_yaml_cli_and_python_set_multi_positive(tmp_path, capsys):
     assert not vlm_lab.build_module(cfg).loss.multi_positive
     cfg.model.loss = {"name": "clip", "multi_positive": True}
     assert vlm_lab.build_module(cfg).loss.multi_positive
-    assert main(["fit", str(TINY), "model.loss.multi_positive=true", "trainer.max_steps=2",
-                 "trainer.limit_val_batches=0", "--run-dir", str(tmp_path / "run")]) == 0
+    # A whole fit, validation included (its val/loss is computed by the same loss, given the ids).
+    assert main(["fit", str(TINY), "model.loss.multi_positive=true", "--run-dir", str(tmp_path / "run")]) == 0
+    assert "val/loss" in (tmp_path / "run" / "metrics.json").read_text()
     assert main(["fit", str(TINY), "model.loss.multi_positiv=true", "--run-dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert "multi_positive" in err and err.count("\n") == 1
