@@ -91,6 +91,9 @@ def test_coco_serves_dev_and_leaves_it_out_of_training(tmp_path):
     served = _datamodule(tmp_path / "v", dev_split={"images": 4, "validate": True})
     validated = {i for batch in served.val_dataloader() for i in batch["image_ids"].tolist()}
     assert validated == {r.image_id for r in served.records("dev")}
+    # The embedding cache of the fit's validation holds the dev images.
+    assert {r.image_id for r in served.cacheable_images("val").records} == validated
+    assert {r.image_id for r in served.dataset("val").records} == {r.image_id for r in served.records("val")}
 
 
 @pytest.mark.parametrize("dev_split, message", [
@@ -111,11 +114,12 @@ def test_a_fit_validates_on_dev_and_the_retrieval_evaluator_reads_it(tmp_path):
     ann, images = coco_files(tmp_path / "data")
     data = {"name": "coco_captions", "train_ann": ann, "train_images": images, "val_ann": ann, "val_images": images,
             "batch_size": 4, "dev_split": {"images": 4, "validate": True}}
-    cfg = vlm_lab.load_config(TINY)
-    cfg.data = data
-    cfg.trainer.max_steps = 2
-    metrics = vlm_lab.fit(cfg, run_dir=tmp_path / "run")
-    assert metrics["val/chance_t2i_R@1"] == pytest.approx(100 / 4)  # 4 dev images, not the 12 of val
+    for locked in ("false", "true"):  # a locked vision tower: the fit's embedding cache serves dev
+        cfg = vlm_lab.load_config(TINY, overrides=[f"model.vision_lock.lock={locked}"])
+        cfg.data = data
+        cfg.trainer.max_steps = 2
+        metrics = vlm_lab.fit(cfg, run_dir=tmp_path / f"run_{locked}")
+        assert metrics["val/chance_t2i_R@1"] == pytest.approx(100 / 4)  # 4 dev images, not the 12 of val
     evaluators = build_evaluators(EvalSettings.from_config({"evaluators": {
         "dev": {"name": "retrieval", "data": data, "split": "dev"},
         "val": {"name": "retrieval", "data": data, "split": "val"}}}))

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from vlm_lab.data.base import CaptionDataModule
 from vlm_lab.data.dev_split import DevSplit
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -158,10 +159,21 @@ class CocoCaptionsDataModule(CaptionDataModule):
         return CaptionedImages(self.records(split), self.transform(split), self.bad_samples[counted],
                                self.decode_size, per_caption=per_caption)
 
+    # A fit's validation: val, or the dev split with dev_split: {validate: true} (the val/ metrics are
+    # then the dev split's; evaluators asking for split: val still get val). The embedding cache of a
+    # fit's validation (vlm_lab/embedding_cache.py asks for "val") is then the dev split's.
+
     def val_dataloader(self) -> DataLoader:
-        """The fit's validation: val, or the dev split with ``dev_split: {validate: true}`` (the
-        ``val/`` metrics are then the dev split's; evaluators asking for ``split: val`` still get val)."""
-        return self._loader("dev") if self._validates_on_dev else super().val_dataloader()
+        return self._loader(self._fit_split("val"))
+
+    def cacheable_images(self, split: str) -> CaptionedImages | None:
+        return super().cacheable_images(self._fit_split(split))
+
+    def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
+        super().use_embedding_cache(self._fit_split(split), cache)
+
+    def _fit_split(self, split: str) -> str:
+        return "dev" if split == "val" and self._validates_on_dev else split
 
     @property
     def _validates_on_dev(self) -> bool:
