@@ -83,7 +83,8 @@ def text_tower_epoch(module, datamodule) -> tuple[float, float]:
     start = (time.perf_counter(), time.process_time())
     for batch in datamodule.train_dataloader():
         image_features = module.encode_batch_images(batch)
-        loss = module.loss(image_features, module.encode_text(batch["input_ids"], batch["attention_mask"]))
+        loss = module.loss(image_features, module.encode_text(batch["input_ids"], batch["attention_mask"]),
+                           **module.loss_image_ids(batch["image_ids"]))
         loss.backward()
         module.zero_grad(set_to_none=True)
     return time.perf_counter() - start[0], time.process_time() - start[1]

@@ -39,6 +39,13 @@ CASES = {
     # CoCa: CLIP plus the caption loss, whose token average must be over both ranks' tokens (the
     # halves of the batch hold 29 and 32 of them).
     "coca": ({"name": "clip", "local_loss": True}, True),
+    # Multi-positive (model.loss.multi_positive): the batch repeats images within a rank's half and
+    # across the halves (REPEATED_IMAGES), so positives sit in other ranks' columns too.
+    "clip_local_multi": ({"name": "clip", "local_loss": True, "multi_positive": True}, True),
+    "clip_global_multi": ({"name": "clip", "local_loss": False, "multi_positive": True}, True),
+    "align_local_multi": ({"name": "align", "multi_positive": True}, True),
+    "siglip_gather_multi": ({"name": "siglip", "multi_positive": True}, True),
+    "siglip_neighbour_multi": ({"name": "siglip", "exchange": "neighbour", "multi_positive": True}, True),
     # The control: local loss through a gather without gradient misses the other ranks' terms, so
     # its gradients must differ. It shows the comparison can fail.
     "clip_local_no_grad_gather": ({"name": "clip", "local_loss": True, "gather_with_grad": False}, False),
@@ -46,6 +53,9 @@ CASES = {
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# The image ids of the multi-positive cases' batch: image 0 in both halves, image 1 in both, image 0
+# twice in the first half.
+REPEATED_IMAGES = [0, 1, 2, 0, 3, 1, 4, 0]
 # Config overrides of the cases that need more than a loss.
 OVERRIDES = {"coca": ["model.caption_weight=1.0", "model.caption_head.layers=1", "model.caption_head.heads=2",
                       "model.caption_head.image_queries=4"]}
@@ -72,6 +82,13 @@ def _batch(dtype: str) -> dict[str, torch.Tensor]:
         "text_image_index": torch.arange(BATCH),
         "image_ids": torch.arange(BATCH),
     }
+
+
+def _case_batch(case: str, dtype: str) -> dict[str, torch.Tensor]:
+    batch = _batch(dtype)
+    if case.endswith("_multi"):
+        batch["image_ids"] = torch.tensor(REPEATED_IMAGES)
+    return batch
 
 
 def _shard(batch: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
@@ -132,7 +149,7 @@ def _worker(init_file: str, out_file: str, rank: int) -> None:
     init_gloo(init_file, rank)
     results = {}
     for case, dtype in itertools.product(CASES, DTYPES):
-        shard = _shard(_batch(dtype), rank)
+        shard = _shard(_case_batch(case, dtype), rank)
         module = _module(case, dtype)
         ddp = DistributedDataParallel(_TrainingStep(module))  # must outlive backward: it holds the hooks
         loss = ddp(shard)
@@ -159,7 +176,7 @@ def two_process_results(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_match_one_process(two_process_results, case, dtype):
     exact = CASES[case][1]
-    expected_loss, expected_grads = _loss_and_grads(_module(case, dtype), _batch(dtype))
+    expected_loss, expected_grads = _loss_and_grads(_module(case, dtype), _case_batch(case, dtype))
     rank0, rank1 = (results[case, dtype] for results in two_process_results)
 
     def tolerance(absolute: float, value: torch.Tensor) -> float:

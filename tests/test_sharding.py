@@ -29,13 +29,14 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from test_distributed import (BATCH, TINY_CONFIG, WORLD_SIZE, _batch, _shard, _TrainingStep, init_gloo,  # noqa: E402
-                              run_workers)
+from test_distributed import (BATCH, REPEATED_IMAGES, TINY_CONFIG, WORLD_SIZE, _batch, _shard,  # noqa: E402
+                              _TrainingStep, init_gloo, run_workers)
 
 DEEPER = ["model.vision.layers=2", "model.text.layers=2"]
 COCA = ["model.caption_weight=1.0", "model.caption_head.layers=2", "model.caption_head.heads=2",
         "model.caption_head.image_queries=4"]
 VISION_LOCKED = ["model.vision_lock.lock=true"]
+MULTI_POSITIVE = "model.loss={name: clip, local_loss: true, multi_positive: true}"
 # name: (config overrides, sharding settings, whether the batch carries cached vision outputs)
 CASES = {
     "clip_local": (DEEPER + ["model.loss.local_loss=true"], {}, False),
@@ -48,11 +49,14 @@ CASES = {
     "grad_checkpointing": (DEEPER + COCA + ["model.vision.grad_checkpointing=true", "model.text.grad_checkpointing=true",
                                             "model.caption_head.grad_checkpointing=true"], {}, False),
     "embedding_cache": (DEEPER + VISION_LOCKED, {}, True),
+    # model.loss.multi_positive on a batch that repeats images within and across the ranks' halves.
+    "multi_positive": (DEEPER + [MULTI_POSITIVE], {}, False),
 }
 # The chunked contrastive step (optim.contrastive_chunks, vlm_lab/gradient_cache.py) under sharding: each
 # case is also compared with the unchunked DDP step of the case it chunks (CHUNKED_FROM).
 CHUNKS = ["optim.contrastive_chunks=3"]
 CHUNKED_FROM = {"clip_local_chunks": "clip_local", "siglip_chunks": "siglip_neighbour", "coca_chunks": "coca",
+                "multi_positive_chunks": "multi_positive",
                 "vision_locked_chunks": "vision_locked_sharded", "grad_checkpointing_chunks": "grad_checkpointing",
                 "embedding_cache_chunks": "embedding_cache"}
 CASES.update({name: (CASES[base][0] + CHUNKS, *CASES[base][1:]) for name, base in CHUNKED_FROM.items()})
@@ -69,6 +73,8 @@ def _module(case: str):
 
 def _case_batch(case: str) -> dict[str, torch.Tensor]:
     batch = _batch("float64")
+    if MULTI_POSITIVE in CASES[case][0]:
+        batch["image_ids"] = torch.tensor(REPEATED_IMAGES)
     if CASES[case][2]:  # what the embedding cache serves in place of the images: the tower's pooled output
         pooled = torch.randn(BATCH, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
         batch = {**{k: v for k, v in batch.items() if k != "pixel_values"}, "vision_pooled": pooled}

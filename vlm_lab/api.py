@@ -40,7 +40,7 @@ from vlm_lab.eval.suite import EvaluationSuite, build_evaluators, run_evaluators
 from vlm_lab.interop.pretrained import init_model_section, load_into_module
 from vlm_lab.interop.teacher import load_teacher
 from vlm_lab.module import VisionLanguageModule
-from vlm_lab.preemption import AtomicCheckpointIO, Preemption, requeued_run, step_checkpoints
+from vlm_lab.preemption import AtomicCheckpointIO, Preemption, best_checkpoint, requeued_run, step_checkpoints
 from vlm_lab.schema import CheckpointSettings, EvalSettings
 from vlm_lab.seeding import EpochSeeding
 from vlm_lab.tracking import ConfigHyperparameters, build_loggers, finishing_runs, quiet_lightning_tips
@@ -123,7 +123,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> L.Trainer:
     if options.get("enable_checkpointing", True):
         # Step checkpoints and preemption (vlm_lab/preemption.py): mid-epoch ones, which resume exactly.
         settings = CheckpointSettings.from_config(_plain(cfg.get("checkpoint")))
-        callbacks += [checkpoints, *step_checkpoints(settings, run_dir / "checkpoints")]
+        callbacks += [checkpoints, *step_checkpoints(settings, run_dir / "checkpoints"),
+                      *best_checkpoint(settings, run_dir / "checkpoints")]
         if settings.on_signal:
             callbacks.append(Preemption(run_dir / "checkpoints" / "last.ckpt"))
     if loggers:

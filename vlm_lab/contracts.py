@@ -38,7 +38,11 @@ class TextTower(Protocol):
 
 
 class ContrastiveLoss(Protocol):
-    """``forward(image_features [B, D], text_features [B, D]) -> scalar``, both L2-normalised."""
+    """``forward(image_features [B, D], text_features [B, D]) -> scalar``, both L2-normalised.
+
+    A loss whose ``multi_positive`` attribute is true is called with ``image_ids=[B]`` as well (the
+    training batch's image ids: pairs of one image are positives of each other); others never are.
+    """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor: ...
 

@@ -9,6 +9,9 @@ Common interface:
   ``[B, D]`` each, where row ``i`` of one matches row ``i`` of the other. The features must already
   be L2-normalised: the model normalises them once and reuses them for retrieval metrics, so the
   losses do not normalise again.
+* ``multi_positive``: when true, ``forward`` also takes ``image_ids`` (``[B]``, the batch's dataset-wide
+  image ids) and every pair whose image is the same counts as a positive, not only pair ``i`` with
+  itself (see :func:`_positives`); the module passes them only to a loss that sets it.
 * ``logit_scale_value() -> Tensor``: the multiplier the loss currently applies to cosine
   similarities (for logging; the training loop also compares it across losses).
 * ``no_weight_decay() -> set[str]``: names of the loss's parameters. Decaying a temperature towards
@@ -52,6 +55,33 @@ def _float32(
     else:  # e.g. "meta": no autocast to switch off, and torch.autocast would reject the device
         region = contextlib.nullcontext()
     return region, _at_least_float32(image_features), _at_least_float32(text_features)
+
+
+def _positives(loss: str, image_ids: Tensor | None, batch: int, local_rows: bool) -> Tensor:
+    """``[rows, columns]`` booleans: which columns share the row's image (multi-positive losses).
+
+    Columns are the global batch (every rank's ids, gathered in rank order as the features are);
+    rows are this rank's pairs (``local_rows``) or the global batch too. The ids are gathered on every
+    rank and every step, so all ranks run the same collectives whatever their batches hold. Each row's
+    own pair is always among its positives; with no image twice in the global batch, the positives
+    are exactly the one-positive losses' labels.
+    """
+    if image_ids is None or tuple(image_ids.shape) != (batch,):
+        got = "none" if image_ids is None else f"shape {tuple(image_ids.shape)}"
+        raise ValueError(f"{loss} loss: multi_positive needs the image id of each of the {batch} pairs "
+                         f"(image_ids=batch['image_ids']), got {got}")
+    all_ids = all_gather_batch(image_ids, gather_with_grad=False)
+    rows = image_ids if local_rows else all_ids
+    return rows[:, None] == all_ids[None, :]
+
+
+def _soft_targets(labels: Tensor, positives: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The cross-entropy target of each row: ``labels`` (one positive, today's loss bit for bit), or,
+    when some row has more than one positive, a distribution uniform over that row's positives."""
+    if positives is None or int(positives.sum()) == len(positives):  # one sync: a host-side decision
+        return labels
+    positives = positives.to(dtype)
+    return positives / positives.sum(dim=1, keepdim=True)
 
 
 def _contrastive_similarities(
@@ -110,6 +140,10 @@ class ClipLoss(nn.Module):
     which the softmax is nearly one-hot and training becomes unstable. The cap is an out-of-place
     clamp in ``forward``: past it the parameter gets no gradient, and the stored value is never
     modified behind the optimiser's back.
+
+    ``multi_positive``: a row's target is uniform over every column of the same image (captions of
+    one image drawn into one batch are not scored as each other's negatives); with no image twice in
+    the global batch the loss is the one-positive loss, computed by the same code.
     """
 
     def __init__(
@@ -119,6 +153,7 @@ class ClipLoss(nn.Module):
         learnable_scale: bool = True,
         local_loss: bool = True,
         gather_with_grad: bool = True,
+        multi_positive: bool = False,
     ) -> None:
         super().__init__()
         if max_logit_scale <= 0:
@@ -128,6 +163,7 @@ class ClipLoss(nn.Module):
         self.max_logit_scale = float(max_logit_scale)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.multi_positive = multi_positive
 
     def logit_scale_value(self) -> Tensor:
         """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
@@ -136,15 +172,19 @@ class ClipLoss(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return _parameter_names(self)
 
-    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+    def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor | None = None) -> Tensor:
+        """``image_ids`` (``[B]``): with ``multi_positive``, pairs of one image are each other's positives."""
+        positives = _positives("clip", image_ids, len(image_features), self.local_loss) if self.multi_positive else None
         region, image_features, text_features = _float32(image_features, text_features)
         with region:
             sim_per_image, sim_per_text, labels = _contrastive_similarities(
                 image_features, text_features, self.local_loss, self.gather_with_grad
             )
+            # Both directions share the targets: text i's image is image i, so the mask is the same.
+            targets = _soft_targets(labels, positives, sim_per_image.dtype)
             scale = self.logit_scale_value()
             return (
-                F.cross_entropy(scale * sim_per_image, labels) + F.cross_entropy(scale * sim_per_text, labels)
+                F.cross_entropy(scale * sim_per_image, targets) + F.cross_entropy(scale * sim_per_text, targets)
             ) / 2
 
 
@@ -156,7 +196,7 @@ class AlignLoss(nn.Module):
     ``temperature`` initialised at 1.0, and the mean of the image-to-text and text-to-image
     cross-entropies, each with ``label_smoothing=0.1``. The temperature used is clamped from below at
     ``min_temperature``, because nothing else stops it collapsing to zero (or below, where the loss
-    flips sign) as it sharpens the softmax.
+    flips sign) as it sharpens the softmax. ``multi_positive`` as for :class:`ClipLoss`.
     """
 
     def __init__(
@@ -166,6 +206,7 @@ class AlignLoss(nn.Module):
         min_temperature: float = 0.01,
         local_loss: bool = True,
         gather_with_grad: bool = True,
+        multi_positive: bool = False,
     ) -> None:
         super().__init__()
         if init_temperature <= 0 or min_temperature <= 0:
@@ -180,6 +221,7 @@ class AlignLoss(nn.Module):
         self.min_temperature = float(min_temperature)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.multi_positive = multi_positive
 
     def effective_temperature(self) -> Tensor:
         return _at_least_float32(self.temperature).clamp(min=self.min_temperature)
@@ -191,16 +233,20 @@ class AlignLoss(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return _parameter_names(self)
 
-    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+    def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor | None = None) -> Tensor:
+        """``image_ids`` (``[B]``): with ``multi_positive``, pairs of one image are each other's positives
+        (the smoothing then mixes the uniform distribution into the one over the positives)."""
+        positives = _positives("align", image_ids, len(image_features), self.local_loss) if self.multi_positive else None
         region, image_features, text_features = _float32(image_features, text_features)
         with region:
             sim_per_image, sim_per_text, labels = _contrastive_similarities(
                 image_features, text_features, self.local_loss, self.gather_with_grad
             )
+            targets = _soft_targets(labels, positives, sim_per_image.dtype)
             # Divide rather than multiply by 1/temperature, as Hugging Face does, to match it bit for bit.
             temperature, smoothing = self.effective_temperature(), self.label_smoothing
-            image_loss = F.cross_entropy(sim_per_image / temperature, labels, label_smoothing=smoothing)
-            text_loss = F.cross_entropy(sim_per_text / temperature, labels, label_smoothing=smoothing)
+            image_loss = F.cross_entropy(sim_per_image / temperature, targets, label_smoothing=smoothing)
+            text_loss = F.cross_entropy(sim_per_text / temperature, targets, label_smoothing=smoothing)
             return (image_loss + text_loss) / 2
 
 
@@ -222,7 +268,8 @@ class SigLipLoss(nn.Module):
       at once and the transfers are between neighbours only. Gradients always travel back.
 
     Both give the same loss and the same (exact) gradients; dividing by the local batch makes the
-    mean over ranks equal to the loss of the global batch.
+    mean over ranks equal to the loss of the global batch. ``multi_positive``: every pair of one image
+    (in any rank's block) is labelled +1, not only the diagonal.
     """
 
     def __init__(
@@ -232,6 +279,7 @@ class SigLipLoss(nn.Module):
         max_logit_scale: float = 100.0,
         exchange: Literal["gather", "neighbour"] = "gather",
         gather_with_grad: bool = True,
+        multi_positive: bool = False,
     ) -> None:
         super().__init__()
         if max_logit_scale <= 0:
@@ -248,6 +296,7 @@ class SigLipLoss(nn.Module):
         self.max_logit_scale = float(max_logit_scale)
         self.exchange = exchange
         self.gather_with_grad = gather_with_grad
+        self.multi_positive = multi_positive
 
     def logit_scale_value(self) -> Tensor:
         """The multiplier applied to similarities: ``exp(logit_scale)``, at most ``max_logit_scale``."""
@@ -256,30 +305,40 @@ class SigLipLoss(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return _parameter_names(self)
 
-    def forward(self, image_features: Tensor, text_features: Tensor) -> Tensor:
+    def forward(self, image_features: Tensor, text_features: Tensor, image_ids: Tensor | None = None) -> Tensor:
+        """``image_ids`` (``[B]``): with ``multi_positive``, every pair of one image is labelled +1."""
+        rank, world_size = world_info()
+        if self.multi_positive:  # [B, world * B] -> one [B, B] block of positives per rank's texts
+            positive_blocks = _positives("siglip", image_ids, len(image_features), local_rows=True).chunk(world_size, 1)
+        else:  # the block of this rank's own texts: row i matches column i
+            positive_blocks = tuple(owner == rank for owner in range(world_size))
         region, image_features, text_features = _float32(image_features, text_features)
         with region:
-            rank, world_size = world_info()
             if self.exchange == "neighbour":
                 # Start with this rank's own texts; step k holds the block of rank (rank - k) mod world.
-                total = self._block_loss(image_features, text_features, positives=True)
+                total = self._block_loss(image_features, text_features, positive_blocks[rank])
                 texts = text_features
-                for _ in range(world_size - 1):
+                for step in range(1, world_size):
                     texts = neighbour_exchange(texts)
-                    total = total + self._block_loss(image_features, texts, positives=False)
+                    total = total + self._block_loss(image_features, texts, positive_blocks[(rank - step) % world_size])
             else:
                 blocks = all_gather_batch(text_features, self.gather_with_grad).chunk(world_size)
                 total = sum(
-                    self._block_loss(image_features, block, positives=owner == rank)
+                    self._block_loss(image_features, block, positive_blocks[owner])
                     for owner, block in enumerate(blocks)
                 )
             return total / image_features.shape[0]
 
-    def _block_loss(self, image_features: Tensor, text_features: Tensor, positives: bool) -> Tensor:
-        """``-sum(logsigmoid(label * logits))`` of local images against one rank's block of texts."""
+    def _block_loss(self, image_features: Tensor, text_features: Tensor, positives: bool | Tensor) -> Tensor:
+        """``-sum(logsigmoid(label * logits))`` of local images against one rank's block of texts.
+
+        ``positives``: True for this rank's own block (row i matches column i), False for another
+        rank's, or the block's ``[B, B]`` mask of same-image pairs (multi-positive)."""
         logits = self.logit_scale_value() * image_features @ text_features.T + _at_least_float32(self.logit_bias)
         labels = -torch.ones_like(logits)
-        if positives:  # the block of this rank's own texts: row i matches column i
+        if isinstance(positives, Tensor):
+            labels.masked_fill_(positives, 1.0)
+        elif positives:
             labels.diagonal().fill_(1.0)
         return -F.logsigmoid(labels * logits).sum()
 

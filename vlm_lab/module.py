@@ -323,7 +323,8 @@ class VisionLanguageModule(L.LightningModule):
             encoded = self.encode_pairs(batch)
         terms: dict[str, torch.Tensor] = {}
         if self.loss is not None:
-            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"])
+            terms["contrastive_loss"] = self.loss(encoded["image_features"], encoded["text_features"],
+                                                  **self.loss_image_ids(batch["image_ids"]))
             if self.distill_loss is not None:  # on the whole batch's features, also with chunks
                 terms["distill_loss"] = self._distillation(batch, encoded["image_features"], encoded["text_features"])
         if self.caption_head is not None:
@@ -335,6 +336,11 @@ class VisionLanguageModule(L.LightningModule):
         if "unread_pooled" in encoded:
             loss = loss + encoded["unread_pooled"]
         return {"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}
+
+    def loss_image_ids(self, image_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the loss takes besides the features: the pairs' image ids for a multi-positive loss
+        (``model.loss.multi_positive``: pairs of one image are each other's positives), else nothing."""
+        return {"image_ids": image_ids} if getattr(self.loss, "multi_positive", False) else {}
 
     def encode_pairs(self, batch: dict[str, torch.Tensor], frozen: dict[str, TowerOutput] | None = None
                      ) -> dict[str, torch.Tensor]:
@@ -492,7 +498,7 @@ class VisionLanguageModule(L.LightningModule):
         text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
         owners = batch["text_image_index"]
         first_caption = _first_caption_positions(owners, len(image_features))
-        loss = self.loss(image_features, text_features[first_caption])
+        loss = self.loss(image_features, text_features[first_caption], **self.loss_image_ids(batch["image_ids"]))
         self.log(f"{stage}/loss", loss, batch_size=len(image_features), sync_dist=True)
         self._eval_outputs.append({
             "image_features": image_features.float().cpu(),

@@ -46,6 +46,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from vlm_lab.distributed import slurm_job_id
+from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.schema import CheckpointSettings
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,40 @@ def step_checkpoints(settings: CheckpointSettings, dirpath: Path) -> list[ModelC
                             monitor="step", mode="max", save_top_k=settings.keep, save_last=True,
                             save_on_train_epoch_end=False, enable_version_counter=False, **trigger)
             for trigger in triggers]
+
+
+def best_checkpoint(settings: CheckpointSettings, dirpath: Path) -> list[ModelCheckpoint]:
+    """The ``ModelCheckpoint`` that keeps ``checkpoints/best.ckpt`` by ``checkpoint.monitor`` (none when unset)."""
+    if settings.monitor is None:
+        return []
+    return [BestCheckpoint(settings.monitor, settings.mode or "max", dirpath)]
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` keeping the single best checkpoint by a validation metric, as
+    ``best.ckpt`` (one stable name to evaluate or export), checked once validations have run.
+
+    Lightning raises for a monitored key that was never logged with a long message about ``log()``;
+    here a misspelt metric is one line naming the metrics the run does log (and the closest), at the
+    end of the first validation. A run that never validates keeps no best checkpoint, and says so.
+    """
+
+    def __init__(self, monitor: str, mode: str, dirpath: Path) -> None:
+        super().__init__(dirpath=str(dirpath), filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                         auto_insert_metric_name=False, enable_version_counter=False, save_on_train_epoch_end=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
+            # The training metrics (gradient norms per layer...) would drown the list; they count as valid.
+            logged = sorted(key for key in trainer.callback_metrics if not key.startswith("train/"))
+            raise ConfigError(f"checkpoint.monitor={self.monitor!r} is not a metric this run logs; validation "
+                              f"logs {', '.join(logged) or 'nothing'}."
+                              f"{did_you_mean(self.monitor, trainer.callback_metrics)}")
+        super().on_validation_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.best_model_path:
+            log.warning("checkpoint.monitor=%s: no validation ran, so no best checkpoint was kept", self.monitor)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -372,8 +372,20 @@ class CheckpointSettings(Section):
     keep: int = setting(2, "step checkpoints kept (the newest; per trigger when both are set; -1: all)")
     on_signal: bool = setting(True, "SIGTERM and SIGINT (on SLURM: SIGUSR1 and SIGTERM) write a checkpoint at the "
                                     "end of the current step and stop the run; on SLURM the job requeues itself")
+    monitor: str | None = setting(None, "also keep the best checkpoint by this validation metric as "
+                                        "checkpoints/best.ckpt, e.g. val/i2t_R@1 (null: none)")
+    mode: Literal["max", "min"] | None = setting(None, "with monitor: whether the largest (R@k, BLEU-4, CIDEr) or "
+                                                       "the smallest (a loss) value is best")
 
     def check(self, where: str) -> None:
+        if self.monitor is not None and self.mode is None:
+            raise ConfigError(f"{where}.monitor={self.monitor!r} needs {where}.mode: max (R@k, BLEU-4, CIDEr) or "
+                              f"min (a loss)")
+        if self.mode is not None and self.monitor is None:
+            raise ConfigError(f"{where}.mode={self.mode!r} is set but {where}.monitor is not; name the metric, "
+                              f"e.g. {where}.monitor=val/i2t_R@1")
+        if self.monitor is not None and not self.monitor.strip():
+            raise ConfigError(f"{where}.monitor is empty; name a validation metric, e.g. val/i2t_R@1")
         if self.every_n_steps < 0 or self.every_n_minutes < 0:
             raise ConfigError(f"{where}: every_n_steps={self.every_n_steps} and every_n_minutes={self.every_n_minutes} "
                               f"should be 0 (off) or more")

@@ -25,7 +25,7 @@ from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "dev")  # dev: carved from train where a data module offers it (dev_split.py)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -52,6 +52,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.embedding_caches: dict[str, EmbeddingCache] = {}
         self.teacher_caches: dict[str, EmbeddingCache] = {}  # distillation's teacher cache (vlm_lab/distillation.py)
         self._served: dict[str, CaptionedImages | ShardStream] = {}
+        # data.unique_images_per_batch (data/unique_images.py): set by the modules that offer it.
+        self.unique_images_per_batch = False
 
     # ---------------------------------------------------------------------------------------------
     # For subclasses
@@ -154,9 +156,10 @@ class CaptionDataModule(L.LightningDataModule):
                                               pin_memory=pin_memory, slots=self.slots(split),
                                               skip=self.epochs.skip if training else None)
         else:
+            images = dataset.entry_images() if training and self.unique_images_per_batch else None
             loader = caption_loader(dataset, training, self.batch_size if training else self.eval_batch_size,
                                     self.num_workers, self.collate(split), self.seed, epoch, pin_memory,
-                                    skip=self.epochs.skip if training else None)
+                                    skip=self.epochs.skip if training else None, entry_images=images)
         if training:
             self.epochs.loader = loader
         return loader

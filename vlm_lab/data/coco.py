@@ -15,8 +15,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from torch.utils.data import DataLoader
+
 from vlm_lab.data.base import CaptionDataModule
+from vlm_lab.data.dev_split import DevSplit
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples
+from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -94,6 +98,11 @@ class CocoCaptionsDataModule(CaptionDataModule):
         train_ann, val_ann, test_ann: captions JSON files (override ``root`` for their split).
         train_images, val_images, test_images: the image folders of those files.
         train_sampling: ``image`` (one random caption per image per epoch) or ``caption``.
+        dev_split: ``{images: N}`` sets N training images aside as the ``dev`` split (chosen by a hash
+            of their file names); ``validate: true`` makes it a fit's validation split
+            (``vlm_lab/data/dev_split.py``).
+        unique_images_per_batch: training batches never hold one image twice (with ``train_sampling:
+            caption``: every caption still once per epoch; ``vlm_lab/data/unique_images.py``).
         batch_size: training images per batch.
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
         num_workers: data loader worker processes.
@@ -110,13 +119,15 @@ class CocoCaptionsDataModule(CaptionDataModule):
                  train_ann: str | None = None, train_images: str | None = None,
                  val_ann: str | None = None, val_images: str | None = None,
                  test_ann: str | None = None, test_images: str | None = None,
-                 train_sampling: Literal["image", "caption"] = "image",
+                 train_sampling: Literal["image", "caption"] = "image", unique_images_per_batch: bool = False,
+                 dev_split: dict[str, Any] | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4,
                  augment: bool | dict[str, Any] = False, seed: int = 0) -> None:
         super().__init__(tokenizer, image_config, max_length, batch_size, eval_batch_size, num_workers, augment,
                          seed, worker_slots)
-        self.train_sampling = train_sampling
+        self.train_sampling, self.unique_images_per_batch = train_sampling, unique_images_per_batch
+        self.dev = DevSplit.from_value(dev_split)
         given = {"train": (train_ann, train_images), "val": (val_ann, val_images), "test": (test_ann, test_images)}
         self.sources = {split: _resolve(split, root, ann, images) for split, (ann, images) in given.items()}
         if not any(self.sources.values()):
@@ -125,19 +136,48 @@ class CocoCaptionsDataModule(CaptionDataModule):
         self._records: dict[str, list[Record]] = {}
 
     def records(self, split: str) -> list[Record]:
-        """The split's records (its captions file is read once)."""
+        """The split's records (its captions file is read once); ``dev`` is carved from train's."""
         if split not in self._records:
-            source = self.sources[split]
+            if split == "dev" and self.dev is None:
+                raise ConfigError("coco_captions has no dev split: set data.dev_split, e.g. {images: 500}, to set "
+                                  "training images aside for it")
+            source = self.sources["train" if split == "dev" else split]
             if source is None:
                 raise ConfigError(f"coco_captions has no {split} split: set data.{split}_ann and data.{split}_images"
-                                  + (" (COCO 2017 has no test captions)" if split == "test" else ""))
-            self._records[split] = read_coco_captions(*source)
+                                  + (" (COCO 2017 has no test captions)" if split == "test" else "")
+                                  + (" (the dev split is carved from train)" if split == "dev" else ""))
+            if split in ("train", "dev") and self.dev is not None:
+                self._records["train"], self._records["dev"] = self.dev.carve(read_coco_captions(*source), source[0])
+            else:
+                self._records[split] = read_coco_captions(*source)
         return self._records[split]
 
     def dataset(self, split: str) -> CaptionedImages:
         per_caption = split == "train" and self.train_sampling == "caption"
-        return CaptionedImages(self.records(split), self.transform(split), self.bad_samples[split],
+        # A fit that validates on dev reports its bad samples as val/bad_samples (data/health.py).
+        counted = "val" if split == "dev" and self._validates_on_dev else split
+        return CaptionedImages(self.records(split), self.transform(split), self.bad_samples[counted],
                                self.decode_size, per_caption=per_caption)
+
+    # A fit's validation: val, or the dev split with dev_split: {validate: true} (the val/ metrics are
+    # then the dev split's; evaluators asking for split: val still get val). The embedding cache of a
+    # fit's validation (vlm_lab/embedding_cache.py asks for "val") is then the dev split's.
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._fit_split("val"))
+
+    def cacheable_images(self, split: str) -> CaptionedImages | None:
+        return super().cacheable_images(self._fit_split(split))
+
+    def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
+        super().use_embedding_cache(self._fit_split(split), cache)
+
+    def _fit_split(self, split: str) -> str:
+        return "dev" if split == "val" and self._validates_on_dev else split
+
+    @property
+    def _validates_on_dev(self) -> bool:
+        return self.dev is not None and self.dev.validate
 
     def raw_samples(self, split: str) -> Iterator[RawSample]:
         return raw_samples(self.records(split))

@@ -20,15 +20,16 @@ are the diagonal. Evaluation batches carry every caption, for multi-caption retr
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, SequentialSampler, default_collate
 
 from vlm_lab.data.epochs import EpochLoader
 from vlm_lab.data.handoff import SlotLoader, WorkerSlots
+from vlm_lab.data.unique_images import UniqueImageBatchSampler
 from vlm_lab.towers.base import ImageConfig
 
 
@@ -88,19 +89,24 @@ class ImageTextCollate:
 def caption_loader(dataset: Dataset, training: bool, batch_size: int, num_workers: int,
                    collate_fn: ImageTextCollate, seed: int = 0,
                    epoch: Callable[[], int] | None = None, pin_memory: bool = False,
-                   skip: Callable[[], int] | None = None) -> SlotLoader:
+                   skip: Callable[[], int] | None = None, entry_images: Sequence[int] | None = None) -> SlotLoader:
     """The DataLoader of a map-style image-caption dataset: the one policy every data module uses.
 
     Training shuffles and drops the last partial batch (contrastive batches must keep their size,
     and one sample carries no signal), each pass seeded by (``seed``, ``epoch()``) (an
     :class:`~vlm_lab.data.epochs.EpochLoader`; ``epoch`` is required in training; ``skip``: the batches
-    of the pass to leave out, for a resumed run). Evaluation keeps
+    of the pass to leave out, for a resumed run; ``entry_images``: the image of each entry, to deal
+    batches that never hold one image twice, ``data/unique_images.py``). Evaluation keeps
     every sample, in order. The loader receives the pixels ``collate_fn.slots`` hands over, and pins
     its batches with ``pin_memory`` (``handoff.pins_memory``: when training on CUDA).
     """
     if training:
         if epoch is None:
             raise ValueError("a training loader needs the epoch of each pass (epoch=...)")
+        if entry_images is not None:
+            batches = UniqueImageBatchSampler(SequentialSampler(dataset), batch_size, True, entry_images, seed)
+            return EpochLoader(dataset, seed, epoch, batch_sampler=batches, num_workers=num_workers,
+                               collate_fn=collate_fn, pin_memory=pin_memory, slots=collate_fn.slots, skip=skip)
         return EpochLoader(dataset, seed, epoch, batch_size=batch_size, shuffle=True, drop_last=True,
                            num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory,
                            slots=collate_fn.slots, skip=skip)

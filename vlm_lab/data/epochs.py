@@ -71,7 +71,11 @@ class ResumableBatchSampler(BatchSampler):
         self.skip = 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+        return itertools.islice(self.batches(), self.skip, None)
+
+    def batches(self) -> Iterator[list[int]]:
+        """The whole pass's batches (a subclass may deal them otherwise: ``unique_images.py``)."""
+        return super().__iter__()
 
 
 class EpochLoader(SlotLoader):
@@ -121,10 +125,12 @@ class EpochLoader(SlotLoader):
         if isinstance(self.dataset, SampleSeeding):
             self.dataset.epoch = epoch
         sampler = getattr(self.batch_sampler, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            # Lightning's DistributedSampler under DDP. Lightning sets its epoch when an epoch starts,
-            # but a resumed run's first pass starts earlier, before Lightning restores its epoch.
-            sampler.set_epoch(epoch)
+        for seeded in (sampler, self.batch_sampler):
+            if hasattr(seeded, "set_epoch"):
+                # Lightning's DistributedSampler under DDP (and a batch sampler that deals batches by epoch,
+                # data/unique_images.py). Lightning sets a sampler's epoch when an epoch starts, but a
+                # resumed run's first pass starts earlier, before Lightning restores its epoch.
+                seeded.set_epoch(epoch)
         if isinstance(self.batch_sampler, ResumableBatchSampler):
             self.batch_sampler.skip = skip
         elif skip:

@@ -427,6 +427,8 @@ class HFDatasetDataModule(CaptionDataModule):
             ranks (default: the rows of its Parquet/Arrow files).
         train_sampling: ``image`` (one random caption per image per epoch) or ``caption`` (one
             entry per caption; map-style only).
+        unique_images_per_batch: training batches never hold one image twice (with ``train_sampling:
+            caption``: every caption still once per epoch; map-style only; ``vlm_lab/data/unique_images.py``).
         cache_dir: where ``datasets`` caches what it prepares (default: its own cache).
         batch_size: training images per batch.
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
@@ -445,7 +447,8 @@ class HFDatasetDataModule(CaptionDataModule):
                  train_split: str | None = "train", val_split: str | None = "validation",
                  test_split: str | None = "test", streaming: bool = False,
                  train_samples: int | None = None, val_samples: int | None = None, test_samples: int | None = None,
-                 train_sampling: Literal["image", "caption"] = "image", cache_dir: str | None = None,
+                 train_sampling: Literal["image", "caption"] = "image", unique_images_per_batch: bool = False,
+                 cache_dir: str | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4, shuffle_buffer: int = 1000, augment: bool | dict[str, Any] = False,
                  seed: int = 0) -> None:
@@ -454,8 +457,12 @@ class HFDatasetDataModule(CaptionDataModule):
         if streaming and train_sampling == "caption":
             raise ConfigError("data.train_sampling=caption needs map-style data; with data.streaming=true each image "
                               "comes once per epoch with one random caption (train_sampling: image)")
+        if streaming and unique_images_per_batch:
+            raise ConfigError("data.unique_images_per_batch=true needs map-style data; with data.streaming=true "
+                              "each image comes once per epoch anyway")
         self.splits = HFSplits(path, format, cache_dir)
         self.path, self.streaming, self.train_sampling = path, streaming, train_sampling
+        self.unique_images_per_batch = unique_images_per_batch
         self.image_column, self.caption_column, self.captions = image_column, caption_column, captions
         self.split_names = {"train": train_split, "val": val_split, "test": test_split}
         self.samples = {"train": train_samples, "val": val_samples, "test": test_samples}
@@ -466,6 +473,9 @@ class HFDatasetDataModule(CaptionDataModule):
     def opened(self, split: str) -> Any:
         """The ``datasets`` object of one of our splits (train/val/test), opened once, columns checked."""
         if split not in self._opened:
+            if split not in self.split_names:  # dev: carved from train by coco_captions only (data/dev_split.py)
+                raise ConfigError(f"hf_dataset has no {split} split: data.dev_split is a coco_captions setting; "
+                                  f"name a split of the dataset as data.val_split instead")
             name = self.split_names[split]
             if name is None:
                 raise ConfigError(f"hf_dataset has no {split} split: set data.{split}_split to one of "

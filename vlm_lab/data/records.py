@@ -88,6 +88,10 @@ class CaptionedImages(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def entry_images(self) -> list[int]:
+        """The image (record index) of each entry: what ``data.unique_images_per_batch`` keeps apart."""
+        return [record_index for record_index, _ in self.entries]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         # A bad entry is replaced by the next good one; only a split with no usable sample at all fails.
         # Each bad entry is counted when the sampler asks for it, not again as someone's replacement,

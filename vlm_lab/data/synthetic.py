@@ -28,6 +28,7 @@ from vlm_lab.data.collate import ImageTextCollate, caption_loader, image_to_tens
 from vlm_lab.data.epochs import TrainingEpochs
 from vlm_lab.data.handoff import pins_memory
 from vlm_lab.embedding_cache import EmbeddingCache, teacher_image_entries
+from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
 
@@ -282,6 +283,9 @@ class SyntheticShapesDataModule(L.LightningDataModule):
         height, width = self.image_config.size
         if height != width:
             raise ValueError(f"synthetic_shapes draws square images; the tower wants {height}x{width}")
+        if split not in self.sizes:
+            raise ConfigError(f"synthetic_shapes has no {split} split (valid: {', '.join(self.sizes)}); "
+                              f"data.dev_split is a coco_captions setting")
         raw = SyntheticShapes(split, self.sizes[split], height, self.seed,
                               self.holdout_fraction, self.paraphrases)
         dataset = _Transformed(raw, self.image_config)

@@ -37,13 +37,13 @@ class RetrievalEvaluator(Evaluator):
 
     Args:
         data: a data module spec, e.g. ``{name: coco, root: ../shared/data/flickr8k}``.
-        split: val or test.
+        split: val, test, or dev (the training images a data module's ``dev_split`` sets aside).
         batch_size: images per batch (their captions come along).
         chunk_size: query rows scored at once (bounds the memory of the similarity matrix).
         ks: the K of R@K.
     """
 
-    def __init__(self, data: dict[str, Any], split: Literal["val", "test"] = "val", batch_size: int = 64,
+    def __init__(self, data: dict[str, Any], split: Literal["val", "test", "dev"] = "val", batch_size: int = 64,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, ks: list[int] = [1, 5, 10]) -> None:  # noqa: B006 (never mutated)
         check_data_spec(data)
         self.data, self.split, self.batch_size, self.chunk_size, self.ks = dict(data), split, batch_size, chunk_size, list(ks)
