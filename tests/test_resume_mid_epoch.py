@@ -118,13 +118,32 @@ def shard_files(folder: Path, shards: int = 2, count: int = 64) -> str:
     return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
 
 
+def hf_files(folder: Path, shards: int, count: int = 64) -> str:
+    """A ``datasets`` dataset of the same pictures, captions as a list: a ``save_to_disk`` folder with a
+    train and a validation split (map-style reads it without preparing a cache), and the train split
+    again as ``shards`` Parquet files (a stream's shards) beside it. Returns the folder."""
+    from datasets import Dataset, DatasetDict, Features, Image, List, Value
+
+    features = Features({"image": Image(), "caption": List(Value("string"))})
+    rows = [{"image": {"bytes": jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)), "path": f"{i}.jpg"},
+             "caption": [f"image {i} caption {c}" for c in range(4)]} for i in range(count)]
+    train, validation = Dataset.from_list(rows, features=features), Dataset.from_list(rows[:16], features=features)
+    DatasetDict({"train": train, "validation": validation}).save_to_disk(str(folder / "saved"))
+    (folder / "parquet").mkdir()
+    per = count // shards
+    for s in range(shards):
+        train.select(range(s * per, (s + 1) * per)).to_parquet(str(folder / "parquet" / f"train-{s:05d}-of-{shards:05d}.parquet"))
+    validation.to_parquet(str(folder / "parquet" / "validation-00000-of-00001.parquet"))
+    return str(folder)
+
+
 def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, processes: int = 1) -> list[str]:
     """Overrides for 8 training steps per epoch, batches of 8, on ``processes`` gloo processes."""
     common = [f"data.num_workers={workers}", "data.batch_size=8"]
     if processes > 1:  # Lightning's own launcher: this process becomes rank 0 and starts the others
         common += [f"trainer.devices={processes}", "trainer.strategy=ddp"]
     if layout == "synthetic_shapes":
-        return ["data.train_size=64", *common]
+        return [f"data.train_size={64 * processes}", *common]
     common += [f"data.worker_slots={slots}", "data.augment=true"]
     if layout == "coco_captions":
         ann, images = coco_files(tmp_path / "data", 64 * processes)
@@ -133,6 +152,18 @@ def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, proces
     if layout == "cc3m_table":
         table = table_file(tmp_path / "data")
         return ["data.name=cc3m", f"data.train_table={table}", f"data.val_table={table}", *common]
+    if layout in ("hf_dataset", "hf_dataset_streaming"):  # streaming: one Parquet file per reader
+        folder = hf_files(tmp_path / "data", shards=processes * max(workers, 1), count=64 * processes)
+        if layout == "hf_dataset":
+            return ["data.name=hf_dataset", f"data.path={folder}/saved", "data.test_split=null", *common]
+        return ["data.name=hf_dataset", f"data.path={folder}/parquet", "data.test_split=null", "data.streaming=true",
+                "data.shuffle_buffer=8", *common]
+    if layout == "resampled_mixture":  # two weighted sources, drawn with replacement: 64 samples an epoch per rank
+        first = shard_files(tmp_path / "first", shards=2, count=32)
+        second = shard_files(tmp_path / "second", shards=2, count=32)
+        sources = f"[{{name: first, shards: '{first}', weight: 0.3}}, {{name: second, shards: '{second}', weight: 0.7}}]"
+        return ["data.name=cc3m", f"data.train_sources={sources}", "data.resampled=true",
+                f"data.train_samples={64 * processes}", f"data.val_shards={first}", "data.shuffle_buffer=8", *common]
     # Shards spread over ranks x workers: two per reader with 2 processes x 2 workers.
     shards = shard_files(tmp_path / "data", shards=2 * processes * processes, count=64 * processes)
     return ["data.name=cc3m", f"data.train_shards={shards}", f"data.val_shards={shards}", "data.shuffle_buffer=8",
@@ -154,13 +185,16 @@ def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
     ("cc3m_shards", 0, 0),
     ("cc3m_shards", 2, 4),
     ("cc3m_shards", 2, 0),
+    ("hf_dataset", 2, 4),
+    ("hf_dataset_streaming", 2, 4),
+    ("resampled_mixture", 2, 4),
 ])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots):
     kill_and_resume(tmp_path, data_overrides(tmp_path, layout, workers, slots))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions"])
+@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions", "resampled_mixture"])
 def test_sigkill_mid_epoch_then_resume_is_exact_on_two_processes(tmp_path, layout):
     # Two gloo processes x two loader workers; map-style data goes through Lightning's DistributedSampler.
     kill_and_resume(tmp_path, data_overrides(tmp_path, layout, 2, 4, processes=2))
