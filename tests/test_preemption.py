@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_distributed_nonfinite import _free_port
 from test_resume_mid_epoch import STEPS, TINY, assert_same_run, child_env, data_overrides, finish, start
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 
@@ -37,7 +38,7 @@ def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     variables = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NNODES": "1",
                  "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
-    env = child_env(**variables, **extra)
+    env = child_env(**{**variables, **extra})
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
     return env
@@ -67,6 +68,46 @@ def test_sigusr1_on_slurm_checkpoints_requeues_and_the_requeued_job_resumes_exac
         if uninterrupted.poll() is None:
             uninterrupted.kill()
             uninterrupted.wait()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert_same_run(run_dir, tmp_path / "uninterrupted")
+
+
+def slurm_tasks(tmp_path: Path, tasks: int, **extra: str) -> list[dict[str, str]]:
+    """The environments of the ``tasks`` tasks that ``srun`` starts for job 4242 on one node: one gloo group."""
+    port = str(_free_port())
+    return [slurm_env(tmp_path, SLURM_NTASKS=str(tasks), SLURM_NTASKS_PER_NODE=str(tasks), SLURM_PROCID=str(task),
+                      SLURM_LOCALID=str(task), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra)
+            for task in range(tasks)]
+
+
+@pytest.mark.slow
+def test_sigusr1_on_two_slurm_tasks_checkpoints_requeues_once_and_the_requeued_job_resumes_exactly(tmp_path):
+    # SLURM signals every task; the tasks agree on the step, rank 0 alone requeues the job.
+    overrides = data_overrides(tmp_path, "synthetic_shapes", 0, 0, processes=2)
+    uninterrupted = start(tmp_path / "uninterrupted", overrides)  # 2 processes, Lightning's own launcher
+    run_dir = tmp_path / "work" / "runs" / "tiny" / "slurm-4242"
+    (tmp_path / "work").mkdir()
+    children = [uninterrupted]
+    try:
+        signalled = [_start_in(tmp_path / "work", overrides, "callbacks=[{name: kill_at_step, step: 13, send: USR1}]",
+                               env=env) for env in slurm_tasks(tmp_path, 2)]
+        children += signalled
+        for task in signalled:
+            code, err = finish(task)
+            assert code == EXIT_PREEMPTED, err[-3000:]
+        assert global_step(run_dir / "checkpoints" / "last.ckpt") == 14
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # once, not once per task
+        requeued = [_start_in(tmp_path / "work", overrides, env=env)
+                    for env in slurm_tasks(tmp_path, 2, SLURM_RESTART_COUNT="1")]
+        children += requeued
+        for task in [*requeued, uninterrupted]:
+            code, err = finish(task)
+            assert code == 0, err[-3000:]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     assert_same_run(run_dir, tmp_path / "uninterrupted")
 
