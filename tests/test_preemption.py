@@ -8,6 +8,7 @@ down its arguments.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -20,6 +21,7 @@ import torch
 
 from test_distributed_nonfinite import _free_port
 from test_resume_mid_epoch import STEPS, TINY, assert_same_run, child_env, data_overrides, finish, start
+from vlm_lab import sweep
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 
 HERE = Path(__file__).parent
@@ -142,6 +144,46 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     code, err = finish(resumed)
     assert code == 0, err[-3000:]
     assert global_step(checkpoints / "last.ckpt") == 16
+
+
+class KillableRun(sweep.Run):
+    """A sweep run whose fit also knows the ``kill_at_step`` callback: tests/kill_at_step.py runs it."""
+
+    def command(self, run_dir: Path, resume: bool) -> list[str]:
+        python, _, _, *arguments = super().command(run_dir, resume)  # python -m vlm_lab.cli ARGUMENTS
+        return [python, str(HERE / "kill_at_step.py"), *arguments]
+
+
+def run_killable(run_: sweep.Run, run_dir: Path, env: dict[str, str]) -> sweep.Outcome:
+    """The local launcher's runner (``sweep.run_one``), on a :class:`KillableRun`."""
+    return sweep.run_one(KillableRun(run_.name, run_.base, run_.overrides, run_.configs, run_.swept), run_dir, env)
+
+
+@pytest.mark.slow
+def test_a_preempted_sweep_run_is_recorded_and_the_next_sweep_resumes_it_exactly(tmp_path):
+    overrides = [*data_overrides(tmp_path, "synthetic_shapes", 0, 0), "seed=0"]
+    uninterrupted = start(tmp_path / "uninterrupted", overrides)
+    try:
+        file = tmp_path / "sweep.yaml"  # the fit gets SIGTERM as step 14 starts (as SLURM's signal reaches it)
+        file.write_text(json.dumps({"base": [str(TINY)], "runs": [["seed=0"]], "overrides": [
+            *STEPS, *overrides, "callbacks=[{name: kill_at_step, step: 13, send: TERM}]"]}))
+        out, run_dir = tmp_path / "out", tmp_path / "out" / "seed=0"
+        [outcome] = sweep.run(file, out, runner=run_killable)
+        assert outcome.status == "preempted", (run_dir / "log.txt").read_text()[-3000:]
+        assert global_step(run_dir / "checkpoints" / "last.ckpt") == 14  # the run directory is kept
+        assert not (run_dir / "DONE").exists() and not (run_dir / "FAILED").exists()
+        assert [row["status"] for row in sweep.collect(out)] == ["preempted"]
+        [outcome] = sweep.run(file, out, runner=run_killable)  # the sweep again: resumes from the checkpoint
+        assert outcome.status == "done", (run_dir / "log.txt").read_text()[-3000:]
+        assert "resuming seed=0" in (run_dir / "log.txt").read_text()
+        assert [row["status"] for row in sweep.collect(out)] == ["done"]
+        code, err = finish(uninterrupted)
+        assert code == 0, err[-3000:]
+    finally:
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
+    assert_same_run(run_dir, tmp_path / "uninterrupted")
 
 
 def test_a_sweep_job_forwards_slurms_warning_signal_to_its_fit(tmp_path):
