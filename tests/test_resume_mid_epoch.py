@@ -234,6 +234,30 @@ def test_a_resumed_pass_gives_the_rest_of_the_uninterrupted_one(tmp_path, layout
         assert torch.equal(pixels, pixels_again)
 
 
+# ``every_n_minutes`` without waiting: 1e-9 minutes is 0 s at timedelta's resolution (a microsecond), an
+# interval every step outlasts however fast the machine, so the time trigger fires after every step.
+EVERY_STEP_BY_TIME = "checkpoint.every_n_minutes=1e-9"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_n_steps, kept", [
+    (0, ["step0000015-timed.ckpt", "step0000016-timed.ckpt"]),
+    # Both triggers: each keeps its own newest 2, under its own names, though both fired at step 15.
+    (3, ["step0000012.ckpt", "step0000015-timed.ckpt", "step0000015.ckpt", "step0000016-timed.ckpt"]),
+])
+def test_every_n_minutes_writes_step_checkpoints(tmp_path, every_n_steps, kept):
+    import vlm_lab
+
+    cfg = vlm_lab.load_config(TINY, overrides=[*STEPS, *data_overrides(tmp_path, "synthetic_shapes", 0, 0),
+                                               f"checkpoint.every_n_steps={every_n_steps}", EVERY_STEP_BY_TIME])
+    vlm_lab.fit(cfg, run_dir=tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["epoch001.ckpt", "last.ckpt", *kept])
+    for name in kept:  # each file holds the step its name says
+        step = int(name[4:11])
+        assert torch.load(checkpoints / name, map_location="cpu", weights_only=False)["global_step"] == step
+
+
 def test_checkpoint_settings_are_checked():
     import vlm_lab
 
