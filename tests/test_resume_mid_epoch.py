@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -46,9 +48,24 @@ def start(run_dir: Path, overrides: list[str], *extra: str, env: dict[str, str] 
                             text=True, env=env or child_env())
 
 
-def finish(child: subprocess.Popen) -> tuple[int, str]:
+def finish(child: subprocess.Popen, expected: int = 0) -> str:
+    """Wait for ``child`` and check its exit status (``-signal.SIGKILL``: killed so); returns its stderr."""
     _, err = child.communicate(timeout=TIMEOUT)
-    return child.returncode, err
+    assert child.returncode == expected, err[-3000:]
+    return err
+
+
+@contextmanager
+def reaped() -> Iterator[list[subprocess.Popen]]:
+    """A list for the test's child processes: those still running when the block ends (a failed check) are killed."""
+    children: list[subprocess.Popen] = []
+    try:
+        yield children
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -67,23 +84,16 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 
 def kill_and_resume(tmp_path: Path, overrides: list[str]) -> None:
     """The uninterrupted run beside the killed one; then the resume; then the comparison."""
-    uninterrupted = start(tmp_path / "uninterrupted", overrides)
-    killed = start(tmp_path / "killed", overrides, KILL)
-    try:
-        code, err = finish(killed)
-        assert code == -signal.SIGKILL, err[-3000:]
+    with reaped() as children:
+        uninterrupted = start(tmp_path / "uninterrupted", overrides)
+        killed = start(tmp_path / "killed", overrides, KILL)
+        children += [uninterrupted, killed]
+        finish(killed, -signal.SIGKILL)
         checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
         assert checkpoints == ["epoch000.ckpt", "last.ckpt", "step0000009.ckpt", "step0000012.ckpt"], checkpoints
-        resumed = start(tmp_path / "killed", overrides, "--resume")
-        code, err = finish(resumed)
-        assert code == 0, err[-3000:]
-        code, err = finish(uninterrupted)
-        assert code == 0, err[-3000:]
-    finally:
-        for child in (uninterrupted, killed):
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        children.append(start(tmp_path / "killed", overrides, "--resume"))
+        finish(children[-1])
+        finish(uninterrupted)
     assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
 
 
@@ -132,7 +142,8 @@ def hf_files(folder: Path, shards: int, count: int = 64) -> str:
     (folder / "parquet").mkdir()
     per = count // shards
     for s in range(shards):
-        train.select(range(s * per, (s + 1) * per)).to_parquet(str(folder / "parquet" / f"train-{s:05d}-of-{shards:05d}.parquet"))
+        file = folder / "parquet" / f"train-{s:05d}-of-{shards:05d}.parquet"
+        train.select(range(s * per, (s + 1) * per)).to_parquet(str(file))
     validation.to_parquet(str(folder / "parquet" / "validation-00000-of-00001.parquet"))
     return str(folder)
 
@@ -161,7 +172,8 @@ def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, proces
     if layout == "resampled_mixture":  # two weighted sources, drawn with replacement: 64 samples an epoch per rank
         first = shard_files(tmp_path / "first", shards=2, count=32)
         second = shard_files(tmp_path / "second", shards=2, count=32)
-        sources = f"[{{name: first, shards: '{first}', weight: 0.3}}, {{name: second, shards: '{second}', weight: 0.7}}]"
+        sources = (f"[{{name: first, shards: '{first}', weight: 0.3}}, "
+                   f"{{name: second, shards: '{second}', weight: 0.7}}]")
         return ["data.name=cc3m", f"data.train_sources={sources}", "data.resampled=true",
                 f"data.train_samples={64 * processes}", f"data.val_shards={first}", "data.shuffle_buffer=8", *common]
     # Shards spread over ranks x workers: two per reader with 2 processes x 2 workers.

@@ -5,8 +5,9 @@ time limit. Two things keep the work lost small (docs/how-to/resume.md):
 
 - **Step checkpoints** (``checkpoint.every_n_steps`` / ``checkpoint.every_n_minutes``): Lightning's
   ``ModelCheckpoint`` writes ``stepNNNNNNN.ckpt`` (``stepNNNNNNN-timed.ckpt`` for the minutes) and
-  refreshes ``last.ckpt``, keeping the newest ``checkpoint.keep``. ``--resume`` continues from ``last.ckpt`` exactly, mid-epoch included (the data
-  side: ``vlm_lab/data/epochs.py``; the random streams: ``vlm_lab/seeding.py``).
+  refreshes ``last.ckpt``, keeping the newest ``checkpoint.keep``. ``--resume`` continues from
+  ``last.ckpt`` exactly, mid-epoch included (the data side: ``vlm_lab/data/epochs.py``; the random
+  streams: ``vlm_lab/seeding.py``).
 - **Preemption** (:class:`Preemption`, ``checkpoint.on_signal``): SIGTERM and SIGINT (on SLURM:
   the requeue signal, SIGUSR1, and SIGTERM) are only *noted* when they arrive; at the end of the
   step in progress every process writes ``last.ckpt``, on SLURM rank 0 requeues the job with ``scontrol requeue``, and the run
