@@ -14,7 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -46,9 +48,24 @@ def start(run_dir: Path, overrides: list[str], *extra: str, env: dict[str, str] 
                             text=True, env=env or child_env())
 
 
-def finish(child: subprocess.Popen) -> tuple[int, str]:
+def finish(child: subprocess.Popen, expected: int = 0) -> str:
+    """Wait for ``child`` and check its exit status (``-signal.SIGKILL``: killed so); returns its stderr."""
     _, err = child.communicate(timeout=TIMEOUT)
-    return child.returncode, err
+    assert child.returncode == expected, err[-3000:]
+    return err
+
+
+@contextmanager
+def reaped() -> Iterator[list[subprocess.Popen]]:
+    """A list for the test's child processes: those still running when the block ends (a failed check) are killed."""
+    children: list[subprocess.Popen] = []
+    try:
+        yield children
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -67,23 +84,16 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 
 def kill_and_resume(tmp_path: Path, overrides: list[str]) -> None:
     """The uninterrupted run beside the killed one; then the resume; then the comparison."""
-    uninterrupted = start(tmp_path / "uninterrupted", overrides)
-    killed = start(tmp_path / "killed", overrides, KILL)
-    try:
-        code, err = finish(killed)
-        assert code == -signal.SIGKILL, err[-3000:]
+    with reaped() as children:
+        uninterrupted = start(tmp_path / "uninterrupted", overrides)
+        killed = start(tmp_path / "killed", overrides, KILL)
+        children += [uninterrupted, killed]
+        finish(killed, -signal.SIGKILL)
         checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
         assert checkpoints == ["epoch000.ckpt", "last.ckpt", "step0000009.ckpt", "step0000012.ckpt"], checkpoints
-        resumed = start(tmp_path / "killed", overrides, "--resume")
-        code, err = finish(resumed)
-        assert code == 0, err[-3000:]
-        code, err = finish(uninterrupted)
-        assert code == 0, err[-3000:]
-    finally:
-        for child in (uninterrupted, killed):
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        children.append(start(tmp_path / "killed", overrides, "--resume"))
+        finish(children[-1])
+        finish(uninterrupted)
     assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
 
 
@@ -118,13 +128,33 @@ def shard_files(folder: Path, shards: int = 2, count: int = 64) -> str:
     return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
 
 
+def hf_files(folder: Path, shards: int, count: int = 64) -> str:
+    """A ``datasets`` dataset of the same pictures, captions as a list: a ``save_to_disk`` folder with a
+    train and a validation split (map-style reads it without preparing a cache), and the train split
+    again as ``shards`` Parquet files (a stream's shards) beside it. Returns the folder."""
+    from datasets import Dataset, DatasetDict, Features, Image, List, Value
+
+    features = Features({"image": Image(), "caption": List(Value("string"))})
+    rows = [{"image": {"bytes": jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)), "path": f"{i}.jpg"},
+             "caption": [f"image {i} caption {c}" for c in range(4)]} for i in range(count)]
+    train, validation = Dataset.from_list(rows, features=features), Dataset.from_list(rows[:16], features=features)
+    DatasetDict({"train": train, "validation": validation}).save_to_disk(str(folder / "saved"))
+    (folder / "parquet").mkdir()
+    per = count // shards
+    for s in range(shards):
+        file = folder / "parquet" / f"train-{s:05d}-of-{shards:05d}.parquet"
+        train.select(range(s * per, (s + 1) * per)).to_parquet(str(file))
+    validation.to_parquet(str(folder / "parquet" / "validation-00000-of-00001.parquet"))
+    return str(folder)
+
+
 def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, processes: int = 1) -> list[str]:
     """Overrides for 8 training steps per epoch, batches of 8, on ``processes`` gloo processes."""
     common = [f"data.num_workers={workers}", "data.batch_size=8"]
     if processes > 1:  # Lightning's own launcher: this process becomes rank 0 and starts the others
         common += [f"trainer.devices={processes}", "trainer.strategy=ddp"]
     if layout == "synthetic_shapes":
-        return ["data.train_size=64", *common]
+        return [f"data.train_size={64 * processes}", *common]
     common += [f"data.worker_slots={slots}", "data.augment=true"]
     if layout == "coco_captions":
         ann, images = coco_files(tmp_path / "data", 64 * processes)
@@ -133,6 +163,19 @@ def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, proces
     if layout == "cc3m_table":
         table = table_file(tmp_path / "data")
         return ["data.name=cc3m", f"data.train_table={table}", f"data.val_table={table}", *common]
+    if layout in ("hf_dataset", "hf_dataset_streaming"):  # streaming: one Parquet file per reader
+        folder = hf_files(tmp_path / "data", shards=processes * max(workers, 1), count=64 * processes)
+        if layout == "hf_dataset":
+            return ["data.name=hf_dataset", f"data.path={folder}/saved", "data.test_split=null", *common]
+        return ["data.name=hf_dataset", f"data.path={folder}/parquet", "data.test_split=null", "data.streaming=true",
+                "data.shuffle_buffer=8", *common]
+    if layout == "resampled_mixture":  # two weighted sources, drawn with replacement: 64 samples an epoch per rank
+        first = shard_files(tmp_path / "first", shards=2, count=32)
+        second = shard_files(tmp_path / "second", shards=2, count=32)
+        sources = (f"[{{name: first, shards: '{first}', weight: 0.3}}, "
+                   f"{{name: second, shards: '{second}', weight: 0.7}}]")
+        return ["data.name=cc3m", f"data.train_sources={sources}", "data.resampled=true",
+                f"data.train_samples={64 * processes}", f"data.val_shards={first}", "data.shuffle_buffer=8", *common]
     # Shards spread over ranks x workers: two per reader with 2 processes x 2 workers.
     shards = shard_files(tmp_path / "data", shards=2 * processes * processes, count=64 * processes)
     return ["data.name=cc3m", f"data.train_shards={shards}", f"data.val_shards={shards}", "data.shuffle_buffer=8",
@@ -154,13 +197,16 @@ def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
     ("cc3m_shards", 0, 0),
     ("cc3m_shards", 2, 4),
     ("cc3m_shards", 2, 0),
+    ("hf_dataset", 2, 4),
+    ("hf_dataset_streaming", 2, 4),
+    ("resampled_mixture", 2, 4),
 ])
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots):
     kill_and_resume(tmp_path, data_overrides(tmp_path, layout, workers, slots))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions"])
+@pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions", "resampled_mixture"])
 def test_sigkill_mid_epoch_then_resume_is_exact_on_two_processes(tmp_path, layout):
     # Two gloo processes x two loader workers; map-style data goes through Lightning's DistributedSampler.
     kill_and_resume(tmp_path, data_overrides(tmp_path, layout, 2, 4, processes=2))
@@ -198,6 +244,30 @@ def test_a_resumed_pass_gives_the_rest_of_the_uninterrupted_one(tmp_path, layout
     for (ids, captions, pixels), (ids_again, captions_again, pixels_again) in zip(whole[done:], rest, strict=True):
         assert ids == ids_again and captions == captions_again
         assert torch.equal(pixels, pixels_again)
+
+
+# ``every_n_minutes`` without waiting: 1e-9 minutes is 0 s at timedelta's resolution (a microsecond), an
+# interval every step outlasts however fast the machine, so the time trigger fires after every step.
+EVERY_STEP_BY_TIME = "checkpoint.every_n_minutes=1e-9"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_n_steps, kept", [
+    (0, ["step0000015-timed.ckpt", "step0000016-timed.ckpt"]),
+    # Both triggers: each keeps its own newest 2, under its own names, though both fired at step 15.
+    (3, ["step0000012.ckpt", "step0000015-timed.ckpt", "step0000015.ckpt", "step0000016-timed.ckpt"]),
+])
+def test_every_n_minutes_writes_step_checkpoints(tmp_path, every_n_steps, kept):
+    import vlm_lab
+
+    cfg = vlm_lab.load_config(TINY, overrides=[*STEPS, *data_overrides(tmp_path, "synthetic_shapes", 0, 0),
+                                               f"checkpoint.every_n_steps={every_n_steps}", EVERY_STEP_BY_TIME])
+    vlm_lab.fit(cfg, run_dir=tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["epoch001.ckpt", "last.ckpt", *kept])
+    for name in kept:  # each file holds the step its name says
+        step = int(name[4:11])
+        assert torch.load(checkpoints / name, map_location="cpu", weights_only=False)["global_step"] == step
 
 
 def test_checkpoint_settings_are_checked():

@@ -4,9 +4,10 @@ A run on CC3M-size data spends hours in one epoch, and cluster jobs are preempte
 time limit. Two things keep the work lost small (docs/how-to/resume.md):
 
 - **Step checkpoints** (``checkpoint.every_n_steps`` / ``checkpoint.every_n_minutes``): Lightning's
-  ``ModelCheckpoint`` writes ``stepNNNNNNN.ckpt`` and refreshes ``last.ckpt``, keeping the newest
-  ``checkpoint.keep``. ``--resume`` continues from ``last.ckpt`` exactly, mid-epoch included (the data
-  side: ``vlm_lab/data/epochs.py``; the random streams: ``vlm_lab/seeding.py``).
+  ``ModelCheckpoint`` writes ``stepNNNNNNN.ckpt`` (``stepNNNNNNN-timed.ckpt`` for the minutes) and
+  refreshes ``last.ckpt``, keeping the newest ``checkpoint.keep``. ``--resume`` continues from
+  ``last.ckpt`` exactly, mid-epoch included (the data side: ``vlm_lab/data/epochs.py``; the random
+  streams: ``vlm_lab/seeding.py``).
 - **Preemption** (:class:`Preemption`, ``checkpoint.on_signal``): SIGTERM and SIGINT (on SLURM:
   the requeue signal, SIGUSR1, and SIGTERM) are only *noted* when they arrive; at the end of the
   step in progress every process writes ``last.ckpt``, on SLURM rank 0 requeues the job with ``scontrol requeue``, and the run
@@ -60,19 +61,23 @@ EXIT_PREEMPTED = 75
 def step_checkpoints(settings: CheckpointSettings, dirpath: Path) -> list[ModelCheckpoint]:
     """Lightning ``ModelCheckpoint`` callbacks for ``settings``' step checkpoints (none when off).
 
-    Each writes ``stepNNNNNNN.ckpt`` at the end of a training step and refreshes ``last.ckpt``; it
-    keeps the newest ``keep`` of its own (it monitors the global step, largest best). Lightning takes
-    steps and minutes in separate callbacks, so setting both gives two.
+    Each writes a checkpoint at the end of a training step and refreshes ``last.ckpt``; it keeps the
+    newest ``keep`` of its own (it monitors the global step, largest best). Lightning takes steps and
+    minutes in separate callbacks, so setting both gives two, and their files have different names:
+    ``stepNNNNNNN.ckpt`` (every N steps) and ``stepNNNNNNN-timed.ckpt`` (every T minutes). With one name,
+    a step where both fire would give both callbacks the same file, and the timed one, which removes
+    its older files, would delete a checkpoint the other still counts among its ``keep``.
     """
-    triggers: list[dict[str, Any]] = []
+    triggers: list[tuple[str, dict[str, Any]]] = []
     if settings.every_n_steps:
-        triggers.append({"every_n_train_steps": settings.every_n_steps})
+        triggers.append(("step{step:07d}", {"every_n_train_steps": settings.every_n_steps}))
     if settings.every_n_minutes:
-        triggers.append({"train_time_interval": datetime.timedelta(minutes=settings.every_n_minutes)})
-    return [ModelCheckpoint(dirpath=str(dirpath), filename="step{step:07d}", auto_insert_metric_name=False,
+        interval = datetime.timedelta(minutes=settings.every_n_minutes)
+        triggers.append(("step{step:07d}-timed", {"train_time_interval": interval}))
+    return [ModelCheckpoint(dirpath=str(dirpath), filename=filename, auto_insert_metric_name=False,
                             monitor="step", mode="max", save_top_k=settings.keep, save_last=True,
                             save_on_train_epoch_end=False, enable_version_counter=False, **trigger)
-            for trigger in triggers]
+            for filename, trigger in triggers]
 
 
 def best_checkpoint(settings: CheckpointSettings, dirpath: Path) -> list[ModelCheckpoint]:

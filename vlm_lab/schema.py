@@ -361,14 +361,15 @@ class CheckpointSettings(Section):
     """``checkpoint``: step checkpoints and preemption (``vlm_lab/preemption.py``; docs/how-to/resume.md).
 
     Epoch checkpoints (``epochNNN.ckpt`` and ``last.ckpt``) are always written. Step checkpoints are
-    ``stepNNNNNNN.ckpt`` (the global step) and refresh ``last.ckpt``, so ``--resume`` continues from
-    the newest of either, mid-epoch included.
+    ``stepNNNNNNN.ckpt`` (the global step; ``stepNNNNNNN-timed.ckpt`` from ``every_n_minutes``) and refresh
+    ``last.ckpt``, so ``--resume`` continues from the newest of either, mid-epoch included.
     """
 
     where: ClassVar[str] = "checkpoint"
 
     every_n_steps: int = setting(0, "also write a checkpoint every N optimizer steps (0: only at epoch ends)")
-    every_n_minutes: float = setting(0.0, "also write a checkpoint every T minutes of training (0: never)")
+    every_n_minutes: float = setting(0.0, "also write a checkpoint (stepNNNNNNN-timed.ckpt) every T minutes of "
+                                          "training (0: never)")
     keep: int = setting(2, "step checkpoints kept (the newest; per trigger when both are set; -1: all)")
     on_signal: bool = setting(True, "SIGTERM and SIGINT (on SLURM: SIGUSR1 and SIGTERM) write a checkpoint at the "
                                     "end of the current step and stop the run; on SLURM the job requeues itself")

@@ -18,8 +18,9 @@ draws from a ``seed``, crossed with the grid, or Optuna's TPE with ``sampler: tp
 ``configs`` are config files layered after ``base`` (a variant kept in its own file, named after
 the file's stem) and whose ``overrides`` apply after those. Each run is an ordinary ``vlm-lab fit`` in its own directory
 ``OUT/<name>`` (``config.yaml``, ``checkpoints/``, ``logs/``, ``metrics.json``, ``log.txt``), with a
-``DONE`` marker once it succeeded or a ``FAILED`` file with the error and the tail of its log.
-Running the same sweep again skips finished runs and resumes interrupted ones from their last
+``DONE`` marker once it succeeded, a ``FAILED`` file with the error and the tail of its log, or a
+``PREEMPTED`` marker when a signal stopped it after a checkpoint (``vlm_lab/preemption.py``).
+Running the same sweep again skips finished runs and resumes interrupted and preempted ones from their last
 checkpoint. Runs are separate processes, so one crashing never takes the sweep down. On a machine with several
 GPUs, concurrent local runs each get their own (``gpus``, ``devices_per_run``: ``CUDA_VISIBLE_DEVICES``).
 """
@@ -61,7 +62,7 @@ SWEEP_KEYS = ("base", "overrides", "grid", "runs",
 RUN_KEYS = ("configs", "overrides")  # the keys of a ``runs`` entry written as a mapping
 CONFIGS = "configs"  # the swept "value" of a run's own config files: their stems, e.g. scratch_both
 TRIAL, SEED = "trial", "seed"  # a sampled run's number in its name; a repeat's training seed (a config key)
-DONE, FAILED, LOG = "DONE", "FAILED", "log.txt"
+DONE, FAILED, PREEMPTED, LOG = "DONE", "FAILED", "PREEMPTED", "log.txt"
 LOG_TAIL_LINES = 30
 
 
@@ -513,7 +514,8 @@ def run_one(run_: Run, run_dir: Path, env: Mapping[str, str] | None = None) -> O
     header line records it."""
     env = dict(env or {})
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FAILED).unlink(missing_ok=True)
+    for marker in (FAILED, PREEMPTED):  # from an earlier try of this run
+        (run_dir / marker).unlink(missing_ok=True)
     resume = (run_dir / "checkpoints" / "last.ckpt").exists()  # a sharded checkpoint is a directory
     start = time.monotonic()
     with open(run_dir / LOG, "a") as log:
@@ -530,6 +532,7 @@ def run_one(run_: Run, run_dir: Path, env: Mapping[str, str] | None = None) -> O
         (run_dir / DONE).write_text(json.dumps({"seconds": seconds, "overrides": list(run_.overrides)}) + "\n")
         return Outcome(run_.name, "done", seconds)
     if code == EXIT_PREEMPTED:  # checkpointed and stopped by a signal; running the sweep again resumes it
+        (run_dir / PREEMPTED).write_text(f"exit code: {code}\n")  # the report tells it from a crash
         return Outcome(run_.name, "preempted", seconds)
     tail = "".join((run_dir / LOG).read_text(errors="replace").splitlines(keepends=True)[-LOG_TAIL_LINES:])
     error = next((line for line in reversed(tail.splitlines()) if "error" in line.lower()), f"exit code {code}")
@@ -653,7 +656,7 @@ def collect(out: str | Path) -> list[dict[str, Any]]:
     for r, optuna_status in _swept_runs(out):
         run_dir = out / r.name
         status = "done" if (run_dir / DONE).is_file() else "failed" if (run_dir / FAILED).is_file() else \
-            "incomplete" if run_dir.is_dir() else "not started"
+            "preempted" if (run_dir / PREEMPTED).is_file() else "incomplete" if run_dir.is_dir() else "not started"
         row: dict[str, Any] = {"run": r.name, "status": optuna_status or status, **{k: v for k, v in r.swept.items()}}
         if status == "done":
             row["seconds"] = _seconds(run_dir / DONE)
