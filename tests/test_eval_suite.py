@@ -12,12 +12,14 @@ import os
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -28,6 +30,7 @@ from test_zeroshot import COLOURS, ColourModel  # noqa: E402
 from vlm_lab.errors import ConfigError  # noqa: E402
 from vlm_lab.eval.probes import (FewShotEvaluator, LinearProbeEvaluator, fewshot_indices,  # noqa: E402
                                  least_squares_accuracy, weight_decay_grid)
+from vlm_lab.eval.split_evaluation import SplitEvaluation  # noqa: E402
 from vlm_lab.eval.suite import build_evaluators, run_evaluators  # noqa: E402
 from vlm_lab.schema import EvalSettings  # noqa: E402
 
@@ -77,7 +80,37 @@ def evaluate_all(data: Path) -> dict[str, float]:
     colour_metrics = run_evaluators(ColourModel(), build_evaluators(EvalSettings.from_config({"evaluators": suite_specs(data)})))
     retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config({"evaluators": RETRIEVAL})))
     captions = run_evaluators(tiny_module(*COCA), build_evaluators(EvalSettings.from_config({"evaluators": CAPTIONS})))
-    return {**colour_metrics, **retrieval, **captions}
+    return {**colour_metrics, **retrieval, **captions, **split_evaluation()}
+
+
+def split_evaluation() -> dict[str, float]:
+    """What the split evaluation logs for a CoCa model's val batches, dealt out as a distributed Trainer
+    deals them (DistributedSampler, not shuffled: 9 images over 2 ranks pad one in), captioning the first 5."""
+    cfg = vlm_lab.load_config(TINY, overrides=[*COCA, "model.generation.max_images=5", "data.val_size=9"])
+    L.seed_everything(0, verbose=False)
+    module = vlm_lab.build_module(cfg).eval()
+    val = vlm_lab.build_datamodule(cfg, module).val_dataloader()
+    sampler = DistributedSampler(val.dataset, shuffle=False) if torch.distributed.is_initialized() else None
+    loader = DataLoader(val.dataset, batch_size=2, sampler=sampler, collate_fn=val.collate_fn)
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **options: logged.__setitem__(name, float(value))
+    callback, trainer = SplitEvaluation(), SimpleNamespace(sanity_checking=False)
+    callback.on_validation_epoch_start(trainer, module)
+    scored = callback.captions.compute  # an untrained model's CIDEr is 0 whatever it captions: count them
+
+    def counted(device):
+        metrics, rows = scored(device)
+        logged["captioned images"] = float(len(rows))
+        return metrics, rows
+
+    callback.captions.compute = counted
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            callback.on_validation_batch_end(trainer, module, None, batch, index)
+    callback.on_validation_epoch_end(trainer, module)
+    assert {"val/i2t_R@1", "val/t2i_R@10", "val/chance_i2t_R@1", "val/bleu4", "val/cider"} <= set(logged)
+    assert logged["captioned images"] == 5
+    return logged
 
 
 # --------------------------------------------------------------------------------------------------
