@@ -1,6 +1,6 @@
 """The ``captioning`` evaluator: BLEU-4 and CIDEr-D of a captioner's (CoCa's) captions on a data module's split.
 
-The figures are the module's own caption evaluation (``vlm_lab/eval/caption_metrics.py``: the COCO
+The figures are those of ``val/bleu4`` and ``val/cider`` (``vlm_lab/eval/caption_metrics.py``: the COCO
 caption protocol, every reference caption of an image), here as an evaluator: each rank captions its
 share of the images (decoding as the module's ``model.generation`` says) and
 :class:`~vlm_lab.eval.caption_metrics.CaptionScorer` puts the captions of every rank together (as
