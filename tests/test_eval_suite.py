@@ -25,6 +25,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 import vlm_lab  # noqa: E402
+from datasets_on_disk import good_samples, jpeg_bytes, write_shard  # noqa: E402
 from test_distributed import init_gloo, run_workers  # noqa: E402
 from test_zeroshot import COLOURS, ColourModel  # noqa: E402
 from vlm_lab.errors import ConfigError  # noqa: E402
@@ -73,12 +74,29 @@ RETRIEVAL = {"shapes": {"name": "retrieval", "data": {"name": "synthetic_shapes"
 def write_data(root: Path) -> Path:
     noisy_colour_folder(root / "train", 7, seed=1)
     noisy_colour_folder(root / "test", 5, seed=2)
+    (root / "shards").mkdir()
+    for shard, size in enumerate(SHARD_SIZES):  # 3 shards over 2 ranks: uneven shares, one read twice in part
+        samples = good_samples(shard, size)
+        for i, sample in enumerate(samples):  # every image its own colour: no exact ties for rounding to break
+            sample["jpg"] = jpeg_bytes((20 * i, 60 * shard, 200 - 10 * i))
+        write_shard(root / "shards" / f"{shard:05d}.tar", samples)
     return root
+
+
+SHARD_SIZES = (5, 7, 4)
+
+
+def stream_retrieval(data: Path) -> dict:
+    """The retrieval evaluator on a ``cc3m`` val split of webdataset shards (a stream)."""
+    shards = str(data / "shards" / "{00000..00002}.tar")
+    return {"stream": {"name": "retrieval", "data": {"name": "cc3m", "train_shards": shards, "val_shards": shards,
+                                                     "eval_batch_size": 3}}}
 
 
 def evaluate_all(data: Path) -> dict[str, float]:
     colour_metrics = run_evaluators(ColourModel(), build_evaluators(EvalSettings.from_config({"evaluators": suite_specs(data)})))
-    retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config({"evaluators": RETRIEVAL})))
+    retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config(
+        {"evaluators": {**RETRIEVAL, **stream_retrieval(data)}})))
     captions = run_evaluators(tiny_module(*COCA), build_evaluators(EvalSettings.from_config({"evaluators": CAPTIONS})))
     return {**colour_metrics, **retrieval, **captions, **split_evaluation()}
 
@@ -278,6 +296,7 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
     data = write_data(tmp_path / "data")
     one = evaluate_all(data)
     assert one["eval/colours/images"] == 21 and 0 < one["eval/colours/top1"] < 100  # overlapping classes
+    assert one["eval/stream/images"] == one["eval/stream/texts"] == sum(SHARD_SIZES)  # each sample once
     ranks = run_workers(__file__, tmp_path)
     for rank, results in enumerate(ranks):
         assert set(results) == set(one)

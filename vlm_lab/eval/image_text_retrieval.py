@@ -1,22 +1,25 @@
 """The ``retrieval`` evaluator: image-text retrieval R@1/5/10 both ways on a data module's split.
 
-The data comes from any map-style data module (``coco`` JSON captions, ``hf_dataset``...), given as
-its spec; it is built with the evaluated module's tokenizer and preprocessing. Every image is scored
+The data comes from any data module, given as its spec: map-style (``coco_captions`` JSON captions,
+``hf_dataset``, ``synthetic_shapes``) or streamed (``cc3m`` webdataset shards, ``hf_dataset`` with
+``streaming: true``); it is built with the evaluated module's tokenizer and preprocessing. Every image is scored
 against all its captions (the multi-caption protocol of ``vlm_lab/eval/retrieval.py``) and the chance
 levels are reported beside the recalls.
 
-Each rank encodes its share of the images (``shard_indices``) with their captions; the features
+Each rank encodes its share of the images (``shard_indices``, or the stream's share of the shards)
+with their captions; the features
 are gathered with fixed-size all-gathers, then ordered by image id (and caption position), so any
-number of processes scores the same matrix in the same order. An image the data module replaced
-(unreadable: a counted bad sample) appears once.
+number of processes scores the same matrix in the same order. An image read twice (one the data
+module replaced as unreadable, a counted bad sample, or one a stream's short share reads again)
+appears once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from vlm_lab import registry
 from vlm_lab.data.collate import ImageTextCollate
@@ -38,7 +41,8 @@ class RetrievalEvaluator(Evaluator):
     Args:
         data: a data module spec, e.g. ``{name: coco, root: ../shared/data/flickr8k}``.
         split: val or test.
-        batch_size: images per batch (their captions come along).
+        batch_size: images per batch (their captions come along); a stream batches itself with the
+            data module's ``eval_batch_size`` (give it in ``data``).
         chunk_size: query rows scored at once (bounds the memory of the similarity matrix).
         ks: the K of R@K.
     """
@@ -124,16 +128,27 @@ def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def split_share_loader(module: Any, data: dict[str, Any], split: str, batch_size: int, kind: str,
-                       limit: int | None = None) -> DataLoader:
-    """Batches of this rank's share (``shard_indices``) of the first ``limit`` images (None: all) of
-    ``split`` of the data module ``data``, built with the module's tokenizer and preprocessing; every
-    caption of an image comes with it."""
+                       limit: int | None = None) -> Iterable[dict[str, Any]]:
+    """Batches of this rank's share of ``split`` of the data module ``data``, built with the module's
+    tokenizer and preprocessing; every caption of an image comes with it.
+
+    Map-style data: every world-size-th image (``shard_indices``) of the first ``limit`` (None: all),
+    ``batch_size`` images per batch. A stream (webdataset shards, a streamed ``datasets`` dataset): the
+    data module's own loader of the split, which deals the shards out over the ranks and loader
+    workers as in training and batches itself (``data.eval_batch_size``); a reader with a short share
+    reads some of it twice, which the evaluators drop by image id. ``limit`` needs map-style data.
+    """
     datamodule = registry.build("datamodule", data, tokenizer=module.tokenizer,
                                 image_config=module.image_config, max_length=module.max_length)
     dataset = datamodule.dataset(split)
+    if isinstance(dataset, IterableDataset):
+        if limit is not None:
+            raise ConfigError(f"{kind}: max_images picks the first images of a split, and the {split} split of data "
+                              f"module {data['name']!r} is a stream; leave max_images out or use map-style data")
+        return getattr(datamodule, f"{split}_dataloader")()
     if not hasattr(dataset, "__getitem__"):
-        raise ConfigError(f"{kind}: the {split} split of data module {data['name']!r} is a stream; the {kind} "
-                          f"evaluator needs map-style data (coco_captions, hf_dataset, synthetic_shapes)")
+        raise ConfigError(f"{kind}: the {split} split of data module {data['name']!r} is neither map-style nor a "
+                          f"stream the {kind} evaluator can read")
     count = len(dataset) if limit is None else min(limit, len(dataset))
     collate = ImageTextCollate(module.tokenizer, module.max_length, train=False)
     return DataLoader(Subset(dataset, list(shard_indices(count))), batch_size=batch_size, collate_fn=collate,
