@@ -279,6 +279,16 @@ def test_captioning_evaluator_equals_the_modules_validation():
         run_evaluators(tiny_module(), {"shapes": vlm_lab.build("evaluator", spec)})
 
 
+def test_captioning_the_first_images_of_a_stream_is_refused(tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "00000.tar", good_samples(0, 3))
+    shards = str(tmp_path / "shards" / "00000.tar")
+    spec = {"name": "captioning", "max_images": 2, "data": {"name": "cc3m", "train_shards": shards, "val_shards": shards}}
+    with pytest.raises(ConfigError, match=r"captioning: max_images picks the first images of a split, and the val "
+                                          r"split of data module 'cc3m' is a stream"):
+        run_evaluators(tiny_module(*COCA), {"c": vlm_lab.build("evaluator", spec)})
+
+
 def test_retrieval_spec_is_checked_when_built():
     with pytest.raises(ConfigError, match=r"eval.evaluators.r: .*has no argument 'val_sise'"):
         build_evaluators(EvalSettings.from_config({"evaluators": {
