@@ -240,7 +240,7 @@ def test_fit_test_and_caption_from_the_command_line(tmp_path, capsys):
             "--run-dir", str(run)]
     assert main(["fit", *args]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"val/bleu4", "val/cider", "val/i2t_R@1"} <= set(metrics)
+    assert {"val/bleu4", "val/cider", "val/i2t_R@1", "val/loss", "val/caption_loss", "val/contrastive_loss"} <= set(metrics)
     logged = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "train/caption_loss" in logged and "train/contrastive_loss" in logged
     ckpt = run / "checkpoints" / "last.ckpt"

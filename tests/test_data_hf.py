@@ -69,6 +69,20 @@ def test_parquet_and_imagefolder_give_the_metrics_of_coco_captions(flickr, tmp_p
 
 
 @needs_shared
+def test_the_retrieval_evaluator_reads_a_streamed_split(flickr, tmp_path):
+    from vlm_lab.eval.suite import run_evaluators
+
+    module = vlm_lab.build_module(vlm_lab.load_config(TINY))
+    coco = {"name": "coco_captions", "val_ann": str(flickr / "captions.json"), "val_images": str(FLICKR8K / "images")}
+    streamed = {"name": "hf_dataset", "path": str(flickr / "parquet"), "streaming": True, "eval_batch_size": 16}
+    metrics = run_evaluators(module, {name: vlm_lab.build("evaluator", {"name": "retrieval", "data": data})
+                                      for name, data in (("coco", coco), ("streamed", streamed))})
+    assert metrics["eval/streamed/images"] == SUBSET and metrics["eval/streamed/texts"] == 5 * SUBSET
+    for key in [k for k in metrics if k.startswith("eval/coco/")]:
+        assert metrics[key.replace("/coco/", "/streamed/")] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+@needs_shared
 def test_streaming_reads_every_image_once_across_ranks_and_workers(tokenizer, flickr):
     dm = hf(tokenizer, flickr / "parquet", streaming=True, eval_batch_size=4, num_workers=2)
     assert dm.split_summary("val") == {"images": 40, "captions": None, "shards": 3}

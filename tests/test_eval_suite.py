@@ -12,22 +12,26 @@ import os
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 import vlm_lab  # noqa: E402
+from datasets_on_disk import good_samples, jpeg_bytes, write_shard  # noqa: E402
 from test_distributed import init_gloo, run_workers  # noqa: E402
 from test_zeroshot import COLOURS, ColourModel  # noqa: E402
 from vlm_lab.errors import ConfigError  # noqa: E402
 from vlm_lab.eval.probes import (FewShotEvaluator, LinearProbeEvaluator, fewshot_indices,  # noqa: E402
                                  least_squares_accuracy, weight_decay_grid)
+from vlm_lab.eval.split_evaluation import SplitEvaluation  # noqa: E402
 from vlm_lab.eval.suite import build_evaluators, run_evaluators  # noqa: E402
 from vlm_lab.schema import EvalSettings  # noqa: E402
 
@@ -70,14 +74,61 @@ RETRIEVAL = {"shapes": {"name": "retrieval", "data": {"name": "synthetic_shapes"
 def write_data(root: Path) -> Path:
     noisy_colour_folder(root / "train", 7, seed=1)
     noisy_colour_folder(root / "test", 5, seed=2)
+    (root / "shards").mkdir()
+    for shard, size in enumerate(SHARD_SIZES):  # 3 shards over 2 ranks: uneven shares, one read twice in part
+        samples = good_samples(shard, size)
+        for i, sample in enumerate(samples):  # every image its own colour: no exact ties for rounding to break
+            sample["jpg"] = jpeg_bytes((20 * i, 60 * shard, 200 - 10 * i))
+        write_shard(root / "shards" / f"{shard:05d}.tar", samples)
     return root
+
+
+SHARD_SIZES = (5, 7, 4)
+
+
+def stream_retrieval(data: Path) -> dict:
+    """The retrieval evaluator on a ``cc3m`` val split of webdataset shards (a stream)."""
+    shards = str(data / "shards" / "{00000..00002}.tar")
+    return {"stream": {"name": "retrieval", "data": {"name": "cc3m", "train_shards": shards, "val_shards": shards,
+                                                     "eval_batch_size": 3}}}
 
 
 def evaluate_all(data: Path) -> dict[str, float]:
     colour_metrics = run_evaluators(ColourModel(), build_evaluators(EvalSettings.from_config({"evaluators": suite_specs(data)})))
-    retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config({"evaluators": RETRIEVAL})))
+    retrieval = run_evaluators(tiny_module(), build_evaluators(EvalSettings.from_config(
+        {"evaluators": {**RETRIEVAL, **stream_retrieval(data)}})))
     captions = run_evaluators(tiny_module(*COCA), build_evaluators(EvalSettings.from_config({"evaluators": CAPTIONS})))
-    return {**colour_metrics, **retrieval, **captions}
+    return {**colour_metrics, **retrieval, **captions, **split_evaluation()}
+
+
+def split_evaluation() -> dict[str, float]:
+    """What the split evaluation logs for a CoCa model's val batches, dealt out as a distributed Trainer
+    deals them (DistributedSampler, not shuffled: 9 images over 2 ranks pad one in), captioning the first 5."""
+    cfg = vlm_lab.load_config(TINY, overrides=[*COCA, "model.generation.max_images=5", "data.val_size=9"])
+    L.seed_everything(0, verbose=False)
+    module = vlm_lab.build_module(cfg).eval()
+    val = vlm_lab.build_datamodule(cfg, module).val_dataloader()
+    sampler = DistributedSampler(val.dataset, shuffle=False) if torch.distributed.is_initialized() else None
+    loader = DataLoader(val.dataset, batch_size=2, sampler=sampler, collate_fn=val.collate_fn)
+    logged: dict[str, float] = {}
+    module.log = lambda name, value, **options: logged.__setitem__(name, float(value))
+    callback, trainer = SplitEvaluation(), SimpleNamespace(sanity_checking=False)
+    callback.on_validation_epoch_start(trainer, module)
+    scored = callback.captions.compute  # an untrained model's CIDEr is 0 whatever it captions: count them
+
+    def counted(device):
+        metrics, rows = scored(device)
+        logged["captioned images"] = float(len(rows))
+        return metrics, rows
+
+    callback.captions.compute = counted
+    with torch.no_grad():
+        for index, batch in enumerate(loader):
+            callback.on_validation_batch_end(trainer, module, None, batch, index)
+    callback.on_validation_epoch_end(trainer, module)
+    assert {"val/i2t_R@1", "val/t2i_R@10", "val/chance_i2t_R@1", "val/bleu4", "val/cider"} <= set(logged)
+    assert logged["captioned images"] == 5
+    return logged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,6 +279,16 @@ def test_captioning_evaluator_equals_the_modules_validation():
         run_evaluators(tiny_module(), {"shapes": vlm_lab.build("evaluator", spec)})
 
 
+def test_captioning_the_first_images_of_a_stream_is_refused(tmp_path):
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / "00000.tar", good_samples(0, 3))
+    shards = str(tmp_path / "shards" / "00000.tar")
+    spec = {"name": "captioning", "max_images": 2, "data": {"name": "cc3m", "train_shards": shards, "val_shards": shards}}
+    with pytest.raises(ConfigError, match=r"captioning: max_images picks the first images of a split, and the val "
+                                          r"split of data module 'cc3m' is a stream"):
+        run_evaluators(tiny_module(*COCA), {"c": vlm_lab.build("evaluator", spec)})
+
+
 def test_retrieval_spec_is_checked_when_built():
     with pytest.raises(ConfigError, match=r"eval.evaluators.r: .*has no argument 'val_sise'"):
         build_evaluators(EvalSettings.from_config({"evaluators": {
@@ -245,6 +306,7 @@ def test_two_processes_give_the_figures_of_one(tmp_path):
     data = write_data(tmp_path / "data")
     one = evaluate_all(data)
     assert one["eval/colours/images"] == 21 and 0 < one["eval/colours/top1"] < 100  # overlapping classes
+    assert one["eval/stream/images"] == one["eval/stream/texts"] == sum(SHARD_SIZES)  # each sample once
     ranks = run_workers(__file__, tmp_path)
     for rank, results in enumerate(ranks):
         assert set(results) == set(one)

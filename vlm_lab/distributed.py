@@ -6,8 +6,8 @@ batch against the features of all ranks. The losses call :func:`gather_features`
 and contain no other distributed code; on one process all of them are no-ops. :func:`sum_over_ranks`
 gives the caption loss its global token count, and :func:`any_rank` lets every rank take the same
 decision when only one rank's loss is non-finite. Evaluation (``vlm_lab/eval/``) splits its data with
-:func:`shard_indices` and puts the pieces back with :func:`gather_shards` and :func:`gather_uneven`,
-all-gathers of fixed-size tensors (never ``all_gather_object`` of whole feature matrices).
+:func:`shard_indices` and puts the pieces back with :func:`gather_shards`, :func:`gather_uneven` and
+:func:`gather_strings` (captions), all-gathers of fixed-size tensors (never pickled Python objects).
 
 The rest of the file reads what a launcher (torchrun, SLURM, Lightning's own) tells its processes,
 so that the same YAML runs on one laptop core or on many nodes: :func:`launcher_layout` (how many
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -135,6 +136,27 @@ def gather_uneven(local: Tensor) -> Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded.contiguous())
     return torch.cat([rows[:size] for rows, size in zip(gathered, sizes)])
+
+
+def gather_strings(local: Sequence[str], device: torch.device | str = "cpu") -> list[str]:
+    """Every rank's ``local`` strings in rank order (generated captions and their references).
+
+    Sent as tensors like everything else (no pickling): each rank's strings as one ``uint8`` tensor
+    of UTF-8 bytes plus a tensor of their lengths, both through :func:`gather_uneven`. ``device``
+    must suit the backend (NCCL needs CUDA).
+    """
+    _, world_size = world_info()
+    if world_size == 1:
+        return list(local)
+    encoded = [text.encode("utf-8") for text in local]
+    lengths = gather_uneven(torch.tensor([len(b) for b in encoded], dtype=torch.long, device=device)).tolist()
+    local_bytes = torch.from_numpy(np.frombuffer(b"".join(encoded), dtype=np.uint8).copy())
+    data = gather_uneven(local_bytes.to(device)).cpu()
+    raw, texts, start = bytes(data.numpy()), [], 0
+    for length in lengths:
+        texts.append(raw[start:start + length].decode("utf-8"))
+        start += length
+    return texts
 
 
 def gather_features(

@@ -16,7 +16,8 @@ layer. ``python -m vlm_lab.layers`` prints the same check. Why this order:
   towers' attention and MLP layers, so heads sit above towers.
 * **data**: data modules, transforms and the embedding cache, fed with a tower's ``ImageConfig``.
 * **evaluation**: metrics, zero-shot classification and caption decoding. They take a module as an
-  argument (duck-typed) and the module calls them, so they sit under it.
+  argument (duck-typed) and the module uses them (its ``configure_callbacks`` brings the split
+  evaluation, ``vlm_lab.eval.split_evaluation``), so they sit under it.
 * **module**: ``VisionLanguageModule``, which assembles the parts.
 * **interop**: Hugging Face and open_clip checkpoints in and out; it builds towers and heads, loads
   modules and exports them.

@@ -24,15 +24,15 @@ from typing import IO, Any, Callable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
 from vlm_lab import checkpoint_format, registry
 from vlm_lab.contracts import ContrastiveLoss, TextTower, VisionTower
 from vlm_lab.data.transforms import normalize_pixels
 from vlm_lab.distillation import Teacher
-from vlm_lab.distributed import any_rank, world_info
+from vlm_lab.distributed import any_rank
 from vlm_lab.errors import ConfigError
-from vlm_lab.eval.caption_metrics import CaptionScorer, batch_references, log_caption_examples
-from vlm_lab.eval.retrieval import chance_levels, retrieval_metrics
+from vlm_lab.eval.split_evaluation import SplitEvaluation
 from vlm_lab.generation import generate_captions
 from vlm_lab.gradient_cache import cached_encode, check_trainer
 from vlm_lab.heads.coca import build_caption_head
@@ -90,8 +90,6 @@ class VisionLanguageModule(L.LightningModule):
         self.text_locked = lock_tower(self.text, settings.text_lock, "model.text_lock")
         tower_limit = self.text.max_length or math.inf
         self.max_length = int(min(settings.tokenizer.max_length, tower_limit))
-        self._eval_outputs: list[dict[str, torch.Tensor]] = []
-        self._caption_scorer = CaptionScorer()
         self.skipped_nonfinite_steps = 0
         # Checkpoints saved before the option existed have no value: one chunk, as they trained.
         self.contrastive_chunks = self.optim_settings.contrastive_chunks  # checked by the schema
@@ -474,80 +472,45 @@ class VisionLanguageModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     # ---------------------------------------------------------------------------------------------
-    # Evaluation: multi-caption retrieval over the whole split
+    # Validation and test: the losses. The splits' retrieval and caption metrics (val/i2t_R@1,
+    # val/cider...) come from the split evaluation, a callback (vlm_lab/eval/split_evaluation.py).
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def configure_callbacks(self) -> list[Callback]:
+        # Every Trainer that fits, validates or tests this module (a notebook's own too) scores its splits.
+        return [SplitEvaluation()]
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        return self._evaluation_losses(batch, "val")
 
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor] | None:
+        return self._evaluation_losses(batch, "test")
 
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
-        vision = self.batch_vision_output(batch)
+    def _evaluation_losses(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor] | None:
+        """Log ``<stage>/loss`` (the weighted sum, as in training) and, with both heads built, its
+        ``contrastive_loss`` and ``caption_loss``, on the first caption of each image. Returns the
+        embeddings of the images and of all their captions (with a contrastive loss), which the split
+        evaluation scores retrieval with instead of encoding the batch again."""
+        vision, text = self.batch_vision_output(batch), self._text_output(batch)
+        size = len(batch["image_ids"])
+        first = _first_caption_positions(batch["text_image_index"], size)
+        terms: dict[str, torch.Tensor] = {}
+        embeddings = None
+        if self.loss is not None:
+            embeddings = {"image_features": self._image_embedding(vision),
+                          "text_features": F.normalize(self.text_head(text.pooled), dim=-1)}
+            terms["contrastive_loss"] = self.loss(embeddings["image_features"], embeddings["text_features"][first],
+                                                 **self.loss_image_ids(batch["image_ids"]))
         if self.caption_head is not None:
-            self._score_captions(batch, vision)
-        if self.loss is None:
-            return
-        image_features = self._image_embedding(vision)
-        text_features = self.encode_text(batch["input_ids"], batch["attention_mask"])
-        owners = batch["text_image_index"]
-        first_caption = _first_caption_positions(owners, len(image_features))
-        loss = self.loss(image_features, text_features[first_caption], **self.loss_image_ids(batch["image_ids"]))
-        self.log(f"{stage}/loss", loss, batch_size=len(image_features), sync_dist=True)
-        self._eval_outputs.append({
-            "image_features": image_features.float().cpu(),
-            "image_ids": batch["image_ids"].cpu(),
-            "text_features": text_features.float().cpu(),
-            "text_image_ids": batch["image_ids"][owners].cpu(),
-            "text_rank": (torch.arange(len(owners), device=owners.device) - first_caption[owners]).cpu(),
-        })
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        outputs = {k: torch.cat([o[k] for o in self._eval_outputs]) for k in self._eval_outputs[0]} \
-            if self._eval_outputs else None
-        self._eval_outputs.clear()
-        if self.caption_head is not None:
-            self._log_caption_metrics(stage)
-        if outputs is None or self.trainer.sanity_checking:
-            return
-        outputs = _gather_and_deduplicate(outputs)
-        metrics = retrieval_metrics(outputs["image_features"], outputs["text_features"], outputs["text_to_image"])
-        chance = chance_levels(outputs["text_to_image"], len(outputs["image_features"]), (1, 5, 10))
-        # Every rank scored the same gathered features, so the values agree and syncing them (a mean)
-        # changes nothing; it is what Lightning expects of epoch-level metrics under DDP.
-        for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key.endswith("R@1"), sync_dist=True)
-        for key, value in chance.items():
-            self.log(f"{stage}/chance_{key}", value, sync_dist=True)
-
-
-    # ---------------------------------------------------------------------------------------------
-    # Evaluation: captioning (BLEU-4 and CIDEr under the COCO protocol, vlm_lab/eval/caption_metrics.py)
-
-    def _score_captions(self, batch: dict[str, Any], vision: TowerOutput) -> None:
-        if self._trainer is not None and self.trainer.sanity_checking:
-            return  # decoding is the slow part of evaluation, and sanity-check metrics are discarded
-        limit = self.generation_settings.max_images
-        keep = len(batch["image_ids"]) if limit is None else max(0, limit - len(self._caption_scorer))
-        if keep == 0:
-            return
-        captions = generate_captions(self, vision.tokens[:keep], self.generation_settings)
-        references = batch_references(batch, self.tokenizer)[:keep]
-        self._caption_scorer.add(batch["image_ids"][:keep].tolist(), captions, references)
-
-    def _log_caption_metrics(self, stage: str) -> None:
-        metrics, rows = self._caption_scorer.compute()
-        if self.trainer.sanity_checking or not metrics:
-            return
-        for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key == "cider", sync_dist=True)
-        log_caption_examples(self, stage, rows[:self.generation_settings.log_examples])
+            input_ids, mask = batch["input_ids"][first], batch["attention_mask"][first]
+            logits = self.caption_head.decode(text.tokens[first], self.caption_head.pool_caption(vision.tokens))
+            # This rank's per-token mean: no collective, so ranks with unequal batch counts never wait.
+            tokens = (mask[:, 1:] != 0).sum().clamp_min(1)
+            terms["caption_loss"] = self.caption_head.caption_token_losses(logits, input_ids, mask) / tokens
+        weights = {"contrastive_loss": self.contrastive_weight, "caption_loss": self.caption_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        for name, value in ({"loss": loss, **terms} if len(terms) > 1 else {"loss": loss}).items():
+            self.log(f"{stage}/{name}", value, batch_size=size, sync_dist=True)
+        return embeddings
 
 
 def cosine_with_warmup(warmup_steps: int, total_steps: int | Callable[[], int], min_ratio: float):
@@ -631,33 +594,3 @@ def _first_caption_positions(owners: torch.Tensor, num_images: int) -> torch.Ten
     """For each image of a batch, the position of its first caption (captions come grouped)."""
     positions = torch.full((num_images,), len(owners), dtype=torch.long, device=owners.device)
     return positions.scatter_reduce(0, owners, torch.arange(len(owners), device=owners.device), "amin")
-
-
-def _gather_and_deduplicate(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Collect every rank's evaluation features and drop the duplicates a distributed sampler pads in.
-
-    Images are keyed by dataset id and captions by (image id, rank within the image), so each counts
-    once whatever the number of processes.
-    """
-    _, world_size = world_info()
-    if world_size > 1:
-        gathered: list[Any] = [None] * world_size
-        torch.distributed.all_gather_object(gathered, outputs)
-        outputs = {k: torch.cat([g[k] for g in gathered]) for k in outputs}
-    image_ids, first = _unique_first(outputs["image_ids"])
-    text_keys = outputs["text_image_ids"] * (int(outputs["text_rank"].max()) + 1) + outputs["text_rank"]
-    _, text_first = _unique_first(text_keys)
-    text_owner_ids = outputs["text_image_ids"][text_first]
-    return {
-        "image_features": outputs["image_features"][first],
-        "text_features": outputs["text_features"][text_first],
-        "text_to_image": torch.searchsorted(image_ids, text_owner_ids),
-    }
-
-
-def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted unique keys and the index of each one's first occurrence."""
-    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    first = torch.full((len(unique),), len(keys), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(len(keys)), "amin")
-    return unique, first

@@ -12,8 +12,8 @@ does (the rest hold ``at&t``, ``slip 'n' slide`` and the like), so evaluation ne
 n-grams 1-4, document frequencies from the references of the evaluated set, x10);
 ``tests/test_caption_metrics.py`` pins their values to pycocoevalcap 1.2's on fixed inputs.
 
-The module's caption evaluation uses the rest: :class:`CaptionScorer` collects an epoch's captions
-and scores them, :func:`batch_references` and :func:`log_caption_examples`. The captions themselves
+Caption evaluation (``vlm_lab/eval/captioning.py``) uses the rest: :class:`CaptionScorer` collects
+the captions of every rank and scores them, :func:`batch_references` and :func:`log_caption_examples`. The captions themselves
 are decoded by ``vlm_lab/generation.py``.
 """
 
@@ -26,6 +26,8 @@ from collections import Counter, defaultdict
 from typing import Any, Mapping, Sequence
 
 import torch
+
+from vlm_lab.distributed import gather_strings, gather_uneven
 
 # coco-caption's PTBTokenizer removes exactly these tokens after tokenising.
 PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
@@ -152,16 +154,25 @@ class CaptionScorer:
     def __len__(self) -> int:
         return len(self.candidates)
 
-    def compute(self) -> tuple[dict[str, float], list[tuple[int, str, list[str]]]]:
-        """Metrics over every rank's captions (duplicates a distributed sampler pads in count once),
-        and the collected ``(image_id, caption, references)`` sorted by image id; clears the state."""
-        candidates, references = self.candidates, self.references
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (candidates, references))
-            candidates = {k: v for c, _ in gathered for k, v in c.items()}
-            references = {k: v for _, r in gathered for k, v in r.items()}
+    def compute(self, device: torch.device | str = "cpu") -> tuple[dict[str, float], list[tuple[int, str, list[str]]]]:
+        """Metrics over every rank's captions (an image several ranks captioned, such as one a
+        distributed sampler pads in, counts once), and the collected ``(image_id, caption,
+        references)`` sorted by image id; clears the state. Every rank of a distributed run must call
+        it: the captions travel as tensors (``gather_strings``; ``device`` must suit the backend)."""
+        ids = list(self.candidates)
+        counts = torch.tensor([len(self.references[i]) for i in ids], dtype=torch.long, device=device)
+        all_ids = gather_uneven(torch.tensor(ids, dtype=torch.long, device=device)).tolist()
+        all_counts = gather_uneven(counts).tolist()
+        all_captions = gather_strings([self.candidates[i] for i in ids], device)
+        all_references = gather_strings([r for i in ids for r in self.references[i]], device)
         self.candidates, self.references = {}, {}
+        candidates: dict[int, str] = {}
+        references: dict[int, list[str]] = {}
+        start = 0
+        for image_id, caption, count in zip(all_ids, all_captions, all_counts):
+            candidates.setdefault(image_id, caption)
+            references.setdefault(image_id, all_references[start:start + count])
+            start += count
         rows = [(k, candidates[k], references[k]) for k in sorted(candidates)]
         return (caption_metrics(references, candidates) if candidates else {}), rows
 

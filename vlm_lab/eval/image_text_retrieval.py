@@ -1,22 +1,25 @@
 """The ``retrieval`` evaluator: image-text retrieval R@1/5/10 both ways on a data module's split.
 
-The data comes from any map-style data module (``coco`` JSON captions, ``hf_dataset``...), given as
-its spec; it is built with the evaluated module's tokenizer and preprocessing. Every image is scored
+The data comes from any data module, given as its spec: map-style (``coco_captions`` JSON captions,
+``hf_dataset``, ``synthetic_shapes``) or streamed (``cc3m`` webdataset shards, ``hf_dataset`` with
+``streaming: true``); it is built with the evaluated module's tokenizer and preprocessing. Every image is scored
 against all its captions (the multi-caption protocol of ``vlm_lab/eval/retrieval.py``) and the chance
 levels are reported beside the recalls.
 
-Each rank encodes its share of the images (``shard_indices``) with their captions; the features
+Each rank encodes its share of the images (``shard_indices``, or the stream's share of the shards)
+with their captions; the features
 are gathered with fixed-size all-gathers, then ordered by image id (and caption position), so any
-number of processes scores the same matrix in the same order. An image the data module replaced
-(unreadable: a counted bad sample) appears once.
+number of processes scores the same matrix in the same order. An image read twice (one the data
+module replaced as unreadable, a counted bad sample, or one a stream's short share reads again)
+appears once.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from vlm_lab import registry
 from vlm_lab.data.collate import ImageTextCollate
@@ -38,7 +41,8 @@ class RetrievalEvaluator(Evaluator):
     Args:
         data: a data module spec, e.g. ``{name: coco, root: ../shared/data/flickr8k}``.
         split: val, test, or dev (the training images a data module's ``dev_split`` sets aside).
-        batch_size: images per batch (their captions come along).
+        batch_size: images per batch (their captions come along); a stream batches itself with the
+            data module's ``eval_batch_size`` (give it in ``data``).
         chunk_size: query rows scored at once (bounds the memory of the similarity matrix).
         ks: the K of R@K.
     """
@@ -52,44 +56,99 @@ class RetrievalEvaluator(Evaluator):
     @torch.no_grad()
     def evaluate(self, module: Any) -> dict[str, float]:
         loader = split_share_loader(module, self.data, self.split, self.batch_size, "retrieval")
-        images, image_ids, texts, text_ids, text_ranks = [], [], [], [], []
+        features = RetrievalFeatures()
         for batch in progress(loader, desc="retrieval", unit="batch"):
-            images.append(module.encode_image(batch["pixel_values"].to(module.device)).float())
-            texts.append(module.encode_text(batch["input_ids"].to(module.device),
-                                            batch["attention_mask"].to(module.device)).float())
-            owners = batch["text_image_index"]
-            image_ids.append(batch["image_ids"])
-            text_ids.append(batch["image_ids"][owners])
-            first = torch.searchsorted(owners, owners)  # owners ascend: each caption's position among its image's
-            text_ranks.append(torch.arange(len(owners)) - first)
-        width = images[0].shape[1] if images else module.encode_text(["a"]).shape[1]
-        local = {
-            "images": torch.cat(images) if images else torch.zeros(0, width, device=module.device),
-            "texts": torch.cat(texts) if texts else torch.zeros(0, width, device=module.device),
-            "image_ids": _ids(image_ids, module.device), "text_ids": _ids(text_ids, module.device),
-            "text_ranks": _ids(text_ranks, module.device),
-        }
-        gathered = {key: gather_uneven(value).cpu() for key, value in local.items()}
-        image_features, text_features, text_to_image = _in_id_order(gathered)
-        self._chance = chance_levels(text_to_image, len(image_features), self.ks)
-        metrics = retrieval_metrics(image_features, text_features, text_to_image, self.ks, self.chunk_size)
-        return {**metrics, "images": float(len(image_features)), "texts": float(len(text_features))}
+            batch = batch_to(batch, module.device)
+            features.add(batch, *encode_pairs(module, batch))
+        metrics, self._chance, images, texts = features.compute(module, self.ks, self.chunk_size)
+        return {**metrics, "images": float(images), "texts": float(texts)}
 
     def chance(self) -> dict[str, float]:
         return dict(self._chance)
 
 
+def encode_pairs(module: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's image embeddings and the embeddings of all its captions (pixels or the embedding
+    cache's rows: ``encode_batch_images``)."""
+    return module.encode_batch_images(batch), module.encode_text(batch["input_ids"], batch["attention_mask"])
+
+
+class RetrievalFeatures:
+    """The image and caption embeddings of this rank's batches, scored together over all ranks.
+
+    What the ``retrieval`` evaluator collects from its own loader, and the split evaluation
+    (``vlm_lab/eval/split_evaluation.py``) from the trainer's validation batches. :meth:`compute`
+    all-gathers the features with fixed-size tensors (``gather_uneven``), keeps each image (by id)
+    and each caption (by image id and position) once, in id order, and scores them.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: dict[str, list[torch.Tensor]] = {key: [] for key in _KEYS}
+
+    def add(self, batch: dict[str, Any], image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+        """One batch: its ``image_ids`` and ``text_image_index`` (each caption's image in the batch,
+        ascending), and the embeddings of its images and of all its captions."""
+        owners = batch["text_image_index"].to(image_features.device)
+        image_ids = batch["image_ids"].to(image_features.device)
+        first = torch.searchsorted(owners, owners)  # owners ascend: each caption's position among its image's
+        for key, value in zip(_KEYS, (image_features.float(), text_features.float(), image_ids, image_ids[owners],
+                                      torch.arange(len(owners), device=owners.device) - first)):
+            self.pieces[key].append(value.detach())
+
+    def compute(self, module: Any, ks: list[int], chunk_size: int = DEFAULT_CHUNK_SIZE
+                ) -> tuple[dict[str, float], dict[str, float], int, int]:
+        """``(recalls, chance levels, images, captions)`` over every rank's batches (empty dicts when
+        no rank saw a batch); clears the state. Every rank of a distributed run must call it; all
+        get the same figures."""
+        width = module.encode_text(["a"]).shape[1] if not self.pieces["images"] else self.pieces["images"][0].shape[1]
+        local = {key: torch.cat(pieces) if pieces else _empty(key, width, module.device)
+                 for key, pieces in self.pieces.items()}
+        self.pieces = {key: [] for key in _KEYS}
+        gathered = {key: gather_uneven(value.to(module.device)).cpu() for key, value in local.items()}
+        if len(gathered["images"]) == 0:
+            return {}, {}, 0, 0
+        image_features, text_features, text_to_image = _in_id_order(gathered)
+        chance = chance_levels(text_to_image, len(image_features), ks)
+        metrics = retrieval_metrics(image_features, text_features, text_to_image, ks, chunk_size)
+        return metrics, chance, len(image_features), len(text_features)
+
+
+_KEYS = ("images", "texts", "image_ids", "text_ids", "text_ranks")
+
+
+def _empty(key: str, width: int, device: torch.device) -> torch.Tensor:
+    if key in ("images", "texts"):
+        return torch.zeros(0, width, device=device)
+    return torch.zeros(0, dtype=torch.long, device=device)
+
+
+def batch_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device`` (lists such as raw captions stay as they are)."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
 def split_share_loader(module: Any, data: dict[str, Any], split: str, batch_size: int, kind: str,
-                       limit: int | None = None) -> DataLoader:
-    """Batches of this rank's share (``shard_indices``) of the first ``limit`` images (None: all) of
-    ``split`` of the data module ``data``, built with the module's tokenizer and preprocessing; every
-    caption of an image comes with it."""
+                       limit: int | None = None) -> Iterable[dict[str, Any]]:
+    """Batches of this rank's share of ``split`` of the data module ``data``, built with the module's
+    tokenizer and preprocessing; every caption of an image comes with it.
+
+    Map-style data: every world-size-th image (``shard_indices``) of the first ``limit`` (None: all),
+    ``batch_size`` images per batch. A stream (webdataset shards, a streamed ``datasets`` dataset): the
+    data module's own loader of the split, which deals the shards out over the ranks and loader
+    workers as in training and batches itself (``data.eval_batch_size``); a reader with a short share
+    reads some of it twice, which the evaluators drop by image id. ``limit`` needs map-style data.
+    """
     datamodule = registry.build("datamodule", data, tokenizer=module.tokenizer,
                                 image_config=module.image_config, max_length=module.max_length)
     dataset = datamodule.dataset(split)
+    if isinstance(dataset, IterableDataset):
+        if limit is not None:
+            raise ConfigError(f"{kind}: max_images picks the first images of a split, and the {split} split of data "
+                              f"module {data['name']!r} is a stream; leave max_images out or use map-style data")
+        return getattr(datamodule, f"{split}_dataloader")()
     if not hasattr(dataset, "__getitem__"):
-        raise ConfigError(f"{kind}: the {split} split of data module {data['name']!r} is a stream; the {kind} "
-                          f"evaluator needs map-style data (coco_captions, hf_dataset, synthetic_shapes)")
+        raise ConfigError(f"{kind}: the {split} split of data module {data['name']!r} is neither map-style nor a "
+                          f"stream the {kind} evaluator can read")
     count = len(dataset) if limit is None else min(limit, len(dataset))
     collate = ImageTextCollate(module.tokenizer, module.max_length, train=False)
     return DataLoader(Subset(dataset, list(shard_indices(count))), batch_size=batch_size, collate_fn=collate,
@@ -99,10 +158,6 @@ def split_share_loader(module: Any, data: dict[str, Any], split: str, batch_size
 def check_data_spec(data: dict[str, Any]) -> None:
     """A data module spec an evaluator reads, checked now (the evaluator supplies the tokenizer and preprocessing)."""
     registry.spec_arguments("datamodule", data, provided={name: None for name in _PROVIDED})
-
-
-def _ids(pieces: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.cat(pieces).long().to(device) if pieces else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _in_id_order(gathered: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
