@@ -214,5 +214,7 @@ def read_caption_table(table: str, images: str | None, field: str) -> list[Recor
         raise ConfigError(f"data.{field}: {table} has no rows")
     captions: dict[str, list[str]] = {}  # file -> its captions; dicts keep the order files first appear
     for row in rows:
-        captions.setdefault(str(folder / row[0].strip()), []).extend(row[1].strip() for _ in row[1:2])
+        texts = captions.setdefault(str(folder / row[0].strip()), [])
+        if len(row) > 1:
+            texts.append(row[1].strip())
     return [Record(file, tuple(texts), image_id=i) for i, (file, texts) in enumerate(captions.items())]
