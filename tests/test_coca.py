@@ -125,6 +125,40 @@ def test_tied_output_embedding_and_grad_checkpointing():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_decoder_dropout_draws_only_in_training(images):
+    batch = {"pixel_values": images[:4], **coca().tokenize(["a red cube", "two balls", "a cat", "a blue disc"]),
+             "image_ids": torch.arange(4)}
+    plain, dropped = coca(), coca("model.caption_head.dropout=0.3")
+    assert dropped.caption_head.layers[0].self_attn.dropout == 0.3
+    # Dropout has no weights: the same seed builds the same model, with the same state dict keys.
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), dropped.state_dict().values()))
+
+    def caption_loss(m, train, seed=7):
+        m.train(train)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return m.losses(batch)["caption_loss"]
+
+    # dropout 0 (the default) draws nothing: training computes what evaluation does, bit for bit,
+    # and leaves torch's random stream where it was.
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    assert torch.equal(caption_loss(plain, train=True), caption_loss(plain, train=False))
+    plain.train()
+    with torch.no_grad():
+        plain.losses(batch)
+    assert torch.equal(torch.get_rng_state(), state)
+    # dropout > 0 changes training (the same masks for the same seed, others for another) but not evaluation.
+    assert not torch.equal(caption_loss(dropped, train=True), caption_loss(plain, train=True))
+    assert torch.equal(caption_loss(dropped, train=True), caption_loss(dropped, train=True))
+    assert not torch.equal(caption_loss(dropped, train=True, seed=8), caption_loss(dropped, train=True))
+    assert torch.equal(caption_loss(dropped, train=False), caption_loss(plain, train=False))
+    assert torch.equal(tokens_of(dropped.eval(), images), tokens_of(plain.eval(), images))
+    with pytest.raises(ConfigError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        coca("model.caption_head.dropout=1.0")
+
+
 def test_a_bidirectional_text_tower_is_refused():
     spec = "model.text={name: hf_text, config: {model_type: bert, hidden_size: 32, num_hidden_layers: 1, " \
            "num_attention_heads: 2, intermediate_size: 64, vocab_size: 30522}}"

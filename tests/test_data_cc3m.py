@@ -256,3 +256,22 @@ def test_remote_shards_stream_with_a_configured_length(tokenizer, tmp_path):
     (batches,) = read_epoch(dm, "train", 1)
     assert sorted(ids_of(batches)) == list(range(6))
     assert isinstance(batches[0]["pixel_values"], torch.Tensor)
+
+
+def test_table_rows_naming_one_file_are_one_image(tokenizer, tmp_path):
+    # A Flickr-style table: five rows per image. They share the image's id (multi_positive pairs them),
+    # training still sees every row once per epoch, and validation scores each image with its captions.
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes((60 * i, 0, 0)))
+    rows = [f"{i}.jpg\timage {i} caption {c}" for c in range(5) for i in range(3)]  # files interleaved
+    (tmp_path / "t.tsv").write_text("\n".join(rows) + "\n")
+    dm = datamodule(tokenizer, train_table=str(tmp_path / "t.tsv"), val_table=str(tmp_path / "t.tsv"), batch_size=15)
+    train = dm.dataset("train")
+    assert len(train) == 15
+    pairs = [(train[k]["image_id"], train[k]["captions"][0]) for k in range(15)]
+    assert sorted(pairs) == sorted((i, f"image {i} caption {c}") for c in range(5) for i in range(3))
+    val = next(iter(dm.val_dataloader()))
+    assert val["image_ids"].tolist() == [0, 1, 2]
+    assert val["text_image_index"].tolist() == [i for i in range(3) for _ in range(5)]
+    assert dm.dataset("val")[0]["captions"] == [f"image 0 caption {c}" for c in range(5)]
+    assert dm.split_summary("val") == {"images": 3, "captions": 15, "shards": None}

@@ -1,7 +1,8 @@
 """Several sources in one training stream (data.train_sources), and resampling (data.resampled).
 
 Tiny synthetic shards written here: one 8x8 JPEG shared by every sample, a caption, and a key whose
-first digit names the source, so a batch's image ids tell which source each sample came from.
+first digit names the source. A mixture's image ids are ``sample_key(source name, key)``, so that keys
+repeated across sources stay apart; :func:`keys_by_id` turns them back into keys.
 """
 
 import collections
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from datasets_on_disk import TINY_IMAGES, jpeg_bytes, write_shard
 from vlm_lab.cli import main
 from vlm_lab.data.cc3m import CC3MDataModule
+from vlm_lab.data.shards import sample_key
 from vlm_lab.errors import ConfigError
 from vlm_lab.tokenizer import load_tokenizer
 
@@ -42,8 +44,15 @@ def keys_of(source: int, sizes: list[int]) -> set[int]:
     return {int(f"{source}{shard:03d}{i:05d}") for shard, size in enumerate(sizes) for i in range(size)}
 
 
-def source_of(image_id: int) -> int:
-    return int(str(image_id)[0])
+def keys_by_id(sources: dict[str, tuple[int, list[int]]]) -> dict[int, int]:
+    """Image id -> the key (as a number) of every sample of :func:`write_source`'s sources, given as
+    ``{name in the mixture: (source number, sizes)}``."""
+    return {sample_key(name, str(key)): key for name, (source, sizes) in sources.items()
+            for key in keys_of(source, sizes)}
+
+
+def source_of(key: int) -> int:
+    return int(str(key)[0])
 
 
 def no_pixels(image):
@@ -77,6 +86,8 @@ def test_resampled_mixture_follows_the_weights_within_one_point(tokenizer, tmp_p
                         batch_size=50, num_workers=2, shuffle_buffer=50)
     # The stream's own choices, without pixels or tokens: 20,000 samples through 2 ranks x 2 workers.
     per_rank = read_epoch(dm, world_size=2, workers=2, light=True)
+    key = keys_by_id({f"s{s}": (s, sizes[s]) for s in sizes})  # a KeyError below: an id of no sample
+    per_rank = [[key[i] for i in ids] for ids in per_rank]
     assert [len(ids) for ids in per_rank] == [10000, 10000]
     assert len(dm.stream("train", 0, 2)) == len(dm.stream("train", 1, 2)) == 200
     counts = collections.Counter(source_of(i) for ids in per_rank for i in ids)
@@ -86,7 +97,7 @@ def test_resampled_mixture_follows_the_weights_within_one_point(tokenizer, tmp_p
     assert seen <= keys_of(1, sizes[1]) | keys_of(2, sizes[2]) | keys_of(3, sizes[3])
     assert len(seen & keys_of(3, sizes[3])) == 60  # with replacement, yet 4,000 draws reach all 60
     # Seeded by (seed, epoch, rank, worker): the same epoch again is the same, the next one differs.
-    start = read_epoch(dm, world_size=2, workers=2, batches=6)  # 3 batches from each worker of each rank
+    start = [[key[i] for i in ids] for ids in read_epoch(dm, world_size=2, workers=2, batches=6)]  # 3 batches each
     assert start == [ids[:300] for ids in per_rank]
     assert read_epoch(dm, world_size=2, workers=2, epoch=1, batches=6) != start
 
@@ -97,6 +108,8 @@ def test_a_resampled_mixture_without_weights_follows_the_sizes(tokenizer, tmp_pa
     dm = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, resampled=True, train_samples=4000,
                         batch_size=40)
     (ids,) = read_epoch(dm, world_size=1, workers=0, light=True)
+    key = keys_by_id({"train_sources[0]": (1, [30, 30, 30]), "train_sources[1]": (2, [30])})
+    ids = [key[i] for i in ids]
     share = sum(source_of(i) == 1 for i in ids) / len(ids)
     assert abs(share - 0.75) < 0.02  # 3 sd at 4,000 samples
 
@@ -108,11 +121,49 @@ def test_without_resampling_a_mixture_reads_every_sample_of_every_source(tokeniz
                {"name": "b", "shards": write_source(tmp_path / "b", 2, b)}]
     dm = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, batch_size=4, num_workers=2)
     per_rank = read_epoch(dm, world_size=2, workers=2)
-    seen = collections.Counter(i for ids in per_rank for i in ids)
+    key = keys_by_id({"a": (1, a), "b": (2, b)})
+    seen = collections.Counter(key[i] for ids in per_rank for i in ids)
     assert set(seen) == keys_of(1, a) | keys_of(2, b)  # no gaps
     assert len(per_rank[0]) == len(per_rank[1])  # equal lengths: no hang under DDP
     if a == [12] * 4:  # 8 shards of 12 over 4 readers: equal whole-batch shares, every sample exactly once
         assert set(seen.values()) == {1}
+
+
+def test_keys_repeated_across_sources_are_different_images(tokenizer, tmp_path):
+    # Two sources written with the same keys (as two img2dataset runs number their samples alike):
+    # each sample's id is its own, so multi_positive never pairs a sample of one with one of the other.
+    sources = [{"name": name, "shards": write_source(tmp_path / name, 1, [6, 6])} for name in ("a", "b")]
+    dm = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, batch_size=4)
+    (ids,) = read_epoch(dm, world_size=1, workers=0)
+    assert len(ids) == len(set(ids)) == 24
+    assert set(ids) == set(keys_by_id({"a": (1, [6, 6])})) | set(keys_by_id({"b": (1, [6, 6])}))
+    # The same sample gets the same id wherever it is read: by two ranks with two workers, in inspection.
+    spread = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, batch_size=2, num_workers=2)
+    assert sorted(i for rank in read_epoch(spread, world_size=2, workers=2) for i in rank) == sorted(ids)
+    assert {sample.image_id for sample in dm.raw_samples("train")} == set(ids)
+    # One source alone keeps its keys as ids, as before mixtures existed.
+    single = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_shards=sources[0]["shards"], batch_size=4)
+    (alone,) = read_epoch(single, world_size=1, workers=0)
+    assert set(alone) == keys_of(1, [6, 6])
+
+
+def test_multi_positive_sees_no_false_positive_across_sources(tokenizer, tmp_path):
+    from vlm_lab.losses import ClipLoss
+
+    sources = [{"name": name, "shards": write_source(tmp_path / name, 1, [4])} for name in ("a", "b")]
+    dm = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, batch_size=8)
+    (batch,) = list(DataLoader(dm.stream("train", 0, 1), batch_size=None))
+    ids = batch["image_ids"]
+    assert len(set(ids.tolist())) == 8  # the same 4 keys in both sources, yet no two entries share an image
+    gen = torch.Generator().manual_seed(0)
+    images, texts = (torch.nn.functional.normalize(torch.randn(8, 16, generator=gen), dim=-1) for _ in range(2))
+    plain = ClipLoss()(images, texts)
+    # No image twice, so the multi-positive loss is the plain one; the bare keys would pair a with b.
+    assert torch.equal(ClipLoss(multi_positive=True)(images, texts, image_ids=ids), plain)
+    key = keys_by_id({"a": (1, [4]), "b": (1, [4])})
+    keys = torch.tensor([key[i] for i in ids.tolist()])  # what the ids were before: each key twice
+    assert len(set(keys.tolist())) == 4
+    assert not torch.equal(ClipLoss(multi_positive=True)(images, texts, image_ids=keys), plain)
 
 
 def test_a_source_whose_shards_are_all_missing_is_one_line_naming_it(tmp_path, capsys):
@@ -143,6 +194,8 @@ def test_a_source_with_corrupt_shards_skips_and_counts_them(tokenizer, tmp_path,
     dm = CC3MDataModule(tokenizer, TINY_IMAGES, 32, train_sources=sources, resampled=resampled,
                         train_samples=400 if resampled else None, batch_size=10)
     (ids,) = read_epoch(dm, world_size=1, workers=0)
+    key = keys_by_id({"a": (1, [20, 20]), "b": (2, [20, 20, 20])})
+    ids = [key[i] for i in ids]
     read_of_b = {i for i in ids if source_of(i) == 2}
     assert {i // 100000 % 1000 for i in read_of_b} <= {0, 1}  # nothing from the garbage shard...
     assert keys_of(2, [20]) <= read_of_b  # ...all of the good one, and the cut one's first samples

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -135,3 +136,105 @@ def test_other_data_modules_say_they_have_no_dev_split(tmp_path):
         synthetic.dataset("dev")
     with pytest.raises(ConfigError, match="coco_captions has no dev split: set data.dev_split"):
         _datamodule(tmp_path).dataset("dev")
+
+
+# --------------------------------------------------------------------------------------------------
+# hf_dataset (map-style): the rows are chosen by vlm_lab.data.hf_datasets.image_identities
+
+
+def _hf(path, **data):
+    spec = {"name": "hf_dataset", "path": str(path), "val_split": None, "test_split": None, "batch_size": 4, **data}
+    return registry.build("datamodule", spec, tokenizer=load_tokenizer(None), image_config=TINY_IMAGES,
+                          max_length=32)
+
+
+def _served(loader) -> set[int]:
+    return {i for batch in loader for i in batch["image_ids"].tolist()}
+
+
+def test_hf_dataset_carves_the_dev_images_coco_carves_from_the_same_files(tmp_path):
+    from vlm_lab.data.convert import convert
+
+    ann, images = coco_files(tmp_path / "coco")  # 12 images of 5 captions
+    convert(tmp_path / "parquet", "parquet", ann=ann, images_dir=images, split="train", shard_size=5)
+    coco = _datamodule(tmp_path / "c", dev_split={"images": 4})
+    datamodule = _hf(tmp_path / "parquet", dev_split={"images": 4})
+    captions = {split: {r.captions for r in datamodule.records(split)} for split in ("train", "dev")}
+    # The Parquet rows keep the file names, so the dev images are coco_captions' own.
+    assert captions["dev"] == {r.captions for r in coco.records("dev")}
+    assert len(captions["dev"]) == 4 and len(captions["train"]) == 8 and not captions["dev"] & captions["train"]
+    dev_rows = {r.image_id for r in datamodule.records("dev")}
+    assert _served(datamodule.train_dataloader()) == {r.image_id for r in datamodule.records("train")}
+    assert {len(datamodule.dataset("dev")[k]["captions"]) for k in range(4)} == {5}
+    assert datamodule.split_summary("dev") == {"images": 4, "captions": 20}
+    validating = _hf(tmp_path / "parquet", dev_split={"images": 4, "validate": True})
+    assert _served(validating.val_dataloader()) == dev_rows
+    assert {r.image_id for r in validating.cacheable_images("val").records} == dev_rows
+
+
+def _saved_table(folder, order, with_names, key=False):
+    """A saved datasets table of 10 images (bytes; file names only ``with_names``) in row ``order``."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    from datasets_on_disk import jpeg_bytes
+
+    rows = [{"image": {"bytes": jpeg_bytes((25 * i, 40, 90)), "path": f"{i:03d}.jpg" if with_names else None},
+             "caption": f"picture {i}", "key": f"k{i}"} for i in order]
+    features = Features({"image": ImageFeature(), "caption": Value("string"), "key": Value("string")})
+    Dataset.from_list(rows, features=features).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("identity", ["file name", "image bytes", "id_column"])
+def test_hf_dev_images_are_the_same_in_any_row_order(tmp_path, identity):
+    with_names, extra = identity == "file name", {"id_column": "key"} if identity == "id_column" else {}
+    order = list(range(10))
+    shuffled = order[:]
+    random.Random(1).shuffle(shuffled)
+    dev = {}
+    for name, rows in (("ordered", order), ("shuffled", shuffled)):
+        datamodule = _hf(_saved_table(tmp_path / name, rows, with_names), dev_split={"images": 3, **extra})
+        dev[name] = {r.captions[0] for r in datamodule.records("dev")}
+        train = {r.captions[0] for r in datamodule.records("train")}
+        assert len(dev[name]) == 3 and len(train) == 7 and not dev[name] & train
+        # The images served as dev are those rows' images, not other rows' of the table.
+        served = datamodule.dataset("dev")
+        assert [served[k]["captions"] for k in range(3)] == [[c] for c in
+                                                             [r.captions[0] for r in datamodule.records("dev")]]
+    assert dev["ordered"] == dev["shuffled"]
+    if identity == "id_column":  # pinned: the hash of the named column's values
+        import hashlib
+        keys = sorted((f"k{i}" for i in range(10)),
+                      key=lambda k: hashlib.sha256(f"vlm-lab dev split {k}".encode()).hexdigest())[:3]
+        assert dev["ordered"] == {f"picture {k[1:]}" for k in keys}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"streaming": True, "dev_split": {"images": 3}}, "data.dev_split needs map-style data"),
+    ({"dev_split": {"images": 3, "id_column": "nope"}}, "data.dev_split.id_column='nope' is not a column of"),
+    ({}, "hf_dataset has no dev split: set data.dev_split"),
+])
+def test_hf_dev_split_mistakes_are_one_line(tmp_path, data, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        _hf(_saved_table(tmp_path / "t", range(10), True), **data).records("dev")
+    assert "\n" not in str(error.value)
+
+
+def test_coco_refuses_an_id_column(tmp_path):
+    with pytest.raises(ConfigError, match="data.dev_split.id_column is an hf_dataset setting"):
+        _datamodule(tmp_path, dev_split={"images": 3, "id_column": "file_name"})
+
+
+def test_hf_dev_split_from_the_command_line(tmp_path, capsys):
+    table = _saved_table(tmp_path / "t", range(10), with_names=False)
+    data = ["data.name=hf_dataset", f"data.path={table}", "data.val_split=null", "data.test_split=null",
+            "data.batch_size=4", "trainer.max_steps=2"]
+    run = tmp_path / "run"
+    assert main(["fit", str(TINY), *data, "data.dev_split={images: 3, validate: true}", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["val/chance_t2i_R@1"] == pytest.approx(100 / 3)
+    capsys.readouterr()
+    assert main(["fit", str(TINY), *data, "data.dev_split={images: 3, id_column: nope}",
+                 "--run-dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "data.dev_split.id_column='nope' is not a column of" in err and err.count("\n") == 1

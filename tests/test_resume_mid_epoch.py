@@ -206,6 +206,14 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots
 
 
 @pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_exact_with_coca_decoder_dropout(tmp_path):
+    # The decoder's dropout masks come from torch's stream, reseeded before every step (vlm_lab/seeding.py).
+    coca = ["model.caption_weight=1.0", "model.caption_head.layers=1", "model.caption_head.heads=2",
+            "model.caption_head.image_queries=4", "model.caption_head.dropout=0.2"]
+    kill_and_resume(tmp_path, data_overrides(tmp_path, "synthetic_shapes", 0, 0) + coca)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["cc3m_shards", "coco_captions", "resampled_mixture"])
 def test_sigkill_mid_epoch_then_resume_is_exact_on_two_processes(tmp_path, layout):
     # Two gloo processes x two loader workers; map-style data goes through Lightning's DistributedSampler.

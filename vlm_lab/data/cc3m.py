@@ -125,7 +125,10 @@ class CC3MDataModule(CaptionDataModule):
     def dataset(self, split: str) -> Dataset:
         self._check_split(split)
         if split in self.tables:
-            return CaptionedImages(self.tables[split], self.transform(split), self.bad_samples[split], self.decode_size)
+            # Training: an entry per caption (a table row), as the rows are the pairs; evaluation: an
+            # entry per image with all its captions, as retrieval scores them.
+            return CaptionedImages(self.tables[split], self.transform(split), self.bad_samples[split], self.decode_size,
+                                   per_caption=split == "train")
         rank, world_size = world_info()
         return self.stream(split, rank, world_size)
 
@@ -153,13 +156,15 @@ class CC3MDataModule(CaptionDataModule):
         if split in self.tables:
             yield from raw_samples(self.tables[split])
             return
+        mixed = len(self.sources[split]) > 1
         for source in self.sources[split]:
-            yield from stream_raw_samples(source, self.bad_samples[split])
+            yield from stream_raw_samples(source, self.bad_samples[split], mixed)
 
     def split_summary(self, split: str) -> dict[str, int | None]:
         self._check_split(split)
         if split in self.tables:
-            return {"images": len(self.tables[split]), "captions": len(self.tables[split]), "shards": None}
+            records = self.tables[split]
+            return {"images": len(records), "captions": sum(len(r.captions) for r in records), "shards": None}
         counts = self.shard_counts(split)
         total = sum(counts) if counts is not None else self.samples.get(split)
         return {"images": total, "captions": None, "shards": sum(s.num_shards for s in self.sources[split])}

@@ -15,12 +15,10 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from torch.utils.data import DataLoader
 
 from vlm_lab.data.base import CaptionDataModule
-from vlm_lab.data.dev_split import DevSplit
+from vlm_lab.data.dev_split import DevSplit, DevSplitServing
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples
-from vlm_lab.embedding_cache import EmbeddingCache
 from vlm_lab.errors import ConfigError
 from vlm_lab.registry import register_datamodule
 from vlm_lab.towers.base import ImageConfig
@@ -84,7 +82,7 @@ def _require(entry: Any, fields: dict[str, type], ann_file: Path, where: str) ->
 
 
 @register_datamodule("coco_captions")
-class CocoCaptionsDataModule(CaptionDataModule):
+class CocoCaptionsDataModule(DevSplitServing, CaptionDataModule):
     """Image-caption pairs in the COCO captions format.
 
     Training has one entry per image whose caption is drawn at random each epoch
@@ -128,6 +126,9 @@ class CocoCaptionsDataModule(CaptionDataModule):
                          seed, worker_slots)
         self.train_sampling, self.unique_images_per_batch = train_sampling, unique_images_per_batch
         self.dev = DevSplit.from_value(dev_split)
+        if self.dev is not None and self.dev.id_column is not None:
+            raise ConfigError("data.dev_split.id_column is an hf_dataset setting; coco_captions chooses dev images "
+                              "by file name")
         given = {"train": (train_ann, train_images), "val": (val_ann, val_images), "test": (test_ann, test_images)}
         self.sources = {split: _resolve(split, root, ann, images) for split, (ann, images) in given.items()}
         if not any(self.sources.values()):
@@ -154,30 +155,8 @@ class CocoCaptionsDataModule(CaptionDataModule):
 
     def dataset(self, split: str) -> CaptionedImages:
         per_caption = split == "train" and self.train_sampling == "caption"
-        # A fit that validates on dev reports its bad samples as val/bad_samples (data/health.py).
-        counted = "val" if split == "dev" and self._validates_on_dev else split
-        return CaptionedImages(self.records(split), self.transform(split), self.bad_samples[counted],
+        return CaptionedImages(self.records(split), self.transform(split), self.bad_samples[self.counted_split(split)],
                                self.decode_size, per_caption=per_caption)
-
-    # A fit's validation: val, or the dev split with dev_split: {validate: true} (the val/ metrics are
-    # then the dev split's; evaluators asking for split: val still get val). The embedding cache of a
-    # fit's validation (vlm_lab/embedding_cache.py asks for "val") is then the dev split's.
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._fit_split("val"))
-
-    def cacheable_images(self, split: str) -> CaptionedImages | None:
-        return super().cacheable_images(self._fit_split(split))
-
-    def use_embedding_cache(self, split: str, cache: EmbeddingCache) -> None:
-        super().use_embedding_cache(self._fit_split(split), cache)
-
-    def _fit_split(self, split: str) -> str:
-        return "dev" if split == "val" and self._validates_on_dev else split
-
-    @property
-    def _validates_on_dev(self) -> bool:
-        return self.dev is not None and self.dev.validate
 
     def raw_samples(self, split: str) -> Iterator[RawSample]:
         return raw_samples(self.records(split))

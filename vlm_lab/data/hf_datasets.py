@@ -25,6 +25,10 @@ the latter gives ranks unequal lengths (a hang under DDP) or, with ``strategy="e
 node read every shard. Streaming needs the rows per shard to plan the epoch: they come from the
 Parquet footers / Arrow files, else ``data.{split}_samples`` must give the epoch length.
 
+A dev split for recipe choices (``data.dev_split``, map-style only) is carved from the training split
+as ``coco_captions`` carves it (``vlm_lab/data/dev_split.py``); which rows are dev images is fixed by
+:func:`image_identities`.
+
 Images are read undecoded (``Image(decode=False)``) and decoded here, exactly as the other layouts
 decode files, so a dataset converted from COCO gives the same pixels. Bad images and empty captions
 are skipped and counted (``health.py``).
@@ -42,6 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlm_lab.data.base import CaptionDataModule
+from vlm_lab.data.dev_split import DevSplit, DevSplitServing
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.records import CaptionedImages, RawSample, Record, raw_samples
 from vlm_lab.data.shards import ShardStream, key_to_id, stream_raw_samples
@@ -311,6 +316,57 @@ def table_records(table: Any, caption_column: str, name: str) -> list[Record]:
     return [Record(f"{name}[{row}]", captions_of(value), row) for row, value in enumerate(table[caption_column])]
 
 
+def image_identities(table: Any, image_column: str, id_column: str | None, where: str) -> list[str]:
+    """What names each row's image, the same on every machine and in any row order: what chooses the
+    dev split's rows (``vlm_lab/data/dev_split.py``).
+
+    - ``id_column`` when the user names one (its values as text: an id, a URL, a file name...);
+    - else the file names the image column stores (``Image`` features keep the original file's path;
+      a column of paths is one), the name alone as ``coco_captions`` uses it, so a dataset converted
+      from COCO-style files gets the same dev images; only when every row has one and no two rows
+      share one (many converters store no names, or one name for all);
+    - else a SHA-256 of the image's encoded bytes: what is stored, whoever stored it (this reads every
+      image once, undecoded). A row whose image is missing is named so, and dev never wants it.
+
+    Row numbers are not identities: they change when the dataset is rewritten, re-sharded or filtered.
+    """
+    if id_column is not None:
+        _require_column(table.features, id_column, "dev_split.id_column", where)
+        return [str(value) for value in table[id_column]]
+    names = [Path(path).name if path else None for path in _stored_paths(table, image_column)]
+    if all(names) and len(set(names)) == len(names):
+        return names  # type: ignore[return-value]
+    identities = []
+    for batch in table.select_columns([image_column]).with_format("arrow").iter(batch_size=READ_BATCH):
+        for value in batch.column(image_column).to_pylist():
+            identities.append(_bytes_identity(value))
+    return identities
+
+
+def _stored_paths(table: Any, column: str) -> list[str | None]:
+    """The file path each row's image column stores (``Image``: its ``path``; a string column: itself)."""
+    paths: list[str | None] = []
+    for batch in table.select_columns([column]).with_format("arrow").iter(batch_size=1024):
+        values = batch.column(column)
+        if hasattr(values.type, "get_field_index") and values.type.get_field_index("path") >= 0:
+            paths += values.combine_chunks().field("path").to_pylist()
+        elif str(values.type) in ("string", "large_string"):
+            paths += values.to_pylist()
+        else:
+            paths += [None] * len(values)
+    return paths
+
+
+def _bytes_identity(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        value = Path(value).read_bytes() if Path(value).is_file() else None
+    if not value:
+        return "missing image"
+    return "sha256:" + hashlib.sha256(bytes(value)).hexdigest()
+
+
 class HFCaptionedImages(CaptionedImages):
     """A ``datasets.Dataset`` split as :class:`CaptionedImages`: ``records`` (:func:`table_records`)
     give the captions, the table's image column the images, read by row when drawn."""
@@ -323,7 +379,8 @@ class HFCaptionedImages(CaptionedImages):
         self.image_column, self.name = image_column, name
 
     def _value(self, record_index: int) -> Any:
-        return self.images[record_index][self.image_column]
+        # A record's id is its table row (table_records); records may be a subset (a dev split's).
+        return self.images[self.records[record_index].image_id][self.image_column]
 
     def open_record_image(self, record_index: int) -> Image.Image:
         return open_image_value(self._value(record_index), self.decode_size)
@@ -335,7 +392,10 @@ class HFCaptionedImages(CaptionedImages):
         # The split's Arrow files (as prepared by datasets: their names hold its fingerprint), their
         # sizes and times, and the column: equal strings, equal images in equal rows.
         files = [(c["filename"], *_size_and_time(c["filename"])) for c in self.images.cache_files]
-        digest = hashlib.sha1(repr((self.name, self.image_column, len(self.records), files)).encode()).hexdigest()
+        rows = [r.image_id for r in self.records]
+        # Which rows, when not all of them in order (a split carved into train and dev).
+        subset = () if rows == list(range(len(self.images))) else (hashlib.sha1(repr(rows).encode()).hexdigest(),)
+        digest = hashlib.sha1(repr((self.name, self.image_column, len(self.records), files, *subset)).encode()).hexdigest()
         return f"hf_dataset {len(self.records)} rows {digest} decode_size={self.decode_size} {self.transform}"
 
 
@@ -409,7 +469,7 @@ class HFShards:
 
 
 @register_datamodule("hf_dataset")
-class HFDatasetDataModule(CaptionDataModule):
+class HFDatasetDataModule(DevSplitServing, CaptionDataModule):
     """Image-caption pairs from a Hugging Face ``datasets`` dataset (module docstring).
 
     Args:
@@ -429,6 +489,9 @@ class HFDatasetDataModule(CaptionDataModule):
             entry per caption; map-style only).
         unique_images_per_batch: training batches never hold one image twice (with ``train_sampling:
             caption``: every caption still once per epoch; map-style only; ``vlm_lab/data/unique_images.py``).
+        dev_split: ``{images: N}`` sets N training images aside as the ``dev`` split (map-style only;
+            chosen by :func:`image_identities`, ``id_column`` naming the column to use), ``validate:
+            true`` makes a fit validate on it (``vlm_lab/data/dev_split.py``).
         cache_dir: where ``datasets`` caches what it prepares (default: its own cache).
         batch_size: training images per batch.
         eval_batch_size: validation/test images per batch (default: ``batch_size``).
@@ -448,7 +511,7 @@ class HFDatasetDataModule(CaptionDataModule):
                  test_split: str | None = "test", streaming: bool = False,
                  train_samples: int | None = None, val_samples: int | None = None, test_samples: int | None = None,
                  train_sampling: Literal["image", "caption"] = "image", unique_images_per_batch: bool = False,
-                 cache_dir: str | None = None,
+                 dev_split: dict[str, Any] | None = None, cache_dir: str | None = None,
                  batch_size: int = 64, eval_batch_size: int | None = None, num_workers: int = 0,
                  worker_slots: int = 4, shuffle_buffer: int = 1000, augment: bool | dict[str, Any] = False,
                  seed: int = 0) -> None:
@@ -460,6 +523,10 @@ class HFDatasetDataModule(CaptionDataModule):
         if streaming and unique_images_per_batch:
             raise ConfigError("data.unique_images_per_batch=true needs map-style data; with data.streaming=true "
                               "each image comes once per epoch anyway")
+        self.dev = DevSplit.from_value(dev_split)
+        if streaming and self.dev is not None:
+            raise ConfigError("data.dev_split needs map-style data (data.streaming=false): a stream cannot leave "
+                              "chosen rows out of its shards; write the dev rows to a split of their own instead")
         self.splits = HFSplits(path, format, cache_dir)
         self.path, self.streaming, self.train_sampling = path, streaming, train_sampling
         self.unique_images_per_batch = unique_images_per_batch
@@ -473,9 +540,9 @@ class HFDatasetDataModule(CaptionDataModule):
     def opened(self, split: str) -> Any:
         """The ``datasets`` object of one of our splits (train/val/test), opened once, columns checked."""
         if split not in self._opened:
-            if split not in self.split_names:  # dev: carved from train by coco_captions only (data/dev_split.py)
-                raise ConfigError(f"hf_dataset has no {split} split: data.dev_split is a coco_captions setting; "
-                                  f"name a split of the dataset as data.val_split instead")
+            if split == "dev":  # carved from train (records)
+                raise ConfigError("hf_dataset has no dev split: set data.dev_split, e.g. {images: 500}, to set "
+                                  "training images aside for it")
             name = self.split_names[split]
             if name is None:
                 raise ConfigError(f"hf_dataset has no {split} split: set data.{split}_split to one of "
@@ -492,18 +559,32 @@ class HFDatasetDataModule(CaptionDataModule):
             rank, world_size = world_info()
             return self.stream(split, rank, world_size)
         per_caption = split == "train" and self.train_sampling == "caption"
-        return HFCaptionedImages(self.opened(split), self.records(split), self.image_column, self.split_label(split),
-                                 self.transform(split), self.bad_samples[split], self.decode_size,
+        table = self.table_split(split)
+        return HFCaptionedImages(self.opened(table), self.records(split), self.image_column, self.split_label(split),
+                                 self.transform(split), self.bad_samples[self.counted_split(split)], self.decode_size,
                                  per_caption=per_caption)
 
+    def table_split(self, split: str) -> str:
+        """The split whose table holds ``split``'s rows: train's for dev (when there is a dev split)."""
+        return "train" if split == "dev" and self.dev is not None else split
+
     def split_label(self, split: str) -> str:
-        """How messages name a split: ``path:split name``."""
-        return f"{self.path}:{self.split_names[split]}"
+        """How messages name a split: ``path:split name`` (``path:train (dev)`` for the dev split)."""
+        table = self.table_split(split)
+        return f"{self.path}:{self.split_names[table]}" + (" (dev)" if table != split else "")
 
     def records(self, split: str) -> list[Record]:
-        """The records of a map-style split (its caption column is read once)."""
+        """The records of a map-style split (its caption column is read once); with ``dev_split``,
+        train's and dev's are carved from the training split's."""
         if split not in self._records:
-            self._records[split] = table_records(self.opened(split), self.caption_column, self.split_label(split))
+            if self.dev is not None and split in ("train", "dev"):
+                table = self.opened("train")
+                records = table_records(table, self.caption_column, self.split_label("train"))
+                identities = image_identities(table, self.image_column, self.dev.id_column, self.split_label("train"))
+                self._records["train"], self._records["dev"] = self.dev.carve(
+                    records, self.split_label("train"), identity=lambda record: identities[record.image_id])
+            else:
+                self._records[split] = table_records(self.opened(split), self.caption_column, self.split_label(split))
         return self._records[split]
 
     def source(self, split: str) -> HFShards:

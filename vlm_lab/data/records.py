@@ -188,10 +188,13 @@ def read_caption_table(table: str, images: str | None, field: str) -> list[Recor
     """Read a ``filepath<TAB>caption`` TSV (or a ``filepath,caption`` CSV) into records.
 
     Relative paths are relative to ``images`` (default: the table's folder). An optional header row is
-    recognised by its first column's name (``filepath``, ``path``, ``image``...). A row without a
-    caption becomes a record with none, skipped and counted as a bad sample when read, as is a caption
-    that is not UTF-8. Ids are the row numbers (header excluded), so they cannot repeat; two rows may
-    name one image with two captions.
+    recognised by its first column's name (``filepath``, ``path``, ``image``...). Rows naming the same
+    file are one record, one image with the rows' captions in table order, so its captions share its
+    image id (``model.loss.multi_positive`` treats them as positives of each other, retrieval as one
+    image's captions). Ids are the records' places, in the order files first appear: a table whose
+    files are all different has the row numbers (header excluded) as ids. A row without a caption adds
+    none (a file with no caption at all is skipped and counted as "missing caption" when read), an
+    empty caption is counted as "empty caption", as is a caption that is not UTF-8 ("undecodable").
     """
     path = Path(table)
     if not path.is_file():
@@ -209,7 +212,9 @@ def read_caption_table(table: str, images: str | None, field: str) -> list[Recor
         rows = rows[1:]
     if not rows:
         raise ConfigError(f"data.{field}: {table} has no rows")
-    return [
-        Record(str(folder / row[0].strip()), (row[1].strip(),) if len(row) > 1 else (), image_id=i)
-        for i, row in enumerate(rows)
-    ]
+    captions: dict[str, list[str]] = {}  # file -> its captions; dicts keep the order files first appear
+    for row in rows:
+        texts = captions.setdefault(str(folder / row[0].strip()), [])
+        if len(row) > 1:
+            texts.append(row[1].strip())
+    return [Record(file, tuple(texts), image_id=i) for i, (file, texts) in enumerate(captions.items())]

@@ -33,6 +33,11 @@ same way.
 
 The locked-tower embedding cache serves streams too: a stream is a ``CacheableStream``
 (``vlm_lab/embedding_cache.py``) whose images are found by :func:`sample_key`.
+
+Image ids: a sample's key is unique within its source only, so when a stream reads several sources
+its samples' image ids are :func:`sample_key` (source name and key, hashed): key ``3`` of two
+sources would otherwise be one image to ``model.loss.multi_positive``, a false positive. A stream of
+one source keeps its keys as ids (:func:`key_to_id`), as readable as the keys and unchanged.
 """
 
 from __future__ import annotations
@@ -104,8 +109,9 @@ def where(raw: dict[str, Any]) -> str:
     return f"{raw.get('__url__')} key {raw.get('__key__')}"
 
 
-def stream_raw_samples(source: StreamSource, bad: BadSampleCounter) -> Iterator[RawSample]:
-    """A source's samples in storage order, untransformed, for ``vlm-lab data inspect``."""
+def stream_raw_samples(source: StreamSource, bad: BadSampleCounter, mixed: bool = False) -> Iterator[RawSample]:
+    """A source's samples in storage order, untransformed, for ``vlm-lab data inspect``. ``mixed``:
+    the source is one of several in a stream, whose image ids are :func:`stream_image_id`'s."""
     for shard in range(source.num_shards):
         for raw in source.read(shard, skip_and_count(bad, source.shard_name(shard))):
             sample = source.decode(raw, None, with_image=False)
@@ -113,7 +119,7 @@ def stream_raw_samples(source: StreamSource, bad: BadSampleCounter) -> Iterator[
                 bad.record(sample, where(raw))
                 continue
             # Decoded only when asked: caption statistics need no pixels.
-            yield RawSample(tuple(sample["captions"]), sample["image_id"], where(raw),
+            yield RawSample(tuple(sample["captions"]), stream_image_id(source.name, sample, mixed), where(raw),
                             lambda raw=raw: _decoded_image(source, raw))
 
 
@@ -148,6 +154,12 @@ def key_to_id(key: str) -> int:
 def sample_key(source: str, key: str) -> int:
     """The embedding cache's key of a sample: its source's name and its own key, hashed to 63 bits."""
     return _hash63(f"{source}\x00{key}")
+
+
+def stream_image_id(source: str, sample: dict[str, Any], mixed: bool) -> int:
+    """The image id of a decoded sample of ``source`` in a stream of several sources (``mixed``) or of
+    one: keys repeat across sources, so a mixture's ids are their :func:`sample_key` (module docstring)."""
+    return sample_key(source, sample["key"]) if mixed else sample["image_id"]
 
 
 def _hash63(text: str) -> int:
@@ -228,6 +240,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.seed, self.decode_size = shuffle_buffer, seed, decode_size
         # The shards of all sources as one list: (source index, shard index within the source).
         self.shards = [(s, k) for s, source in enumerate(sources) for k in range(source.num_shards)]
+        self.mixed = len(sources) > 1  # image ids by source and key (stream_image_id)
         # Samples per shard, per source (None: unknown). Read here, once: the workers inherit them.
         self.source_counts = [source.counts() for source in sources] \
             if resampled or samples_per_epoch is None else [None] * len(sources)
@@ -450,7 +463,7 @@ class ShardStream(IterableDataset):
                 if self.train and not self._take_place():
                     return SKIPPED
                 return {**outputs, **self._teacher_entries(source, sample), "captions": sample["captions"],
-                        "image_id": sample["image_id"]}
+                        "image_id": stream_image_id(source.name, sample, self.mixed)}
         if isinstance(sample, str):
             if count_bad:
                 self.bad.record(sample, where(raw))
@@ -458,7 +471,7 @@ class ShardStream(IterableDataset):
         if self.train and not self._take_place():
             return SKIPPED
         return {"pixel_values": self.transform(sample["image"]), **self._teacher_entries(source, sample),
-                "captions": sample["captions"], "image_id": sample["image_id"]}
+                "captions": sample["captions"], "image_id": stream_image_id(source.name, sample, self.mixed)}
 
     def _teacher_entries(self, source: StreamSource, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         if self.teacher_embeddings is None:

@@ -41,24 +41,31 @@ from vlm_lab.towers.kv_cache import KeyValues, KVCache, causal_mask
 
 
 class MultimodalDecoderLayer(nn.Module):
-    """Pre-LN block: causal self-attention, cross-attention to the pooled image tokens, MLP."""
+    """Pre-LN block: causal self-attention, cross-attention to the pooled image tokens, MLP.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    ``dropout`` (training only): of both attentions' weights, and of each of the three branches'
+    outputs before they join the residual stream (the Transformer's residual dropout). Its masks
+    come from torch's random stream, which ``vlm_lab.seeding.EpochSeeding`` reseeds before every
+    training step, so a resumed run draws the masks the uninterrupted one drew.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
-        self.self_attn = ClipAttention(width, heads)
-        self.cross_attn = ClipAttention(width, heads)
+        self.self_attn = ClipAttention(width, heads, dropout=dropout)
+        self.cross_attn = ClipAttention(width, heads, dropout=dropout)
         self.mlp = ClipMLP(width, int(width * mlp_ratio), quick_gelu=False)
         self.norm_self = nn.LayerNorm(width)
         self.norm_cross = nn.LayerNorm(width)
         self.norm_mlp = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)  # no parameters: the state dict is the same with or without
 
     def forward(self, x: torch.Tensor, image: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 self_cache: KeyValues | None = None, cross_cache: KeyValues | None = None) -> torch.Tensor:
         """``attention_mask``: the self-attention's causal mask (``causal_mask``); the caches: the two
         attentions' keys and values between decoding steps."""
-        x = x + self.self_attn(self.norm_self(x), attention_mask, self_cache)
-        x = x + self.cross_attn(self.norm_cross(x), cache=cross_cache, context=image)
-        return x + self.mlp(self.norm_mlp(x))
+        x = x + self.dropout(self.self_attn(self.norm_self(x), attention_mask, self_cache))
+        x = x + self.dropout(self.cross_attn(self.norm_cross(x), cache=cross_cache, context=image))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
 
 
 @dataclass
@@ -91,6 +98,8 @@ class CocaCaptionHead(nn.Module):
         tie_embedding: share the output projection with the text tower's token embedding (needs
             ``width == text_dim``); false gives the decoder its own output embedding.
         label_smoothing: of the caption cross-entropy.
+        dropout: in training, the decoder layers' attention-weight and residual dropout
+            (:class:`MultimodalDecoderLayer`); 0 (the default) draws nothing.
         grad_checkpointing: recompute each decoder layer's activations in backward.
     """
 
@@ -107,6 +116,7 @@ class CocaCaptionHead(nn.Module):
         contrastive_pooler: bool = True,
         tie_embedding: bool = False,
         label_smoothing: float = 0.0,
+        dropout: float = 0.0,
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -116,6 +126,8 @@ class CocaCaptionHead(nn.Module):
                 raise ConfigError(f"coca_decoder: {key} must be a positive integer, got {value}")
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"coca_decoder: label_smoothing must be in [0, 1), got {label_smoothing}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"coca_decoder: dropout must be in [0, 1), got {dropout}")
         if tie_embedding and width != text_dim:
             raise ConfigError(f"coca_decoder: tie_embedding needs width == the text tower's width ({text_dim}), "
                               f"got width={width}")
@@ -125,7 +137,7 @@ class CocaCaptionHead(nn.Module):
         self.caption_pooler = AttentionalPooler(width, in_dim, image_queries, heads)
         self.contrastive_pooler = AttentionalPooler(width, in_dim, 1, heads) if contrastive_pooler else None
         self.text_proj = nn.Linear(text_dim, width) if text_dim != width else nn.Identity()
-        self.layers = nn.ModuleList([MultimodalDecoderLayer(width, heads, mlp_ratio) for _ in range(layers)])
+        self.layers = nn.ModuleList([MultimodalDecoderLayer(width, heads, mlp_ratio, dropout) for _ in range(layers)])
         self.final_norm = nn.LayerNorm(width)
         self.output = nn.Linear(width, out_dim, bias=False)
         nn.init.normal_(self.output.weight, std=width**-0.5)

@@ -39,13 +39,14 @@ class QuickGELU(nn.Module):
 
 class ClipAttention(nn.Module):
     """Multi-head attention with separate q/k/v projections, as HF stores them: self-attention, or
-    cross-attention to a ``context`` (CoCa's decoder), with an optional cache of keys and values."""
+    cross-attention to a ``context`` (CoCa's decoder), with an optional cache of keys and values.
+    ``dropout``: of the attention weights, in training only (CoCa's decoder; the towers use none)."""
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if width % heads != 0:
             raise ConfigError(f"width {width} is not divisible by heads {heads}")
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.head_dim = width // heads
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -72,7 +73,8 @@ class ClipAttention(nn.Module):
                 k, v = cache.append(k, v)
         # SDPA picks a fused kernel (flash / memory-efficient) when it can; its default scale is
         # head_dim ** -0.5, the same as HF's CLIPAttention.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, width))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
