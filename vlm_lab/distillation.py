@@ -50,7 +50,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlm_lab.data.transforms import normalize_pixels
-from vlm_lab.embedding_cache import TEACHER_IMAGE, CacheSettings, EmbeddingCache, prepare_cache, tower_fingerprint
+from vlm_lab.embedding_cache import TEACHER_IMAGE, CacheSettings, EmbeddingCache, key63, prepare_cache, tower_fingerprint
 from vlm_lab.errors import ConfigError
 from vlm_lab.towers.base import ImageConfig, TowerOutput
 
@@ -146,8 +146,7 @@ def _channels(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
 
 def caption_key(caption: str) -> int:
     """A caption's key in the teacher's text cache: a 63-bit hash of its text (as a stream's sample keys)."""
-    digest = hashlib.sha1(caption.encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return key63(caption)
 
 
 class CaptionTexts(IterableDataset):

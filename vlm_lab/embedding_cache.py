@@ -288,6 +288,13 @@ def teacher_image_entries(cache: "EmbeddingCache | None", row: int | None = None
     return entries
 
 
+def key63(text: str) -> int:
+    """The keyed cache's key of a text (a stream's sample key, a caption): SHA-1 of its UTF-8 bytes, 63
+    bits, so it fits a non-negative int64. Lone surrogates (a file name decoded with
+    ``surrogateescape``) are encoded back as they came, not refused."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogateescape")).digest()[:8], "big") >> 1
+
+
 def tower_fingerprint(tower: torch.nn.Module) -> str:
     """A hash of a tower's class and weights: equal hashes, equal outputs for equal inputs."""
     digest = hashlib.sha1(f"{type(tower).__module__}.{type(tower).__qualname__}".encode())

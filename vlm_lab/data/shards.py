@@ -60,7 +60,7 @@ from vlm_lab.data.handoff import WorkerSlots
 from vlm_lab.data.health import BadSampleCounter
 from vlm_lab.data.mixtures import interleave, mixture_weights, weighted_draws
 from vlm_lab.data.records import RawSample
-from vlm_lab.embedding_cache import EmbeddingCache, teacher_image_entries
+from vlm_lab.embedding_cache import EmbeddingCache, key63, teacher_image_entries
 from vlm_lab.errors import ConfigError
 from vlm_lab.seeding import epoch_seed, seed_process
 
@@ -148,22 +148,18 @@ def key_to_id(key: str) -> int:
     """img2dataset keys are digits (``000000003`` -> 3); anything else gets a stable 63-bit hash."""
     if key.isdigit():
         return int(key)
-    return _hash63(key)
+    return key63(key)
 
 
 def sample_key(source: str, key: str) -> int:
     """The embedding cache's key of a sample: its source's name and its own key, hashed to 63 bits."""
-    return _hash63(f"{source}\x00{key}")
+    return key63(f"{source}\x00{key}")
 
 
 def stream_image_id(source: str, sample: dict[str, Any], mixed: bool) -> int:
     """The image id of a decoded sample of ``source`` in a stream of several sources (``mixed``) or of
     one: keys repeat across sources, so a mixture's ids are their :func:`sample_key` (module docstring)."""
     return sample_key(source, sample["key"]) if mixed else sample["image_id"]
-
-
-def _hash63(text: str) -> int:
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1
 
 
 # --------------------------------------------------------------------------------------------------
