@@ -19,14 +19,27 @@ done
 fail() { echo "gpu_check: $*" >&2; exit 2; }
 
 command -v "$python" >/dev/null 2>&1 || fail "no Python interpreter '$python' (set PYTHON=/path/to/python)"
-"$python" -c "import torch, lightning" 2>/dev/null || fail "torch and lightning do not import in $python"
-PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$python" -c "import vlm_lab" 2>/dev/null \
-    || fail "vlm_lab does not import: run from a checkout with 'pip install -e \".[dev]\" -c constraints.txt'"
-"$python" -c "import open_clip" 2>/dev/null \
-    || fail "open_clip is not installed (the throughput and LiT rows compare with it): pip install -e \".[bench]\" -c constraints.txt"
-if [[ $dry_run == 0 ]]; then
-    "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
-        || fail "no CUDA device (torch.cuda.is_available() is False); --dry-run rehearses every row on the CPU"
-fi
+# The other prerequisites in one interpreter (each start imports torch: seconds), checked in this order:
+# it prints the name of the first one missing, or nothing; an interpreter that dies before it says counts
+# as torch's failure.
+missing="$(PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$python" -c '
+import sys
+
+checks = [("torch", "import torch, lightning"), ("vlm_lab", "import vlm_lab"), ("open_clip", "import open_clip")]
+if sys.argv[1] == "0":
+    checks.append(("cuda", "if not torch.cuda.is_available(): raise RuntimeError"))
+for name, code in checks:
+    try:
+        exec(code)
+    except Exception:
+        print(name)
+        break
+' "$dry_run" 2>/dev/null)" || missing=torch
+case "$missing" in
+    torch) fail "torch and lightning do not import in $python" ;;
+    vlm_lab) fail "vlm_lab does not import: run from a checkout with 'pip install -e \".[dev]\" -c constraints.txt'" ;;
+    open_clip) fail "open_clip is not installed (the throughput and LiT rows compare with it): pip install -e \".[bench]\" -c constraints.txt" ;;
+    cuda) fail "no CUDA device (torch.cuda.is_available() is False); --dry-run rehearses every row on the CPU" ;;
+esac
 
 exec "$python" "$here/gpu_check.py" "$@"

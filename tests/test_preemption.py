@@ -3,7 +3,8 @@ requeues itself and the requeued run resumes exactly, without ``--resume``; a ki
 write leaves the previous checkpoint loadable (vlm_lab/preemption.py, docs/how-to/resume.md).
 
 SLURM is imitated: its variables in the child's environment and an ``scontrol`` on ``PATH`` that writes
-down its arguments.
+down its arguments. The one-process requeue and the sweep compare with one shared uninterrupted run
+(``UninterruptedRuns``, tests/test_resume_mid_epoch.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,27 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
 from test_distributed_nonfinite import _free_port
-from test_resume_mid_epoch import STEPS, TINY, assert_same_run, child_env, data_overrides, finish, reaped, start
+from test_resume_mid_epoch import (STEPS, TINY, UninterruptedRuns, assert_same_run, child_env, data_overrides, finish,
+                                   reaped, resume_here, start)
 from vlm_lab import sweep
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 
 HERE = Path(__file__).parent
+# Synthetic shapes, no loader workers, one process, seed 0 (the default): the run that a requeued one-task
+# job and a resumed sweep run both end equal to.
+ONE_PROCESS = data_overrides(Path("unused"), "synthetic_shapes", 0, 0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Iterator[UninterruptedRuns]:
+    with UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted")) as runs:
+        yield runs
 
 
 def global_step(checkpoint: Path) -> int:
@@ -56,17 +68,21 @@ def slurm_tasks(tmp_path: Path, tasks: int, **extra: str) -> list[dict[str, str]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tasks", [1, 2])
-def test_sigusr1_on_slurm_checkpoints_requeues_once_and_the_requeued_job_resumes_exactly(tmp_path, tasks):
+def test_sigusr1_on_slurm_checkpoints_requeues_once_and_the_requeued_job_resumes_exactly(tmp_path, uninterrupted,
+                                                                                          tasks):
     # SLURM signals every task; the tasks agree on the step, rank 0 alone requeues the job.
     overrides = data_overrides(tmp_path, "synthetic_shapes", 0, 0, processes=tasks)
     # The job runs in tmp_path without --run-dir: its run directory is named after the job.
     run_dir = tmp_path / "work" / "runs" / "tiny" / "slurm-4242"
     (tmp_path / "work").mkdir()
     with reaped() as children:
-        uninterrupted = start(tmp_path / "uninterrupted", overrides)  # with 2 tasks: Lightning launches 2 processes
+        if tasks == 1:
+            uninterrupted.start(ONE_PROCESS)
+        else:  # Lightning launches the 2 processes
+            children.append(start(tmp_path / "uninterrupted", overrides))
         signalled = [_start_in(tmp_path / "work", overrides, "callbacks=[{name: kill_at_step, step: 13, send: USR1}]",
                                env=env) for env in slurm_tasks(tmp_path, tasks)]
-        children += [uninterrupted, *signalled]
+        children += signalled
         for task in signalled:
             finish(task, EXIT_PREEMPTED)
         # The signal came as step 14 started: its checkpoint is the end of step 14.
@@ -75,10 +91,15 @@ def test_sigusr1_on_slurm_checkpoints_requeues_once_and_the_requeued_job_resumes
         requeued = [_start_in(tmp_path / "work", overrides, env=env)
                     for env in slurm_tasks(tmp_path, tasks, SLURM_RESTART_COUNT="1")]
         children += requeued
-        for child in [*requeued, uninterrupted]:
+        for child in requeued:
             finish(child)
+        if tasks == 1:
+            reference = uninterrupted.finished(ONE_PROCESS)
+        else:
+            finish(children[0])
+            reference = tmp_path / "uninterrupted"
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
-    assert_same_run(run_dir, tmp_path / "uninterrupted")
+    assert_same_run(run_dir, reference)
 
 
 def _start_in(cwd: Path, overrides: list[str], *extra: str, env: dict[str, str]) -> subprocess.Popen:
@@ -104,7 +125,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     assert global_step(checkpoints / "last.ckpt") == 9  # the previous step checkpoint, whole
     assert not (checkpoints / "step0000012.ckpt").exists()
-    finish(start(tmp_path / "run", overrides, "--resume"))
+    resume_here(tmp_path / "run", overrides)
     assert global_step(checkpoints / "last.ckpt") == 16
 
 
@@ -122,25 +143,23 @@ def run_killable(run_: sweep.Run, run_dir: Path, env: dict[str, str]) -> sweep.O
 
 
 @pytest.mark.slow
-def test_a_preempted_sweep_run_is_recorded_and_the_next_sweep_resumes_it_exactly(tmp_path):
-    overrides = [*data_overrides(tmp_path, "synthetic_shapes", 0, 0), "seed=0"]
-    with reaped() as children:
-        children.append(start(tmp_path / "uninterrupted", overrides))
-        file = tmp_path / "sweep.yaml"  # the fit gets SIGTERM as step 14 starts (as SLURM's signal reaches it)
-        file.write_text(json.dumps({"base": [str(TINY)], "runs": [["seed=0"]], "overrides": [
-            *STEPS, *overrides, "callbacks=[{name: kill_at_step, step: 13, send: TERM}]"]}))
-        out, run_dir = tmp_path / "out", tmp_path / "out" / "seed=0"
-        [outcome] = sweep.run(file, out, runner=run_killable)
-        assert outcome.status == "preempted", (run_dir / "log.txt").read_text()[-3000:]
-        assert global_step(run_dir / "checkpoints" / "last.ckpt") == 14  # the run directory is kept
-        assert not (run_dir / "DONE").exists() and not (run_dir / "FAILED").exists()
-        assert [row["status"] for row in sweep.collect(out)] == ["preempted"]
-        [outcome] = sweep.run(file, out, runner=run_killable)  # the sweep again: resumes from the checkpoint
-        assert outcome.status == "done", (run_dir / "log.txt").read_text()[-3000:]
-        assert "resuming seed=0" in (run_dir / "log.txt").read_text()
-        assert [row["status"] for row in sweep.collect(out)] == ["done"]
-        finish(children[0])
-    assert_same_run(run_dir, tmp_path / "uninterrupted")
+def test_a_preempted_sweep_run_is_recorded_and_the_next_sweep_resumes_it_exactly(tmp_path, uninterrupted):
+    overrides = [*ONE_PROCESS, "seed=0"]  # the sweep's one run sets the default seed
+    uninterrupted.start(ONE_PROCESS)
+    file = tmp_path / "sweep.yaml"  # the fit gets SIGTERM as step 14 starts (as SLURM's signal reaches it)
+    file.write_text(json.dumps({"base": [str(TINY)], "runs": [["seed=0"]], "overrides": [
+        *STEPS, *overrides, "callbacks=[{name: kill_at_step, step: 13, send: TERM}]"]}))
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "seed=0"
+    [outcome] = sweep.run(file, out, runner=run_killable)
+    assert outcome.status == "preempted", (run_dir / "log.txt").read_text()[-3000:]
+    assert global_step(run_dir / "checkpoints" / "last.ckpt") == 14  # the run directory is kept
+    assert not (run_dir / "DONE").exists() and not (run_dir / "FAILED").exists()
+    assert [row["status"] for row in sweep.collect(out)] == ["preempted"]
+    [outcome] = sweep.run(file, out, runner=run_killable)  # the sweep again: resumes from the checkpoint
+    assert outcome.status == "done", (run_dir / "log.txt").read_text()[-3000:]
+    assert "resuming seed=0" in (run_dir / "log.txt").read_text()
+    assert [row["status"] for row in sweep.collect(out)] == ["done"]
+    assert_same_run(run_dir, uninterrupted.finished(ONE_PROCESS))
 
 
 def test_a_sweep_job_forwards_slurms_warning_signal_to_its_fit(tmp_path):

@@ -5,6 +5,11 @@ checkpoint in its second epoch (``tests/kill_at_step.py``), then ``--resume``: t
 equal the uninterrupted run's (<= 1e-6) and so does ``metrics.json``. Also: the step-checkpoint
 settings, keep-N, a kill during a checkpoint write, and the loaders' own skip (no training).
 See docs/explanation/resume.md.
+
+Importing torch and Lightning is most of a tiny fit's time, so the one-process cases resume in this
+process (``vlm_lab.cli.main``: the killed run's files are all it shares with it) and the cases that
+differ only in how loader workers hand batches over (``data.worker_slots``) share one uninterrupted
+run (``uninterrupted`` fixture), which must then be the same run whatever the hand-over.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pytest
 import torch
 
 from datasets_on_disk import TINY_IMAGES, jpeg_bytes, write_shard
-from vlm_lab import registry
+from vlm_lab import cli, registry
 from vlm_lab.errors import ConfigError
 from vlm_lab.tokenizer import load_tokenizer
 
@@ -82,32 +87,98 @@ def assert_same_run(resumed: Path, uninterrupted: Path) -> None:
     assert (metrics["epoch"], metrics["step"]) == (1, 16)
 
 
-def kill_and_resume(tmp_path: Path, overrides: list[str]) -> None:
-    """The uninterrupted run beside the killed one; then the resume; then the comparison."""
+class UninterruptedRuns:
+    """``vlm-lab fit`` runs that nothing interrupts, one per list of overrides, each started by the first
+    test that needs it (running beside that test's killed run) and compared with by every later one.
+    A context manager: runs still going at its end (a test failed before it waited) are killed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.runs: dict[tuple[str, ...], tuple[Path, subprocess.Popen]] = {}
+
+    def __enter__(self) -> UninterruptedRuns:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for _, child in self.runs.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+    def start(self, overrides: list[str]) -> None:
+        if tuple(overrides) not in self.runs:
+            run_dir = self.root / f"run{len(self.runs)}"
+            self.runs[tuple(overrides)] = run_dir, start(run_dir, overrides)
+
+    def finished(self, overrides: list[str]) -> Path:
+        """The run directory of the run of ``overrides`` (started before), once it has ended well."""
+        run_dir, child = self.runs[tuple(overrides)]
+        if child.returncode is None:
+            finish(child)
+        assert child.returncode == 0, f"the uninterrupted run in {run_dir} failed: see the test that started it"
+        return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Iterator[UninterruptedRuns]:
+    with UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted")) as runs:
+        yield runs
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory) -> Path:
+    """A folder for the data on disk that cases sharing an uninterrupted run read (the same files)."""
+    return tmp_path_factory.mktemp("data")
+
+
+def resume_here(run_dir: Path, overrides: list[str]) -> None:
+    """``vlm-lab fit --resume`` in this process (a fresh one would import torch and Lightning again)."""
+    assert cli.main(["fit", str(TINY), "--run-dir", str(run_dir), *STEPS, *overrides, "--resume", "--debug"]) == 0
+
+
+def kill_and_resume(tmp_path: Path, overrides: list[str], uninterrupted: UninterruptedRuns | None = None,
+                    reference: list[str] | None = None) -> None:
+    """The uninterrupted run beside the killed one; then the resume; then the comparison.
+
+    With ``uninterrupted``, the uninterrupted run is the one of ``reference`` (default: ``overrides``)
+    there, shared with other tests, and the resume runs in this process; else both are processes of
+    their own (a run on several processes: Lightning's launcher starts the others from the command).
+    """
+    killed_dir = tmp_path / "killed"
     with reaped() as children:
-        uninterrupted = start(tmp_path / "uninterrupted", overrides)
-        killed = start(tmp_path / "killed", overrides, KILL)
-        children += [uninterrupted, killed]
+        if uninterrupted is None:
+            children.append(start(tmp_path / "uninterrupted", overrides))
+        else:
+            uninterrupted.start(reference or overrides)
+        killed = start(killed_dir, overrides, KILL)
+        children.append(killed)
         finish(killed, -signal.SIGKILL)
-        checkpoints = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+        checkpoints = sorted(p.name for p in (killed_dir / "checkpoints").iterdir())
         assert checkpoints == ["epoch000.ckpt", "last.ckpt", "step0000009.ckpt", "step0000012.ckpt"], checkpoints
-        children.append(start(tmp_path / "killed", overrides, "--resume"))
-        finish(children[-1])
-        finish(uninterrupted)
-    assert_same_run(tmp_path / "killed", tmp_path / "uninterrupted")
+        if uninterrupted is None:
+            children.append(start(killed_dir, overrides, "--resume"))
+            finish(children[-1])
+            finish(children[0])
+            reference_dir = tmp_path / "uninterrupted"
+        else:
+            resume_here(killed_dir, overrides)
+            reference_dir = uninterrupted.finished(reference or overrides)
+    assert_same_run(killed_dir, reference_dir)
 
 
 # --------------------------------------------------------------------------------------------------
-# Data on disk: 64 small JPEGs with 4 captions each, as COCO annotations, a caption table and shards
+# Data on disk: 64 small JPEGs with 4 captions each, as COCO annotations, a caption table and shards.
+# COCO files and shards already in the folder are kept: cases that share a run read the same files.
 
 
 def coco_files(folder: Path, count: int = 64) -> tuple[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(count)]
-    for i in range(count):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)))
-    annotations = [{"image_id": i, "caption": f"image {i} caption {c}"} for i in range(count) for c in range(4)]
-    (folder / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    if not (folder / "captions.json").is_file():  # written last
+        folder.mkdir(parents=True, exist_ok=True)
+        images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(count)]
+        for i in range(count):
+            (folder / f"{i}.jpg").write_bytes(jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)))
+        annotations = [{"image_id": i, "caption": f"image {i} caption {c}"} for i in range(count) for c in range(4)]
+        (folder / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}))
     return str(folder / "captions.json"), str(folder)
 
 
@@ -121,6 +192,8 @@ def shard_files(folder: Path, shards: int = 2, count: int = 64) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     per = count // shards
     for s in range(shards):
+        if (folder / f"{s:05d}.tar").is_file():
+            continue
         write_shard(folder / f"{s:05d}.tar", [
             {"__key__": f"{i:09d}", "jpg": jpeg_bytes((4 * i, 100, 250 - 3 * i), size=(48, 40)), "txt": f"image {i}",
              "json": json.dumps({"captions": [f"image {i} caption {c}" for c in range(4)]})}
@@ -182,11 +255,13 @@ def data_overrides(tmp_path: Path, layout: str, workers: int, slots: int, proces
             *common]
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
-    kill_and_resume(tmp_path, data_overrides(tmp_path, "synthetic_shapes", 0, 0))
+# How loader workers hand batches over (data.worker_slots: shared-memory slots, or 0: PyTorch's way) changes
+# nothing in a run: the cases that differ only there resume to the uninterrupted run of slots 4.
+REFERENCE_SLOTS = 4
 
 
+# Synthetic shapes without loader workers: the CoCa case below (the same data and CLIP loss, and a caption
+# head) and tests/test_preemption.py (a SLURM requeue) resume that run.
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, workers, slots", [
     ("synthetic_shapes", 2, 0),
@@ -201,16 +276,20 @@ def test_sigkill_mid_epoch_then_resume_is_exact_synthetic(tmp_path):
     ("hf_dataset_streaming", 2, 4),
     ("resampled_mixture", 2, 4),
 ])
-def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, layout, workers, slots):
-    kill_and_resume(tmp_path, data_overrides(tmp_path, layout, workers, slots))
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, shared_data, uninterrupted, layout, workers, slots):
+    data = shared_data / f"{layout}-{workers}-workers"
+    overrides = data_overrides(data, layout, workers, slots)
+    shared = workers > 0 and slots != REFERENCE_SLOTS
+    reference = data_overrides(data, layout, workers, REFERENCE_SLOTS) if shared else None
+    kill_and_resume(tmp_path, overrides, uninterrupted, reference)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_exact_with_coca_decoder_dropout(tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_exact_with_coca_decoder_dropout(tmp_path, uninterrupted):
     # The decoder's dropout masks come from torch's stream, reseeded before every step (vlm_lab/seeding.py).
     coca = ["model.caption_weight=1.0", "model.caption_head.layers=1", "model.caption_head.heads=2",
             "model.caption_head.image_queries=4", "model.caption_head.dropout=0.2"]
-    kill_and_resume(tmp_path, data_overrides(tmp_path, "synthetic_shapes", 0, 0) + coca)
+    kill_and_resume(tmp_path, data_overrides(tmp_path, "synthetic_shapes", 0, 0) + coca, uninterrupted)
 
 
 @pytest.mark.slow

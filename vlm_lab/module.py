@@ -175,6 +175,11 @@ class VisionLanguageModule(L.LightningModule):
         features = self.vision_head(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def _text_embedding(self, text: TowerOutput, normalize: bool = True) -> torch.Tensor:
+        # The text tower's pooled output through the text head, as encode_text, training and evaluation share it.
+        features = self.text_head(text.pooled)
+        return F.normalize(features, dim=-1) if normalize else features
+
     @property
     def _contrastive_pooler(self) -> torch.nn.Module | None:
         return None if self.caption_head is None else self.caption_head.contrastive_pooler
@@ -211,10 +216,7 @@ class VisionLanguageModule(L.LightningModule):
         if not isinstance(text, torch.Tensor):
             tokens = self.tokenize(text)
             text, attention_mask = tokens["input_ids"], tokens["attention_mask"]
-        with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
-            pooled = self.text(text, attention_mask).pooled
-        features = self.text_head(pooled)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self._text_embedding(self._text_output({"input_ids": text, "attention_mask": attention_mask}), normalize)
 
     def vision_tower_output(self, pixel_values: torch.Tensor) -> TowerOutput:
         """The vision tower's output; a fully locked tower runs without recording a graph.
@@ -354,7 +356,7 @@ class VisionLanguageModule(L.LightningModule):
         encoded: dict[str, torch.Tensor] = {}
         if self.loss is not None:
             encoded["image_features"] = self._image_embedding(vision)
-            encoded["text_features"] = F.normalize(self.text_head(text.pooled), dim=-1)
+            encoded["text_features"] = self._text_embedding(text)
         if self.caption_head is not None:
             logits = self.caption_head.decode(text.tokens, self.caption_head.pool_caption(vision.tokens))
             encoded["caption_token_losses"] = self.caption_head.caption_token_losses(
@@ -376,7 +378,9 @@ class VisionLanguageModule(L.LightningModule):
             frozen["text"] = self._text_output(batch)
         return frozen
 
-    def _text_output(self, batch: dict[str, torch.Tensor]) -> TowerOutput:
+    def _text_output(self, batch: dict[str, torch.Tensor | None]) -> TowerOutput:
+        """The text tower's output for ``input_ids`` and ``attention_mask`` (None: no padding); a fully
+        locked tower runs without recording a graph."""
         with torch.no_grad() if self.text_locked.fully_locked else contextlib.nullcontext():
             return self.text(batch["input_ids"], batch["attention_mask"])
 
@@ -497,7 +501,7 @@ class VisionLanguageModule(L.LightningModule):
         embeddings = None
         if self.loss is not None:
             embeddings = {"image_features": self._image_embedding(vision),
-                          "text_features": F.normalize(self.text_head(text.pooled), dim=-1)}
+                          "text_features": self._text_embedding(text)}
             terms["contrastive_loss"] = self.loss(embeddings["image_features"], embeddings["text_features"][first],
                                                  **self.loss_image_ids(batch["image_ids"]))
         if self.caption_head is not None:
