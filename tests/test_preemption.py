@@ -16,14 +16,15 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 from test_distributed_nonfinite import _free_port
-from test_resume_mid_epoch import (STEPS, TINY, UninterruptedRuns, assert_same_run, child_env, data_overrides, finish,
-                                   reaped, resume_here, start)
+from test_resume_mid_epoch import (STEPS, TINY, assert_same_run, child_env, data_overrides, finish, reaped, resume_here,
+                                   start)
+# The module-scoped fixture of shared uninterrupted runs: imported, this module gets an instance of its own.
+from test_resume_mid_epoch import uninterrupted  # noqa: F401
 from vlm_lab import sweep
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 
@@ -31,12 +32,6 @@ HERE = Path(__file__).parent
 # Synthetic shapes, no loader workers, one process, seed 0 (the default): the run that a requeued one-task
 # job and a resumed sweep run both end equal to.
 ONE_PROCESS = data_overrides(Path("unused"), "synthetic_shapes", 0, 0)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Iterator[UninterruptedRuns]:
-    with UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted")) as runs:
-        yield runs
 
 
 def global_step(checkpoint: Path) -> int:

@@ -121,6 +121,7 @@ class UninterruptedRuns:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Iterator[UninterruptedRuns]:
+    """The shared uninterrupted runs of one test module (tests/test_preemption.py imports it for its own)."""
     with UninterruptedRuns(tmp_path_factory.mktemp("uninterrupted")) as runs:
         yield runs
 
