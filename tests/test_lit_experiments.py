@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import vlm_lab
 
@@ -54,15 +55,44 @@ def test_each_variant_matches_its_lit_letters(stem, image, text):
 
 def test_results_table_reads_finished_runs(tmp_path):
     run = tmp_path / "locked_both_floor"
-    run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"val/i2t_R@1": 18.3, "val/t2i_R@1": 14.04, "eval/cifar10/top1": 31.0,
-                                                  "epoch": 3}))
+    (run / "val").mkdir(parents=True)
+    (run / "cifar10").mkdir()
+    (run / "checkpoints").mkdir()
+    (run / "metrics.json").write_text(json.dumps({"val/i2t_R@1": 40.0, "epoch": 3}))  # the fit's: dev, not shown
+    (run / "val" / "metrics.json").write_text(json.dumps({"val/i2t_R@1": 18.3, "val/t2i_R@1": 14.04}))
+    (run / "cifar10" / "metrics.json").write_text(json.dumps({"eval/cifar10/top1": 31.0}))
+    torch.save({"epoch": 1}, run / "checkpoints" / "best.ckpt")
     (run / "wall_seconds").write_text("1200\n")
     (run / "DONE").write_text("")
+    (tmp_path / "scratch_both").mkdir()  # trained, not yet scored on val: no row
+    (tmp_path / "scratch_both" / "DONE").write_text("")
     table = results.table(tmp_path).splitlines()
     assert len(table) == 3
     assert table[2].startswith("| LL: both towers locked") and "| 18.3 | - | - | 14.0 |" in table[2]
-    assert table[2].endswith("| 31.0 | 4 | 20 min |")
+    assert table[2].endswith("| 31.0 | 2 / 4 | 20 min |")
+
+
+def test_a_variant_trains_on_dev_then_scores_its_best_checkpoint_once(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_call(command, log_file):  # each command leaves the files a real one writes
+        calls.append(command)
+        run_dir = Path(command[command.index("--run-dir") + 1])
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(results, "_call", fake_call)
+    results.run("locked_both_floor", tmp_path, ["trainer.max_epochs=1"])
+    variant_file, run_dir = str(LIT / "locked_both_floor.yaml"), tmp_path / "locked_both_floor"
+    fit, validate, evaluate = calls
+    assert fit[:4] == ["fit", str(HEADLINE), str(results.DEV_SPLIT), variant_file] and fit[-1] == "trainer.max_epochs=1"
+    best = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    assert validate[:4] == ["validate", str(HEADLINE), variant_file, best]  # val: no dev overlay
+    assert evaluate[:4] == ["eval", str(HEADLINE), variant_file, best]
+    assert validate[validate.index("--run-dir") + 1] == str(run_dir / "val")
+    results.run("locked_both_floor", tmp_path, [])  # all done: nothing runs again
+    assert len(calls) == 3
 
 
 def test_results_live_beside_the_experiment():

@@ -93,12 +93,12 @@ grid: {seed: [1, 2]}
     assert command[command.index("fit") + 1:][:3] == [str(Path(TINY).resolve()), *runs[2].configs]
 
 
-def test_lit_ablation_sweep_is_the_six_variants_on_the_headline_recipe():
+def test_lit_ablation_sweep_is_the_six_variants_on_the_headline_recipe_and_its_dev_split():
     runs = sweep.expand(ROOT / "experiments" / "sweeps" / "lit_ablation.yaml")
     assert [r.name for r in runs] == LIT_VARIANTS
     configs = {r.name: r.config() for r in runs}
     for name, cfg in configs.items():
-        expected = vlm_lab.load_config(LIT / "flickr8k_lit.yaml", LIT / f"{name}.yaml")
+        expected = vlm_lab.load_config(LIT / "flickr8k_lit.yaml", LIT / "dev_split.yaml", LIT / f"{name}.yaml")
         assert OmegaConf.to_container(cfg) == OmegaConf.to_container(expected), name
         assert cfg.name == name
     # the variants really differ where the ablation says they do
@@ -113,7 +113,7 @@ def test_lit_ablation_dry_run_from_the_command_line(capsys):
     printed = capsys.readouterr().out
     for name in LIT_VARIANTS:
         assert f"{name}  [to run]" in printed
-        assert f"flickr8k_lit.yaml {LIT / name}.yaml" in printed
+        assert f"flickr8k_lit.yaml {LIT / 'dev_split.yaml'} {LIT / name}.yaml" in printed
     assert not (ROOT / "runs" / "no-such-sweep").exists()
 
 

@@ -5,10 +5,14 @@
     python experiments/lit/results.py --table-only --readme     # rebuild the table from finished runs
     python experiments/lit/results.py --plot                    # redraw docs/figures/lit_ablation.png from it
 
-Each variant is ``vlm-lab fit experiments/lit/flickr8k_lit.yaml experiments/lit/<variant>.yaml`` in
-``--out/<variant>`` (a finished run, marked ``DONE``, is not run again). The table has validation
-R@1/5/10 in both directions, zero-shot CIFAR-10 top-1 (on the images the config's ``eval.evaluators.cifar10``
-section names), epochs and wall-clock time. Extra ``key=value`` arguments go to every run.
+Each variant is trained as the recipe is chosen (issue 25): ``vlm-lab fit experiments/lit/flickr8k_lit.yaml
+experiments/lit/dev_split.yaml experiments/lit/<variant>.yaml`` in ``--out/<variant>``, validated on the
+500-image dev split and keeping its best dev checkpoint; that checkpoint is then scored once on Flickr8k
+val (``vlm-lab validate``, in ``<variant>/val``) and zero-shot on CIFAR-10 (``vlm-lab eval``, in
+``<variant>/cifar10``, on the images the config's ``eval.evaluators.cifar10`` section names). A step whose
+results exist is not run again (a fit the sweep experiments/sweeps/lit_ablation.yaml finished included).
+The table has val R@1/5/10 in both directions, zero-shot CIFAR-10 top-1, the epoch kept of those trained
+and the training's wall-clock time. Extra ``key=value`` arguments go to every command.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HEADLINE = HERE / "flickr8k_lit.yaml"
+DEV_SPLIT = HERE / "dev_split.yaml"  # validation on dev, the best dev checkpoint kept, no zero-shot in training
+VAL, ZERO_SHOT = "val", "cifar10"  # a run's sub-folders: its kept checkpoint scored on val, and zero-shot
 # (file stem, the LiT paper's name, what it is)
 VARIANTS = [
     ("locked_both_floor", "LL", "both towers locked, projections only (the floor)"),
@@ -39,39 +45,63 @@ RESULTS_PAGE = HERE / "README.md"
 FIGURE = ROOT / "docs" / "figures" / "lit_ablation.png"
 
 
+def _call(command: list[str], log_file: Path) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        return subprocess.call([sys.executable, "-m", "vlm_lab.cli", *command], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT)
+
+
 def run(stem: str, out: Path, overrides: list[str]) -> None:
+    """Fit ``stem`` on the dev split, then score its best dev checkpoint on val and zero-shot CIFAR-10."""
     run_dir = out / stem
-    if (run_dir / "DONE").is_file():
-        return
-    command = [sys.executable, "-m", "vlm_lab.cli", "fit", str(HEADLINE), str(HERE / f"{stem}.yaml"),
-               "--run-dir", str(run_dir), *overrides]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(run_dir / "log.txt", "w") as log:
-        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    (run_dir / "wall_seconds").write_text(f"{seconds:.0f}\n")
-    if code == 0:
+    configs = [str(HEADLINE), str(HERE / f"{stem}.yaml")]
+    if not (run_dir / "DONE").is_file():
+        start = time.perf_counter()
+        code = _call(["fit", str(HEADLINE), str(DEV_SPLIT), configs[1], "--run-dir", str(run_dir), *overrides],
+                     run_dir / "log.txt")
+        seconds = time.perf_counter() - start
+        (run_dir / "wall_seconds").write_text(f"{seconds:.0f}\n")
+        print(f"{stem}: fit exit {code} after {seconds / 60:.1f} min", flush=True)
+        if code != 0:
+            return
         (run_dir / "DONE").write_text("")
-    print(f"{stem}: exit {code} after {seconds / 60:.1f} min", flush=True)
+    best = f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}"
+    for command, folder in (("validate", VAL), ("eval", ZERO_SHOT)):
+        if not (run_dir / folder / "metrics.json").is_file():
+            code = _call([command, *configs, best, "--run-dir", str(run_dir / folder), *overrides],
+                         run_dir / f"{folder}.log")
+            print(f"{stem}: {command} exit {code}", flush=True)
+
+
+def kept_epoch(run_dir: Path) -> str:
+    """The epoch (counted from 1) of the best dev checkpoint, of the epochs trained: "2 / 3"."""
+    import torch
+
+    trained = json.loads((run_dir / "metrics.json").read_text())["epoch"] + 1
+    best = run_dir / "checkpoints" / "best.ckpt"
+    kept = torch.load(best, map_location="cpu", mmap=True, weights_only=False)["epoch"] + 1 if best.is_file() else "?"
+    return f"{kept} / {trained}"
 
 
 def table(out: Path) -> str:
-    lines = ["| variant | config | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | CIFAR-10 zero-shot top-1 | epochs | wall |",
+    """The results of the variants in ``out`` that have been scored on val, one row each."""
+    lines = ["| variant | config | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | CIFAR-10 zero-shot top-1 "
+             "| epoch kept / trained | wall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stem, paper, what in VARIANTS:
-        metrics_file = out / stem / "metrics.json"
-        if not metrics_file.is_file():
+        run_dir = out / stem
+        if not (run_dir / VAL / "metrics.json").is_file():
             continue
-        m = json.loads(metrics_file.read_text())
-        wall_file = out / stem / "wall_seconds"
+        m = json.loads((run_dir / VAL / "metrics.json").read_text())
+        zero_shot = run_dir / ZERO_SHOT / "metrics.json"
+        m.update(json.loads(zero_shot.read_text()) if zero_shot.is_file() else {})
+        wall_file = run_dir / "wall_seconds"
         wall = f"{float(wall_file.read_text()) / 60:.0f} min" if wall_file.is_file() else "?"
         cells = [f"{m[k]:.1f}" if k in m else "-" for k in
                  ("val/i2t_R@1", "val/i2t_R@5", "val/i2t_R@10", "val/t2i_R@1", "val/t2i_R@5", "val/t2i_R@10",
                   "eval/cifar10/top1")]
-        status = "" if (out / stem / "DONE").is_file() else " (unfinished)"
-        lines.append(f"| {paper}: {what}{status} | `{stem}` | " + " | ".join(cells)
-                     + f" | {int(m.get('epoch', -1)) + 1} | {wall} |")
+        lines.append(f"| {paper}: {what} | `{stem}` | " + " | ".join(cells) + f" | {kept_epoch(run_dir)} | {wall} |")
     return "\n".join(lines)
 
 
