@@ -187,11 +187,33 @@ def test_greedy_equals_beam_search_with_one_beam(module, images):
     {"num_beams": 3, "length_penalty": 0.6},
     {"do_sample": True, "top_k": 20, "top_p": 0.9, "temperature": 0.7, "seed": 3},
     {"repetition_penalty": 1.5, "min_new_tokens": 4},
+    {"num_beams": 3, "no_repeat_ngram_size": 2},
 ])
 @pytest.mark.slow
 def test_cached_and_uncached_decoding_give_identical_tokens(module, images, settings):
     cached = tokens_of(module, images, max_new_tokens=10, **settings)
     assert torch.equal(tokens_of(module, images, max_new_tokens=10, use_cache=False, **settings), cached)
+
+
+def repeated_ngrams(row: list[int], size: int, eos: int) -> int:
+    """How many of a caption's n-grams (up to its EOS) occurred earlier in it."""
+    row = row[:row.index(eos)] if eos in row else row
+    grams = [tuple(row[i:i + size]) for i in range(len(row) - size + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_no_repeat_ngram_size_keeps_every_ngram_of_a_caption_unique(module, images, beams):
+    eos = SpecialTokens.of(module.tokenizer).eos
+    free = tokens_of(module, images, max_new_tokens=16, num_beams=beams, min_new_tokens=16)
+    assert sum(repeated_ngrams(row, 1, eos) for row in free.tolist()) > 0  # the untrained model repeats tokens
+    banned = tokens_of(module, images, max_new_tokens=16, num_beams=beams, min_new_tokens=16, no_repeat_ngram_size=1)
+    assert [repeated_ngrams(row, 1, eos) for row in banned.tolist()] == [0] * len(images)
+
+
+def test_a_negative_no_repeat_ngram_size_is_refused():
+    with pytest.raises(ConfigError, match="no_repeat_ngram_size must be 0"):
+        GenerationSettings.from_config({"no_repeat_ngram_size": -1}, where="model.generation")
 
 
 @pytest.mark.parametrize("part", ["mlp", "self_attn", "layer"])
@@ -299,4 +321,9 @@ def test_fit_test_and_caption_from_the_command_line(tmp_path, capsys):
 
     pixels = torch.stack([image_to_tensor(Image.open(p), module.image_config) for p in paths])
     assert [line.split("\t")[1] for line in lines] == module.generate(pixels, num_beams=2, max_new_tokens=5)
+    assert main(["caption", "--ckpt", str(ckpt), *paths, "--num-beams", "2", "--max-new-tokens", "5",
+                 "--no-repeat-ngram-size", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[1] for line in lines] == module.generate(pixels, num_beams=2, max_new_tokens=5,
+                                                                       no_repeat_ngram_size=1)
     assert main(["caption", "--ckpt", str(ckpt), str(tmp_path / "missing.png")]) == 2

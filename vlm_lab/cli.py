@@ -158,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--top-k", type=int)
     sub.add_argument("--top-p", type=float)
     sub.add_argument("--repetition-penalty", type=float)
+    sub.add_argument("--no-repeat-ngram-size", type=int, help="no n-gram of this many tokens twice in a caption")
     sub.add_argument("--length-penalty", type=float)
     sub.add_argument("--min-new-tokens", type=int)
     sub.add_argument("--max-new-tokens", type=int)
@@ -346,6 +347,7 @@ def _caption(args: argparse.Namespace) -> int:
 
     options = {"num_beams": args.num_beams, "temperature": args.temperature, "top_k": args.top_k,
                "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
+               "no_repeat_ngram_size": args.no_repeat_ngram_size,
                "length_penalty": args.length_penalty, "min_new_tokens": args.min_new_tokens,
                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                "do_sample": args.sample or None, "use_cache": False if args.no_cache else None}

@@ -1,8 +1,8 @@
 """Caption decoding for a CoCa model: greedy, sampling and beam search, with a KV cache.
 
 The logits pipeline is transformers' (``LogitsProcessorList`` with ``MinLengthLogitsProcessor``,
-``RepetitionPenaltyLogitsProcessor``, ``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
-``TopPLogitsWarper``) and so are the stopping criteria of greedy/sampled decoding
+``RepetitionPenaltyLogitsProcessor``, ``NoRepeatNGramLogitsProcessor``, ``TemperatureLogitsWarper``,
+``TopKLogitsWarper``, ``TopPLogitsWarper``) and so are the stopping criteria of greedy/sampled decoding
 (``MaxLengthCriteria``, ``EosTokenCriteria``), so the controls mean what they mean in
 ``model.generate`` of transformers. The loop itself is ours, because the model is not a transformers
 model: each step runs the text tower and the multimodal decoder on the new token only, their
@@ -24,6 +24,7 @@ import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -107,6 +108,8 @@ class CaptionGenerator:
             processors.append(MinLengthLogitsProcessor(1 + settings.min_new_tokens, self.special.eos))
         if settings.repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty, prompt_ignore_length=1))
+        if settings.no_repeat_ngram_size > 0:  # the BOS counts, as in transformers: it occurs once per row
+            processors.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
         if sampling:
             if settings.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(settings.temperature))

@@ -161,6 +161,7 @@ class GenerationSettings(Section):
     top_k: int = setting(0, "sampling: keep the k most likely tokens (0: all)")
     top_p: float = setting(1.0, "sampling: keep the most likely tokens up to this probability mass (1: all)")
     repetition_penalty: float = setting(1.0, "CTRL's penalty on tokens already generated (1: off)")
+    no_repeat_ngram_size: int = setting(0, "no n-gram of this many tokens appears twice in a caption (0: off)")
     use_cache: bool = setting(True, "reuse keys and values between steps (identical tokens, faster)")
     seed: int | None = setting(None, "seeds the sampler (null: torch's global generator)")
     max_images: int | None = setting(None, "evaluation captions at most this many images (null: all)")
@@ -174,6 +175,8 @@ class GenerationSettings(Section):
             raise ConfigError(f"{where}: num_beams must be at least 1, got {self.num_beams}")
         if self.do_sample and self.num_beams > 1:
             raise ConfigError(f"{where}: do_sample works with num_beams=1 only (beam sampling is not implemented)")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"{where}: no_repeat_ngram_size must be 0 (off) or more, got {self.no_repeat_ngram_size}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ConfigError(f"{where}: need temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0; "
                               f"got {self.temperature}, {self.top_p}, {self.top_k}, {self.repetition_penalty}")
