@@ -69,6 +69,8 @@ def test_bad_arguments_stop_in_one_line(tmp_path, capsys):
     (tmp_path / "best.ckpt").write_text("")
     with pytest.raises(SystemExit, match="'beams=2' sets beams; the search varies num_beams, length_penalty"):
         search.main(["--ckpt", str(tmp_path / "best.ckpt"), "--try", "beams=2"])
+    with pytest.raises(SystemExit, match="'num_beams' is not key=value"):
+        search.main(["--ckpt", str(tmp_path / "best.ckpt"), "--try", "num_beams"])
 
 
 def test_the_recipe_decodes_as_the_search_chose():

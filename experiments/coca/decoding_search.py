@@ -38,7 +38,10 @@ GRID = [
 
 def settings_of(name: str) -> dict[str, str]:
     """``START`` with the entry ``name`` ("key=value,key=value") on top."""
-    changes = dict(pair.split("=", 1) for pair in name.split(","))
+    pairs = name.split(",")
+    if not all("=" in pair for pair in pairs):
+        raise SystemExit(f"decoding_search: {name!r} is not key=value[,key=value] (keys: {', '.join(START)})")
+    changes = dict(pair.split("=", 1) for pair in pairs)
     unknown = sorted(set(changes) - set(START))
     if unknown:
         raise SystemExit(f"decoding_search: {name!r} sets {', '.join(unknown)}; the search varies {', '.join(START)}")
