@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm_lab.cli import command_line
+
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -118,8 +120,7 @@ class Check:
 
     def quickstart(self, name: str, extra: list[str], timeout: float) -> Row:
         run_dir = self.work / name.replace(" ", "_").replace(",", "")
-        command = [sys.executable, "-m", "vlm_lab.cli", "fit", "quickstart", *self.quickstart_overrides(), *extra,
-                   "--run-dir", str(run_dir)]
+        command = command_line("fit", "quickstart", *self.quickstart_overrides(), *extra, "--run-dir", str(run_dir))
         done, seconds = self.run(name, command, timeout)
         error = self.failure(done, timeout)
         if error:

@@ -70,3 +70,15 @@ def test_console_script_bad_input_has_no_traceback(tmp_path):
     run = subprocess.run([VLM_LAB, "fit", TINY, "data.batchsize=4"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "Did you mean 'batch_size'" in run.stderr
+
+
+def test_run_logged_runs_the_command_in_cwd_with_its_output_in_the_log(tmp_path):
+    """The helper experiments' scripts chain commands with: relative paths are ``cwd``'s, the one-line
+    error lands in the log (made with its folder), and the exit status comes back."""
+    from vlm_lab.cli import command_line, run_logged
+
+    assert command_line("list")[:3] == [sys.executable, "-m", "vlm_lab.cli"]
+    log = tmp_path / "logs" / "check.log"
+    assert run_logged(["check", "tiny.yaml", "data.batchsize=4"], log, cwd=Path(TINY).parent) == 2
+    (line,) = log.read_text().strip().splitlines()
+    assert line.startswith("vlm-lab: error: datamodule 'synthetic_shapes' has no argument 'batchsize'. ")

@@ -27,7 +27,8 @@ search = load_search_script()
 def test_each_decoding_is_validated_on_dev_once_with_every_setting_spelt_out(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_call(command, log_file):
+    def fake_call(command, log_file, cwd):
+        assert cwd == search.ROOT
         calls.append(command)
         run_dir = Path(command[command.index("--run-dir") + 1])
         run_dir.mkdir(parents=True)
@@ -35,7 +36,7 @@ def test_each_decoding_is_validated_on_dev_once_with_every_setting_spelt_out(tmp
         (run_dir / "metrics.json").write_text(json.dumps({"val/bleu4": 0.2, "val/cider": 0.5 + beams / 100}))
         return 0
 
-    monkeypatch.setattr(search, "_call", fake_call)
+    monkeypatch.setattr(search, "run_logged", fake_call)
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_text("")
     out = tmp_path / "out"
@@ -56,7 +57,7 @@ def test_each_decoding_is_validated_on_dev_once_with_every_setting_spelt_out(tmp
 
 
 def test_a_failed_validation_is_reported_and_the_exit_status_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(search, "_call", lambda command, log_file: 1)
+    monkeypatch.setattr(search, "run_logged", lambda command, log_file, cwd: 1)
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_text("")
     assert search.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "out")]) == 1

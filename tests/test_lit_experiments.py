@@ -76,14 +76,15 @@ def test_results_table_reads_finished_runs(tmp_path):
 def test_a_variant_trains_on_dev_then_scores_its_best_checkpoint_once(tmp_path, monkeypatch):
     calls = []
 
-    def fake_call(command, log_file):  # each command leaves the files a real one writes
+    def fake_call(command, log_file, cwd):  # each command leaves the files a real one writes
+        assert cwd == results.ROOT  # the recipe's relative paths (packaged data, runs/) are the clone's
         calls.append(command)
         run_dir = Path(command[command.index("--run-dir") + 1])
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.json").write_text("{}")
         return 0
 
-    monkeypatch.setattr(results, "_call", fake_call)
+    monkeypatch.setattr(results, "run_logged", fake_call)
     results.run("locked_both_floor", tmp_path, ["trainer.max_epochs=1"])
     variant_file, run_dir = str(LIT / "locked_both_floor.yaml"), tmp_path / "locked_both_floor"
     fit, validate, evaluate = calls

@@ -23,6 +23,7 @@ User errors print one line and exit with status 2; ``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlm-lab: error: {type(e).__name__}: {first_line} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return EXIT_FAILURE
+
+
+def command_line(*args: str) -> list[str]:
+    """``vlm-lab ARGS`` as an argv for ``subprocess``. This interpreter runs the module, so it works
+    from a virtual environment that is not activated and needs no console script on PATH."""
+    return [sys.executable, "-m", "vlm_lab.cli", *args]
+
+
+def run_logged(args: Sequence[str], log_file: Path, cwd: Path | None = None) -> int:
+    """Run ``vlm-lab ARGS`` in a fresh process with its output (stdout and stderr) in ``log_file``,
+    and return its exit status. Scripts that chain commands (experiments' studies) use it, so each
+    step is the command a user would type and its log survives the step."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        return subprocess.call(command_line(*args), cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _user_error_line(error: ConfigError) -> str:

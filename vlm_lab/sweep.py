@@ -34,7 +34,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlm_lab import search as search_spaces
 from vlm_lab import shipped
 from vlm_lab.api import load_config
+from vlm_lab.cli import command_line
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.preemption import EXIT_PREEMPTED, forwarded_signals
 from vlm_lab.progress import progress
@@ -87,7 +87,7 @@ class Run:
         return load_config(*self.files, overrides=self.overrides)
 
     def command(self, run_dir: Path, resume: bool) -> list[str]:
-        cmd = [sys.executable, "-m", "vlm_lab.cli", "fit", *self.files, *self.overrides, "--run-dir", str(run_dir)]
+        cmd = command_line("fit", *self.files, *self.overrides, "--run-dir", str(run_dir))
         return cmd + ["--resume"] if resume else cmd
 
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from vlm_lab.cli import run_logged
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -48,20 +49,13 @@ def settings_of(name: str) -> dict[str, str]:
     return {**{key: str(value) for key, value in START.items()}, **changes}
 
 
-def _call(command: list[str], log_file: Path) -> int:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as log:
-        return subprocess.call([sys.executable, "-m", "vlm_lab.cli", *command], cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
-
-
 def score(name: str, ckpt: Path, out: Path) -> dict[str, float] | None:
     """Dev metrics of ``ckpt`` decoded with the settings ``name`` ("key=value,key=value")."""
     run_dir = out / name
     if not (run_dir / "metrics.json").is_file():
         settings = [f"model.generation.{key}={value}" for key, value in settings_of(name).items()]
-        code = _call(["validate", str(RECIPE), str(DEV_SPLIT), f"ckpt_path={ckpt}", *settings,
-                      "--run-dir", str(run_dir)], out / f"{name}.log")
+        code = run_logged(["validate", str(RECIPE), str(DEV_SPLIT), f"ckpt_path={ckpt}", *settings,
+                           "--run-dir", str(run_dir)], out / f"{name}.log", cwd=ROOT)
         if code != 0:
             print(f"{name}: vlm-lab validate exited {code}, see {out / f'{name}.log'}", file=sys.stderr)
             return None

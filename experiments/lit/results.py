@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from vlm_lab.cli import run_logged
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -45,21 +45,14 @@ RESULTS_PAGE = HERE / "README.md"
 FIGURE = ROOT / "docs" / "figures" / "lit_ablation.png"
 
 
-def _call(command: list[str], log_file: Path) -> int:
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "w") as log:
-        return subprocess.call([sys.executable, "-m", "vlm_lab.cli", *command], cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
-
-
 def run(stem: str, out: Path, overrides: list[str]) -> None:
     """Fit ``stem`` on the dev split, then score its best dev checkpoint on val and zero-shot CIFAR-10."""
     run_dir = out / stem
     variant = str(HERE / f"{stem}.yaml")
     if not (run_dir / "DONE").is_file():
         start = time.perf_counter()
-        code = _call(["fit", str(HEADLINE), str(DEV_SPLIT), variant, "--run-dir", str(run_dir), *overrides],
-                     run_dir / "log.txt")
+        code = run_logged(["fit", str(HEADLINE), str(DEV_SPLIT), variant, "--run-dir", str(run_dir), *overrides],
+                          run_dir / "log.txt", cwd=ROOT)
         seconds = time.perf_counter() - start
         (run_dir / "wall_seconds").write_text(f"{seconds:.0f}\n")
         print(f"{stem}: fit exit {code} after {seconds / 60:.1f} min", flush=True)
@@ -70,8 +63,8 @@ def run(stem: str, out: Path, overrides: list[str]) -> None:
     for command, folder in (("validate", VAL), ("eval", ZERO_SHOT)):
         if not (run_dir / folder / "metrics.json").is_file():
             # Scored without the dev overlay: val is Flickr8k val, and CIFAR-10 as the recipe configures it.
-            code = _call([command, str(HEADLINE), variant, best, "--run-dir", str(run_dir / folder), *overrides],
-                         run_dir / f"{folder}.log")
+            code = run_logged([command, str(HEADLINE), variant, best, "--run-dir", str(run_dir / folder),
+                               *overrides], run_dir / f"{folder}.log", cwd=ROOT)
             print(f"{stem}: {command} exit {code}", flush=True)
 
 
