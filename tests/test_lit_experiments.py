@@ -77,7 +77,7 @@ def test_a_variant_trains_on_dev_then_scores_its_best_checkpoint_once(tmp_path, 
     calls = []
 
     def fake_call(command, log_file, cwd):  # each command leaves the files a real one writes
-        assert cwd == results.ROOT  # the recipe's relative paths (packaged data, runs/) are the clone's
+        assert cwd == results.ROOT  # the recipe's relative paths (../shared/data) resolve from the clone
         calls.append(command)
         run_dir = Path(command[command.index("--run-dir") + 1])
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
