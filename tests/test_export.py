@@ -159,12 +159,17 @@ def test_hf_export_matches_vlm_lab(vision, text, tmp_path):
 
 
 @needs_shared
-def test_hf_processor_prepares_a_photo_as_vlm_lab(tmp_path):
-    """A 640x426 COCO photo: TimmWrapperImageProcessor runs timm's eval transform, as vlm-lab's data does."""
+@pytest.mark.parametrize("image_config", [None, "{crop_pct: 1.0, interpolation: bilinear}"], ids=["timm", "changed"])
+def test_hf_processor_prepares_a_photo_as_vlm_lab(tmp_path, image_config):
+    """A 640x426 COCO photo: TimmWrapperImageProcessor runs timm's eval transform, as vlm-lab's data does,
+    with the tower's own data config or the fields its ``image_config`` changed."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-    module = build(EFFICIENTNET, bert("mean"))
+    vision = EFFICIENTNET if image_config is None else EFFICIENTNET[:-1] + f", image_config: {image_config}}}"
+    module = build(vision, bert("mean"))
+    if image_config is not None:
+        assert (module.image_config.crop_pct, module.image_config.interpolation) == (1.0, "bilinear")
     export(module, "hf", tmp_path / "out")
     photo = COCO_MINI / "val2017" / "000000000139.jpg"
     processor = AutoImageProcessor.from_pretrained(tmp_path / "out", local_files_only=True)
