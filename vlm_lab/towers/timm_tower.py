@@ -55,8 +55,9 @@ class TimmVisionTower(nn.Module):
     ``img_size`` of ``model_args`` if given), with any of its fields replaced by the ``image_config``
     argument: ``size`` (an int or ``[height, width]``), ``crop_pct`` (the centre crop's share of the
     resized short side, in (0, 1]; timm's ImageNet default 0.875 cuts the sides of a 4:3 photo, 1.0
-    keeps its whole short side), ``interpolation``, ``mean`` and ``std`` (a number or one per channel). A new ``size`` is for models
-    that take any size (conv nets); a model of fixed size (ViT) changes size through ``model_args.img_size``.
+    keeps its whole short side), ``interpolation``, ``mean`` and ``std`` (a number or one per channel).
+    A new ``size`` is for models that take any size (conv nets); a model of fixed size (ViT) changes
+    size through ``model_args.img_size``.
     """
 
     def __init__(
@@ -136,7 +137,8 @@ class TimmVisionTower(nn.Module):
             interpolation=str(data["interpolation"]),
             crop_pct=float(data["crop_pct"]),
         )
-        return changed_image_config(own, changes, fixed_size=bool(self.model.pretrained_cfg.get("fixed_input_size")))
+        fixed_size = bool(self.model.pretrained_cfg.get("fixed_input_size"))  # timm's flag for ViTs and the like
+        return changed_image_config(own, changes, fixed_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         try:
@@ -190,11 +192,12 @@ def changed_image_config(own: ImageConfig, changes: dict[str, Any], fixed_size: 
     for name in ("mean", "std"):
         if name in changes:
             value = changes[name]
-            values = [value] * 3 if isinstance(value, (int, float)) else list(value) if isinstance(value, (list, tuple)) else []
+            values = [value] * 3 if isinstance(value, (int, float)) else \
+                list(value) if isinstance(value, (list, tuple)) else []
             if (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
                     or (name == "std" and not all(v > 0 for v in values))):
-                raise ConfigError(f"{where}.{name} should be a number or three (one per channel){', above 0' * (name == 'std')}, "
-                                  f"got {value!r}")
+                above = ", above 0" if name == "std" else ""
+                raise ConfigError(f"{where}.{name} should be a number or three (one per channel){above}, got {value!r}")
             fields[name] = tuple(float(v) for v in values)
     return dataclasses.replace(own, **fields)
 
