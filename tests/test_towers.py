@@ -310,7 +310,7 @@ def test_timm_image_config_changes_how_images_are_prepared_and_travels_with_the_
     ({"crop_pct": 0}, r"image_config.crop_pct should be a number in \(0, 1\], got 0"),
     ({"crop_pct": 1.5}, r"image_config.crop_pct should be a number in \(0, 1\], got 1.5"),
     ({"size": [96]}, r"image_config.size should be a positive int or \[height, width\], got \[96\]"),
-    ({"interpolation": "cubic"}, "image_config.interpolation should be one of bicubic, bilinear, nearest, lanczos, "
+    ({"interpolation": "cubic"}, "image_config.interpolation should be one of bilinear, bicubic, nearest, lanczos, "
                                  "box, hamming, got 'cubic'"),
     ({"std": [1, 0, 1]}, "image_config.std should be a number or three"),
     ({"mean": [0.5, 0.5]}, "image_config.mean should be a number or three"),

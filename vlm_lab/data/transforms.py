@@ -22,7 +22,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from vlm_lab.errors import ConfigError, did_you_mean
-from vlm_lab.towers.base import ImageConfig
+from vlm_lab.towers.base import INTERPOLATIONS, ImageConfig
 
 # open_clip's default train crop: a mild RandomResizedCrop. No horizontal flip, since captions say
 # "left of" and "right of"; no colour jitter, since they name colours.
@@ -75,7 +75,7 @@ class Augmentation:
 
     CHOICES = {
         "train_crop_mode": ("rrc", "rkrc", "rkrr"),
-        "interpolation": ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming", "random"),
+        "interpolation": (*INTERPOLATIONS, "random"),
         "re_mode": ("const", "rand", "pixel"),
     }
 

@@ -24,6 +24,10 @@ class TowerOutput:
     mask: torch.Tensor | None = None
 
 
+# The resampling filters an ImageConfig may name: PIL's, under the names timm's transforms take.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """How images must be prepared for a vision tower: the data modules build transforms from this."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from vlm_lab.errors import ConfigError, did_you_mean
 from vlm_lab.registry import register_vision_tower
-from vlm_lab.towers.base import ImageConfig, TowerOutput
+from vlm_lab.towers.base import INTERPOLATIONS, ImageConfig, TowerOutput
 from vlm_lab.towers.packaged import ordered_state_dict
 
 
@@ -159,7 +159,6 @@ class TimmVisionTower(nn.Module):
 
 
 IMAGE_CONFIG_FIELDS = ("size", "crop_pct", "interpolation", "mean", "std")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
 def changed_image_config(own: ImageConfig, changes: dict[str, Any], fixed_size: bool) -> ImageConfig:
